@@ -1,0 +1,57 @@
+"""Turn texts into padded token batches for training steps."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from smfd.updater import TokenBatch
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> list[list[int]]:
+    """Token ids per text, cut into pieces of at most `seq_len` tokens (no special tokens: probes have none)."""
+    pieces = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        pieces.extend(ids[i : i + seq_len] for i in range(0, len(ids), seq_len) if len(ids[i : i + seq_len]) > 1)
+    return pieces
+
+
+def make_batch(sequences: list[list[int]], pad_id: int, surprise: list[torch.Tensor] | None = None) -> TokenBatch:
+    """Right-padded batch; every real token after the first is trained."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    weights = torch.zeros((len(sequences), width)) if surprise is not None else None
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        if weights is not None:
+            weights[row, : len(seq)] = surprise[row][: len(seq)]
+    loss_mask = mask.clone()
+    loss_mask[:, 0] = 0
+    return TokenBatch(ids, mask, loss_mask, weights)
+
+
+def epoch_batches(
+    sequences: list[list[int]],
+    batch_size: int,
+    passes: int,
+    pad_id: int,
+    seed: int = 0,
+    surprise: list[torch.Tensor] | None = None,
+) -> list[TokenBatch]:
+    """`passes` shuffled passes over the sequences, grouped into batches of similar length to waste little padding."""
+    rng = random.Random(seed)
+    batches = []
+    order = list(range(len(sequences)))
+    for _ in range(passes):
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            seqs = [sequences[i] for i in rows]
+            weights = [surprise[i] for i in rows] if surprise is not None else None
+            batches.append(make_batch(seqs, pad_id, weights))
+    return batches

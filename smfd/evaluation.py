@@ -1,0 +1,177 @@
+"""Scoring primitives shared by probes and the benchmark.
+
+- cloze: NLL of a target after a prompt, and whether a greedy continuation contains it;
+- choice: multiple choice by log-likelihood normalised by the ending's byte length (HellaSwag);
+- heldout: mean NLL per token of plain text in fixed windows;
+- drift: mean KL(base || current) of next-token distributions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class ClozeResult:
+    nll: float
+    correct: bool
+    continuation: str
+
+
+@dataclass
+class ChoiceResult:
+    nll: float
+    correct: bool
+    predicted: int
+
+
+def _right_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def continuation_nll(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], batch_size: int = 16
+) -> list[tuple[float, int]]:
+    """For each (context, continuation): summed NLL of the continuation's tokens and their count."""
+    device = next(model.parameters()).device
+    results: list[tuple[float, int]] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        sequences, spans = [], []
+        for context, continuation in chunk:
+            ctx_ids = tokenizer(context, add_special_tokens=False).input_ids
+            cont_ids = tokenizer(continuation, add_special_tokens=False).input_ids
+            sequences.append(ctx_ids + cont_ids)
+            spans.append((len(ctx_ids), len(ctx_ids) + len(cont_ids)))
+        ids, mask = _right_padded(sequences, tokenizer.pad_token_id)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = F.log_softmax(logits[:, :-1], dim=-1)
+        token_lp = logprobs.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        for row, (lo, hi) in enumerate(spans):
+            results.append((float(-token_lp[row, lo - 1 : hi - 1].sum()), hi - lo))
+    return results
+
+
+@torch.no_grad()
+def greedy_continuations(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, batch_size: int = 16
+) -> list[str]:
+    """Greedy continuations, batched with left padding."""
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in chunk]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(encoded):
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        generated = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        outputs.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
+    return outputs
+
+
+def _contains(continuation: str, target: str) -> bool:
+    return target.strip().lower() in continuation.lower()
+
+
+def score_cloze(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: list[tuple[str, str]],
+    batch_size: int = 16,
+    extra_tokens: int = 8,
+) -> list[ClozeResult]:
+    """(prompt, target) items: mean NLL per target token, and whether greedy decoding produces the target."""
+    if not items:
+        return []
+    nlls = continuation_nll(model, tokenizer, [(p, " " + t.strip()) for p, t in items], batch_size)
+    longest = max(n for _, n in nlls)
+    continuations = greedy_continuations(model, tokenizer, [p for p, _ in items], longest + extra_tokens, batch_size)
+    return [
+        ClozeResult(nll=total / max(n, 1), correct=_contains(text, target), continuation=text)
+        for (total, n), text, (_, target) in zip(nlls, continuations, items)
+    ]
+
+
+def score_choice(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: list[tuple[str, list[str], int]],
+    batch_size: int = 32,
+) -> list[ChoiceResult]:
+    """(context, endings, label) items, scored by NLL per byte of each ending (length-normalised)."""
+    pairs = [(ctx, " " + ending.strip()) for ctx, endings, _ in items for ending in endings]
+    scored = continuation_nll(model, tokenizer, pairs, batch_size)
+    results, cursor = [], 0
+    for ctx, endings, label in items:
+        per_byte = [scored[cursor + i][0] / max(len((" " + e.strip()).encode()), 1) for i, e in enumerate(endings)]
+        cursor += len(endings)
+        predicted = min(range(len(endings)), key=per_byte.__getitem__)
+        total, n = scored[cursor - len(endings) + label]
+        results.append(ChoiceResult(nll=total / max(n, 1), correct=predicted == label, predicted=predicted))
+    return results
+
+
+def text_windows(tokenizer: PreTrainedTokenizerBase, text: str, window: int, max_tokens: int | None) -> list[list[int]]:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
+
+
+@torch.no_grad()
+def heldout_nll(model: PreTrainedModel, windows: list[list[int]], batch_size: int = 4) -> float:
+    """Mean NLL per predicted token over fixed token windows."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        ids, mask = _right_padded(windows[start : start + batch_size], 0)
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none") * mask[:, 1:]
+        total += float(nll.sum())
+        count += int(mask[:, 1:].sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def next_token_logprobs(model: PreTrainedModel, windows: list[list[int]], batch_size: int = 8) -> list[torch.Tensor]:
+    """Log-probabilities at every real position of each window (for drift against a later state)."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        ids, mask = _right_padded(batch, 0)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = F.log_softmax(logits, dim=-1).cpu()
+        out.extend(logprobs[row, : len(seq)] for row, seq in enumerate(batch))
+    return out
+
+
+def drift_kl(base_logprobs: list[torch.Tensor], current_logprobs: list[torch.Tensor]) -> float:
+    """Mean per-position KL(base || current) in nats."""
+    total, count = 0.0, 0
+    for base, now in zip(base_logprobs, current_logprobs):
+        total += float((base.exp() * (base - now)).sum())
+        count += base.shape[0]
+    return total / max(count, 1)

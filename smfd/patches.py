@@ -1,0 +1,93 @@
+"""Patches: every update recorded as (layer, slot ids, rows before, rows after).
+
+A patch reverts an update exactly (write `before` back) or replays it (write `after`), so any
+memory version is reproducible from a base snapshot plus patches. Stored with safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from smfd.errors import SmfdError
+from smfd.model.memory import ProductKeyMemory
+
+
+@dataclass
+class LayerPatch:
+    layer: int
+    slot_ids: torch.Tensor
+    before: torch.Tensor
+    after: torch.Tensor
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.slot_ids.numel())
+
+
+class PatchRecorder:
+    """Remembers each touched row's value from before its first change during one update."""
+
+    def __init__(self) -> None:
+        self._before: dict[int, dict[int, torch.Tensor]] = {}
+
+    def record(self, memory: ProductKeyMemory, slot_ids: torch.Tensor) -> None:
+        """Call before `slot_ids` of `memory` are overwritten."""
+        seen = self._before.setdefault(memory.layer_index, {})
+        fresh = [int(s) for s in slot_ids.tolist() if int(s) not in seen]
+        if fresh:
+            rows = memory.values.detach()[torch.tensor(fresh, device=memory.values.device)].cpu().clone()
+            seen.update(zip(fresh, rows))
+
+    def finish(self, memories: list[ProductKeyMemory]) -> list[LayerPatch]:
+        """One patch per touched layer: union of rows, first-seen `before`, current `after`."""
+        patches = []
+        for memory in memories:
+            seen = self._before.get(memory.layer_index)
+            if not seen:
+                continue
+            ids = torch.tensor(sorted(seen), dtype=torch.long)
+            before = torch.stack([seen[int(i)] for i in ids])
+            after = memory.values.detach()[ids.to(memory.values.device)].cpu().clone()
+            patches.append(LayerPatch(memory.layer_index, ids, before, after))
+        self._before = {}
+        return patches
+
+
+def apply_patches(memories: list[ProductKeyMemory], patches: list[LayerPatch], *, revert: bool = False) -> None:
+    """Write each patch's `after` rows (or `before` rows when reverting) into the memory tables."""
+    by_layer = {m.layer_index: m for m in memories}
+    for patch in patches:
+        memory = by_layer.get(patch.layer)
+        if memory is None:
+            raise SmfdError(f"patch for layer {patch.layer} but the model has memory at layers {sorted(by_layer)}")
+        rows = patch.before if revert else patch.after
+        with torch.no_grad():
+            memory.values.index_copy_(0, patch.slot_ids.to(memory.values.device), rows.to(memory.values))
+
+
+def save_patches(path: Path, patches: list[LayerPatch], metadata: dict[str, object]) -> None:
+    tensors = {}
+    for p in patches:
+        tensors[f"{p.layer}.slot_ids"] = p.slot_ids.contiguous()
+        tensors[f"{p.layer}.before"] = p.before.contiguous()
+        tensors[f"{p.layer}.after"] = p.after.contiguous()
+    save_file(tensors, str(path), metadata={"smfd": json.dumps(metadata)})
+
+
+def load_patches(path: Path) -> tuple[list[LayerPatch], dict[str, object]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = json.loads((handle.metadata() or {}).get("smfd", "{}"))
+    tensors = load_file(str(path))
+    layers = sorted({int(name.split(".")[0]) for name in tensors})
+    patches = [
+        LayerPatch(layer, tensors[f"{layer}.slot_ids"], tensors[f"{layer}.before"], tensors[f"{layer}.after"])
+        for layer in layers
+    ]
+    return patches, metadata

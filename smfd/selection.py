@@ -1,0 +1,115 @@
+"""Slot selection: which memory rows an optimizer step may change.
+
+Slots are ranked by how much more this batch reads them than general text does
+(counting only real tokens), and the top t per memory layer are trained:
+- "tfidf" (Lin et al. 2025): term frequency times inverse background document frequency.
+- "kl" (Goyal et al. 2026): each slot's share of KL(batch reads || background reads).
+- "surprise-kl": "kl" with each token's reads weighted by its surprise (NLL under the frozen
+  base), so slots read only by tokens the model already predicts carry little weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from smfd.errors import SmfdError
+from smfd.model.memory import Lookup
+
+RULES = ("kl", "tfidf", "surprise-kl")
+
+
+@dataclass
+class BackgroundStats:
+    """Read statistics of general text for one memory layer, counted per single-sequence batch."""
+
+    counts: torch.Tensor  # (n_slots,) total reads
+    doc_freq: torch.Tensor  # (n_slots,) number of background batches that read the slot
+    n_batches: int
+
+    @classmethod
+    def empty(cls, n_slots: int) -> "BackgroundStats":
+        return cls(torch.zeros(n_slots, dtype=torch.float64), torch.zeros(n_slots, dtype=torch.float64), 0)
+
+    def add_batch(self, slot_reads: torch.Tensor) -> None:
+        """Add one background batch's reads (a flat tensor of slot ids from real tokens)."""
+        self.counts += torch.bincount(slot_reads, minlength=self.counts.numel()).double()
+        self.doc_freq[torch.unique(slot_reads)] += 1
+        self.n_batches += 1
+
+
+def save_background(path: Path, stats: dict[int, BackgroundStats], source: str) -> None:
+    tensors = {}
+    for layer, s in stats.items():
+        tensors[f"{layer}.counts"] = s.counts
+        tensors[f"{layer}.doc_freq"] = s.doc_freq
+        tensors[f"{layer}.n_batches"] = torch.tensor([s.n_batches])
+    save_file(tensors, str(path), metadata={"source": source})
+
+
+def load_background(path: Path) -> dict[int, BackgroundStats]:
+    tensors = load_file(str(path))
+    layers = sorted({int(name.split(".")[0]) for name in tensors})
+    return {
+        layer: BackgroundStats(
+            tensors[f"{layer}.counts"], tensors[f"{layer}.doc_freq"], int(tensors[f"{layer}.n_batches"].item())
+        )
+        for layer in layers
+    }
+
+
+def batch_reads(lookup: Lookup, token_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot ids read in this batch and the weight of each read; `token_weights` (batch, seq) is 0 for padding and masked positions."""
+    n_reads = lookup.indices.shape[-2] * lookup.indices.shape[-1]
+    weights = token_weights.to(torch.float64).unsqueeze(-1).expand(*token_weights.shape, n_reads)
+    flat_idx = lookup.indices.reshape(*token_weights.shape, n_reads)
+    keep = weights > 0
+    return flat_idx[keep], weights[keep]
+
+
+def slot_scores(rule: str, reads: torch.Tensor, read_weights: torch.Tensor, background: BackgroundStats) -> torch.Tensor:
+    """Score every slot; slots this batch does not read get -inf."""
+    n_slots = background.counts.numel()
+    counts = torch.bincount(reads, weights=read_weights, minlength=n_slots)
+    total = counts.sum()
+    if total <= 0:
+        return torch.full((n_slots,), float("-inf"), dtype=torch.float64)
+    p = counts / total
+    if rule == "tfidf":
+        idf = torch.log((background.n_batches + 1) / (background.doc_freq + 1))
+        scores = p * idf
+    elif rule in ("kl", "surprise-kl"):
+        smoothed = background.counts + 1
+        q = smoothed / smoothed.sum()
+        scores = p * torch.log(p.clamp_min(1e-300) / q)
+    else:
+        raise SmfdError(f"unknown slot selection rule {rule!r}; choose one of {', '.join(RULES)}")
+    return torch.where(counts > 0, scores, torch.full_like(scores, float("-inf")))
+
+
+def select_slots(
+    rule: str,
+    lookup: Lookup,
+    token_mask: torch.Tensor,
+    surprise: torch.Tensor | None,
+    background: BackgroundStats,
+    top_t: int,
+) -> torch.Tensor:
+    """The top-t slot ids for one memory layer and one optimizer step (whole batch, real tokens only).
+
+    Only slots with a positive score qualify: a slot general text reads at least as often as this
+    batch does is never trained, however few slots that leaves.
+    """
+    weights = token_mask.to(torch.float64)
+    if rule == "surprise-kl":
+        if surprise is None:
+            raise SmfdError("selection rule 'surprise-kl' needs per-token surprise for the batch")
+        weights = weights * surprise.to(torch.float64).clamp_min(0)
+    reads, read_weights = batch_reads(lookup, weights)
+    scores = slot_scores(rule, reads.to(background.counts.device), read_weights, background)
+    eligible = int(torch.isfinite(scores).sum())
+    top = scores.topk(min(top_t, eligible)).indices
+    return top[scores[top] > 0]

@@ -1,0 +1,49 @@
+"""Surprise: how badly the frozen base model predicts each token of new text.
+
+A chunk whose mean surprise is low is something the model already knows and is skipped;
+per-token surprise can also weight slot selection ("surprise-kl").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from smfd.model.memory import ProductKeyMemory
+from smfd.model.retrofit import memory_bypassed
+
+
+@dataclass
+class Surprise:
+    """Per-token NLL (nats) of one sequence; `token_nll[i]` is the NLL of token i (token 0 has none: 0)."""
+
+    token_nll: torch.Tensor
+
+    @property
+    def mean(self) -> float:
+        scored = self.token_nll[1:]
+        return float(scored.mean()) if scored.numel() else 0.0
+
+
+@torch.no_grad()
+def token_nll(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """NLL of every token given its prefix, shape (batch, seq); position 0 and padding are 0."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
+    nll = nll * attention_mask[:, 1:]
+    return F.pad(nll, (1, 0))
+
+
+@torch.no_grad()
+def score_surprise(
+    model: PreTrainedModel,
+    memories: list[ProductKeyMemory],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Per-token NLL under the frozen base model (memory bypassed), shape (batch, seq)."""
+    with memory_bypassed(memories):
+        return token_nll(model, input_ids, attention_mask)

@@ -1,0 +1,164 @@
+"""The sparse updater: one optimizer step changes only the selected value rows of each memory.
+
+Per step and per memory layer, the slots this batch reads (real tokens only) are ranked
+against background reads and the top t are copied into a small trainable tensor. Plain SGD
+(no momentum, no weight decay) updates that tensor, and `index_copy_` writes it back. Nothing
+else has `requires_grad`, and no optimizer state exists outside the step, so every other row
+and every other parameter of the model is left bit-identical.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from smfd.errors import SmfdError
+from smfd.model.memory import Lookup, ProductKeyMemory
+from smfd.patches import LayerPatch, PatchRecorder
+from smfd.selection import RULES, BackgroundStats, select_slots
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    rule: str = "kl"
+    top_t: int = 1000
+    lr: float = 0.05
+    normalize: bool = True
+
+    def validate(self) -> None:
+        if self.rule not in RULES:
+            raise SmfdError(f"unknown selection rule {self.rule!r}; choose one of {', '.join(RULES)}")
+        if self.top_t < 1:
+            raise SmfdError(f"top_t must be >= 1, got {self.top_t}")
+        if not self.lr > 0:
+            raise SmfdError(f"learning rate must be > 0, got {self.lr}")
+
+
+@dataclass
+class TokenBatch:
+    """A padded batch. `loss_mask[b, t]` marks tokens whose prediction is trained (never padding, never token 0)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    surprise: torch.Tensor | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device) -> "TokenBatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TokenBatch(move(self.input_ids), move(self.attention_mask), move(self.loss_mask), move(self.surprise))
+
+
+@dataclass
+class StepResult:
+    loss: float
+    rows_selected: dict[int, int]
+    n_tokens: int
+    seconds: float
+
+
+def causal_lm_loss(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
+    """Mean NLL over trained tokens, applying the LM head only where a loss is taken (the big vocab matmul)."""
+    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    predict_from = batch.loss_mask[:, 1:].bool()
+    logits = model.get_output_embeddings()(hidden[:, :-1][predict_from])
+    return F.cross_entropy(logits.float(), batch.input_ids[:, 1:][predict_from])
+
+
+def read_weights(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Which positions' memory reads count for selection: those whose next token is trained.
+
+    Returned as (mask, surprise) aligned to read positions: the read at position t serves the
+    prediction of token t+1, so it is weighted by that token's surprise.
+    """
+    mask = F.pad(batch.loss_mask[:, 1:], (0, 1)).float()
+    surprise = None if batch.surprise is None else F.pad(batch.surprise[:, 1:], (0, 1))
+    return mask, surprise
+
+
+class SparseUpdater:
+    """Trains only the selected value rows of the model's memory layers."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        memories: list[ProductKeyMemory],
+        background: dict[int, BackgroundStats],
+        config: UpdateConfig,
+    ) -> None:
+        config.validate()
+        missing = [m.layer_index for m in memories if m.layer_index not in background]
+        if missing:
+            raise SmfdError(f"no background slot statistics for memory layers {missing}; run `smfd heal` first")
+        for memory in memories:
+            if config.top_t > memory.config.n_slots:
+                raise SmfdError(f"top_t={config.top_t} exceeds the {memory.config.n_slots} slots of layer {memory.layer_index}")
+        self.model = model
+        self.memories = memories
+        self.background = background
+        self.config = config
+        self.recorder = PatchRecorder()
+
+    def _selector(self, mask: torch.Tensor, surprise: torch.Tensor | None) -> Callable[[ProductKeyMemory, Lookup], torch.Tensor]:
+        def choose(memory: ProductKeyMemory, lookup: Lookup) -> torch.Tensor:
+            stats = self.background[memory.layer_index]
+            return select_slots(self.config.rule, lookup, mask, surprise, stats, self.config.top_t)
+
+        return choose
+
+    def _step_direction(self, grad: torch.Tensor) -> torch.Tensor:
+        """The SGD direction, optionally divided by its RMS over this layer's selected rows.
+
+        Normalising makes `lr` the RMS change per element whatever the gradient scale: the raw
+        gradient of a value row is tiny (each read carries a softmax weight of about 1/k), which
+        otherwise forces learning rates in the thousands that depend on the model.
+        """
+        if not self.config.normalize:
+            return grad
+        return grad / grad.pow(2).mean().sqrt().clamp_min(1e-12)
+
+    def step(self, batch: TokenBatch) -> StepResult:
+        """One forward/backward/SGD step on `batch`; returns the loss before the step."""
+        started = time.perf_counter()
+        mask, surprise = read_weights(batch)
+        selector = self._selector(mask, surprise)
+        for memory in self.memories:
+            memory.select_rows = selector
+        try:
+            loss = causal_lm_loss(self.model, batch)
+            loss.backward()
+        finally:
+            for memory in self.memories:
+                memory.select_rows = None
+        rows_selected = {}
+        with torch.no_grad():
+            for memory in self.memories:
+                selection = memory.selection
+                if selection is None or selection.rows.grad is None:
+                    memory.selection = None
+                    continue
+                selection.rows.sub_(self._step_direction(selection.rows.grad), alpha=self.config.lr)
+                self.recorder.record(memory, selection.slot_ids)
+                rows_selected[memory.layer_index] = memory.commit_selection()
+        return StepResult(float(loss.detach()), rows_selected, batch.n_tokens, time.perf_counter() - started)
+
+    def finish_update(self) -> list[LayerPatch]:
+        """Close the current update: the patches that revert or replay everything since the last call."""
+        return self.recorder.finish(self.memories)
+
+    def run(self, batches: Iterable[TokenBatch], should_stop: Callable[[], bool] = lambda: False) -> list[StepResult]:
+        """Step through batches, checking `should_stop` between optimizer steps."""
+        results = []
+        for batch in batches:
+            if should_stop():
+                break
+            results.append(self.step(batch))
+        return results
