@@ -56,6 +56,9 @@ class MemorySection(BaseModel):
     k: int = Field(32, ge=1)
     key_dim: int = Field(128, ge=1)
     value_init: Literal["zero"] = "zero"
+    # General text for background slot statistics; None samples text from the frozen model itself.
+    background_text: Path | None = None
+    background_sequences: int = Field(256, ge=8)
 
     @model_validator(mode="after")
     def _k_fits_keys(self) -> MemorySection:
@@ -72,11 +75,13 @@ class TrainSection(BaseModel):
 
     selection: Literal["kl", "tfidf", "surprise-kl"] = "kl"
     top_t: int = Field(1000, ge=1)
-    lr: float = Field(1000.0, gt=0)
-    passes: int = Field(4, ge=1)
+    lr: float = Field(10.0, gt=0)
+    normalize: bool = True  # lr is the RMS change per element of the selected rows per step
+    passes: int = Field(8, ge=1)
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(128, ge=8)
     restate: bool = True
+    max_documents: int = Field(64, ge=1)  # documents claimed per update
 
 
 class ChunkingSection(BaseModel):
@@ -104,7 +109,7 @@ class WatchFolder(BaseModel):
 
     path: Path
     recursive: bool = False
-    include: list[str] = Field(default_factory=lambda: ["*.txt", "*.md", "*.html", "*.htm", "*.jsonl"])
+    include: list[str] = Field(default_factory=lambda: ["*"])  # unsupported types are quarantined with a reason
     exclude: list[str] = Field(default_factory=list)
     polling: bool = False  # needed on network filesystems, where inotify sees nothing
     jsonl_field: str = "text"
@@ -209,6 +214,7 @@ class ProbesSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    builtin: bool = True  # also run the probe set shipped with smfd
     suites: list[ProbeSuite] = Field(default_factory=list)
     fast_subset: int = Field(32, ge=0)
     drift_prompts: Path | None = None
@@ -400,9 +406,13 @@ def resolve_paths(cfg: SmfdConfig, base_dir: Path) -> SmfdConfig:
     ]
     suites = [suite.model_copy(update={"path": _resolve_against(suite.path, base_dir)}) for suite in cfg.probes.suites]
     drift = None if cfg.probes.drift_prompts is None else _resolve_against(cfg.probes.drift_prompts, base_dir)
+    background = cfg.memory.background_text
+    if background is not None:
+        background = _resolve_against(background, base_dir)
     return cfg.model_copy(
         update={
             "state_dir": state_dir,
+            "memory": cfg.memory.model_copy(update={"background_text": background}),
             "model": cfg.model.model_copy(update={"path": model_path, "cache_dir": cache_dir}),
             "sources": cfg.sources.model_copy(update={"watch": watch}),
             "probes": cfg.probes.model_copy(update={"suites": suites, "drift_prompts": drift}),

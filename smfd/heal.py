@@ -41,3 +41,46 @@ def compute_background(
             memory.record_lookup = False
             memory.last_lookup = None
     return stats
+
+
+@torch.no_grad()
+def sample_general_text(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    n_sequences: int,
+    max_new_tokens: int = 96,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> list[list[int]]:
+    """General text sampled from the frozen model itself, for background statistics without a corpus.
+
+    Each sequence starts from one of `prompts` (cycled) and continues by sampling (temperature 1,
+    top-p 0.95), so the statistics describe what the model reads on ordinary text of its own kind.
+    """
+    if not prompts:
+        raise SmfdError("sampling background text needs at least one prompt")
+    device = next(model.parameters()).device
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    sequences: list[list[int]] = []
+    try:
+        for start in range(0, n_sequences, batch_size):
+            chosen = [prompts[(start + i) % len(prompts)] for i in range(min(batch_size, n_sequences - start))]
+            encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in chosen]
+            width = max(len(e) for e in encoded)
+            ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, seq in enumerate(encoded):
+                ids[row, width - len(seq) :] = torch.tensor(seq)
+                mask[row, width - len(seq) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_p=0.95,
+                temperature=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            )
+            for row, seq in enumerate(encoded):
+                tail = [t for t in out[row, width:].tolist() if t != tokenizer.pad_token_id]
+                sequences.append(seq + tail)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return sequences

@@ -35,6 +35,7 @@ from typing import Literal
 
 import structlog
 
+from smfd.durable import atomic_write_text
 from smfd.errors import SmfdError
 from smfd.journal import Journal
 from smfd.sources.extract import RejectedInput, check_text, content_hash, extract_text
@@ -54,13 +55,6 @@ class IntakeResult:
     code: str | None = None
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_within(path: str, root: str) -> bool:
@@ -221,16 +215,9 @@ class Intake:
 
     def _write_spool(self, spool_path: Path, text: str) -> None:
         """Write atomically and durably: temp file, fsync, rename, fsync directory."""
-        temp = spool_path.with_name(f".{spool_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            with open(temp, "w", encoding="utf-8", newline="\n") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, spool_path)
-            fsync_directory(spool_path.parent)
+            atomic_write_text(spool_path, text)
         except OSError as exc:
-            temp.unlink(missing_ok=True)
             raise SmfdError(f"cannot write spool file {spool_path}: {exc}") from exc
 
     def _vanished(self, path: Path, name: str) -> IntakeResult:

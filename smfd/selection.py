@@ -11,10 +11,7 @@ Slots are ranked by how much more this batch reads them than general text does
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 
 from smfd.errors import SmfdError
 from smfd.model.memory import Lookup
@@ -39,26 +36,6 @@ class BackgroundStats:
         self.counts += torch.bincount(slot_reads, minlength=self.counts.numel()).double()
         self.doc_freq[torch.unique(slot_reads)] += 1
         self.n_batches += 1
-
-
-def save_background(path: Path, stats: dict[int, BackgroundStats], source: str) -> None:
-    tensors = {}
-    for layer, s in stats.items():
-        tensors[f"{layer}.counts"] = s.counts
-        tensors[f"{layer}.doc_freq"] = s.doc_freq
-        tensors[f"{layer}.n_batches"] = torch.tensor([s.n_batches])
-    save_file(tensors, str(path), metadata={"source": source})
-
-
-def load_background(path: Path) -> dict[int, BackgroundStats]:
-    tensors = load_file(str(path))
-    layers = sorted({int(name.split(".")[0]) for name in tensors})
-    return {
-        layer: BackgroundStats(
-            tensors[f"{layer}.counts"], tensors[f"{layer}.doc_freq"], int(tensors[f"{layer}.n_batches"].item())
-        )
-        for layer in layers
-    }
 
 
 def batch_reads(lookup: Lookup, token_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

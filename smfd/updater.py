@@ -135,6 +135,10 @@ class SparseUpdater:
         try:
             loss = causal_lm_loss(self.model, batch)
             loss.backward()
+        except BaseException:
+            for memory in self.memories:
+                memory.selection = None
+            raise
         finally:
             for memory in self.memories:
                 memory.select_rows = None
@@ -162,3 +166,17 @@ class SparseUpdater:
                 break
             results.append(self.step(batch))
         return results
+
+
+def split_batch(batch: TokenBatch) -> tuple[TokenBatch, TokenBatch] | None:
+    """Two halves of a batch (for out-of-memory backoff); None for a single sequence."""
+    rows = batch.input_ids.shape[0]
+    if rows < 2:
+        return None
+    half = rows // 2
+    pick = lambda t, sl: None if t is None else t[sl]  # noqa: E731
+    first, second = slice(0, half), slice(half, rows)
+    return (
+        TokenBatch(*(pick(t, first) for t in (batch.input_ids, batch.attention_mask, batch.loss_mask, batch.surprise))),
+        TokenBatch(*(pick(t, second) for t in (batch.input_ids, batch.attention_mask, batch.loss_mask, batch.surprise))),
+    )

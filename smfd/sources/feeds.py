@@ -25,7 +25,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import httpx
 import structlog
 
 from smfd import __version__
+from smfd.durable import atomic_write_json
 from smfd.errors import ConfigError, SmfdError
 
 SubmitFn = Callable[[str, str, str], object]
@@ -347,7 +347,7 @@ class FeedSource:
             "last_modified": self._last_modified,
             "seen_ids": list(self._seen),
         }
-        write_json_atomic(self.state_path, state)
+        atomic_write_json(self.state_path, state)
 
 
 # ------------------------------------------------------------------ helpers
@@ -530,33 +530,3 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return None
     wall_now = time.time() if now is None else now
     return min(max(when.timestamp() - wall_now, 0.0), MAX_RETRY_AFTER_SECONDS)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so a crash leaves either the old or the new file: tmp + fsync + rename + dir fsync."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, ensure_ascii=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable. Some filesystems cannot open directories; that is not fatal."""
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)

@@ -1,0 +1,5 @@
+import sys
+
+from smfd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,184 @@
+"""Versioned memory checkpoints on disk: a base snapshot plus one patch per update.
+
+Layout of the checkpoint folder:
+    manifest.json            current version, base version, memory config, update history
+    base.safetensors         every memory parameter at `base_version`, plus background statistics
+    current.safetensors      value tables at `version` (a fast-load cache of base + patches)
+    patches/NNNNNNNN.safetensors   the update that produced version NNNNNNNN
+
+Any version from `base_version` to `version` is reproducible exactly (base + patches), so
+rollback is exact. Only the last `keep` patches are kept: older ones are folded into the base.
+Every file is written atomically (temp file, fsync, rename); the manifest is written last, so
+a crash mid-commit leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from smfd.durable import atomic_write, atomic_write_json
+from smfd.errors import SmfdError
+from smfd.model.memory_model import MemoryModel
+from smfd.patches import LayerPatch, apply_patches, load_patches, save_patches
+from smfd.selection import BackgroundStats
+
+FORMAT = 1
+
+
+def _values_key(layer: int) -> str:
+    return f"{layer}.values"
+
+
+class CheckpointStore:
+    def __init__(self, folder: Path, keep: int = 5) -> None:
+        if keep < 1:
+            raise SmfdError(f"checkpoint.keep must be >= 1, got {keep}")
+        self.folder = folder
+        self.keep = keep
+        self.manifest_path = folder / "manifest.json"
+        self.patch_dir = folder / "patches"
+
+    # ---- manifest -------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict:
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            raise SmfdError(f"no checkpoint in {self.folder}") from None
+        except json.JSONDecodeError as exc:
+            raise SmfdError(f"checkpoint manifest {self.manifest_path} is corrupt: {exc}") from exc
+        if manifest.get("format") != FORMAT:
+            raise SmfdError(f"checkpoint {self.folder} has format {manifest.get('format')}, expected {FORMAT}")
+        return manifest
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest()["version"])
+
+    def _patch_path(self, version: int) -> Path:
+        return self.patch_dir / f"{version:08d}.safetensors"
+
+    # ---- writing --------------------------------------------------------------
+    def initialise(self, model: MemoryModel, background: dict[int, BackgroundStats], meta: dict | None = None) -> None:
+        """Write version 0: the freshly attached (and possibly healed) memory and its background statistics."""
+        self.patch_dir.mkdir(parents=True, exist_ok=True)
+        self._write_base(model.memory_state(), background)
+        self._write_current(model, 0)
+        manifest = {
+            "format": FORMAT,
+            "version": 0,
+            "base_version": 0,
+            "memory": asdict(model.memory_config),
+            "model": model.source.display_name if model.source else None,
+            "created_at": time.time(),
+            "history": [{"version": 0, "timestamp": time.time(), **(meta or {})}],
+        }
+        atomic_write_json(self.manifest_path, manifest)
+
+    def commit(self, model: MemoryModel, patches: list[LayerPatch], meta: dict) -> int:
+        """Record an update that has been applied to `model`; returns the new version."""
+        manifest = self.manifest()
+        version = int(manifest["version"]) + 1
+        atomic_write(self._patch_path(version), lambda tmp: save_patches(tmp, patches, {"version": version, **meta}))
+        self._write_current(model, version)
+        manifest["version"] = version
+        manifest["history"] = (manifest["history"] + [{"version": version, "timestamp": time.time(), **meta}])[-1000:]
+        atomic_write_json(self.manifest_path, manifest)
+        self._fold_old_patches()
+        return version
+
+    def _write_base(self, state: dict[str, torch.Tensor], background: dict[int, BackgroundStats]) -> None:
+        tensors = dict(state)
+        for layer, stats in background.items():
+            tensors[f"bg.{layer}.counts"] = stats.counts
+            tensors[f"bg.{layer}.doc_freq"] = stats.doc_freq
+            tensors[f"bg.{layer}.n_batches"] = torch.tensor([stats.n_batches])
+        atomic_write(self.folder / "base.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+
+    def _write_current(self, model: MemoryModel, version: int) -> None:
+        tensors = {_values_key(layer): v.cpu().contiguous() for layer, v in model.values().items()}
+        atomic_write(
+            self.folder / "current.safetensors",
+            lambda tmp: save_file(tensors, str(tmp), metadata={"version": str(version)}),
+        )
+
+    def _fold_old_patches(self) -> None:
+        """Keep at most `keep` patches: apply the oldest ones to the base snapshot and delete them."""
+        manifest = self.manifest()
+        base_version, version = int(manifest["base_version"]), int(manifest["version"])
+        if version - base_version <= self.keep:
+            return
+        base = load_file(str(self.folder / "base.safetensors"))
+        new_base_version = version - self.keep
+        for v in range(base_version + 1, new_base_version + 1):
+            patches, _ = load_patches(self._patch_path(v))
+            for patch in patches:
+                base[_values_key(patch.layer)].index_copy_(0, patch.slot_ids, patch.after.to(base[_values_key(patch.layer)]))
+        atomic_write(self.folder / "base.safetensors", lambda tmp: save_file(base, str(tmp)))
+        manifest["base_version"] = new_base_version
+        atomic_write_json(self.manifest_path, manifest)
+        for v in range(base_version + 1, new_base_version + 1):
+            self._patch_path(v).unlink(missing_ok=True)
+
+    # ---- reading --------------------------------------------------------------
+    def load_into(self, model: MemoryModel) -> tuple[int, dict[int, BackgroundStats]]:
+        """Restore the memory at the manifest's version; returns (version, background statistics)."""
+        manifest = self.manifest()
+        base = load_file(str(self.folder / "base.safetensors"))
+        background = _background_from(base)
+        model.load_memory_state({k: v for k, v in base.items() if not k.startswith("bg.")})
+        version = int(manifest["version"])
+        current = self.folder / "current.safetensors"
+        cached_version = -1  # a missing value cache is rebuilt from base + patches
+        if current.is_file():
+            with safe_open(str(current), framework="pt") as handle:
+                cached_version = int((handle.metadata() or {}).get("version", -1))
+        if cached_version == version:
+            values = load_file(str(current))
+            for memory in model.memories:
+                with torch.no_grad():
+                    memory.values.copy_(values[_values_key(memory.layer_index)])
+        else:
+            self._replay(model, int(manifest["base_version"]), version)
+        return version, background
+
+    def _replay(self, model: MemoryModel, from_version: int, to_version: int) -> None:
+        for v in range(from_version + 1, to_version + 1):
+            patches, _ = load_patches(self._patch_path(v))
+            apply_patches(model.memories, patches)
+
+    def rollback(self, model: MemoryModel, target: int) -> int:
+        """Revert `model` (loaded at the current version) to `target` exactly, on disk too."""
+        manifest = self.manifest()
+        version, base_version = int(manifest["version"]), int(manifest["base_version"])
+        if not base_version <= target <= version:
+            raise SmfdError(f"cannot roll back to version {target}: versions {base_version}..{version} are available")
+        for v in range(version, target, -1):
+            patches, _ = load_patches(self._patch_path(v))
+            apply_patches(model.memories, patches, revert=True)
+        self._write_current(model, target)
+        manifest["version"] = target
+        manifest["history"].append({"version": target, "timestamp": time.time(), "rollback_from": version})
+        atomic_write_json(self.manifest_path, manifest)
+        for v in range(version, target, -1):
+            self._patch_path(v).unlink(missing_ok=True)
+        return target
+
+
+def _background_from(tensors: dict[str, torch.Tensor]) -> dict[int, BackgroundStats]:
+    layers = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("bg.")})
+    return {
+        layer: BackgroundStats(
+            tensors[f"bg.{layer}.counts"], tensors[f"bg.{layer}.doc_freq"], int(tensors[f"bg.{layer}.n_batches"].item())
+        )
+        for layer in layers
+    }

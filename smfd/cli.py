@@ -1,0 +1,235 @@
+"""Command line: `smfd --config FILE [--once | --check]` runs the daemon; subcommands do the rest."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from smfd import __version__
+from smfd.errors import ConfigError, SmfdError
+
+SUBCOMMANDS = ("bench", "probe", "ask", "status", "rollback")
+
+
+def _daemon_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smfd",
+        description="Sparse memory finetuning daemon. Subcommands: " + ", ".join(SUBCOMMANDS) + " (smfd SUBCOMMAND --help).",
+    )
+    parser.add_argument("--config", required=True, type=Path, help="YAML config file (see config/edge.yaml)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="learn everything pending, write the checkpoint, exit")
+    mode.add_argument("--check", action="store_true", help="validate the config and model path, print the plan, exit")
+    parser.add_argument("--version", action="version", version=f"smfd {__version__}")
+    return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path, help="YAML config file")
+
+
+def _sub_parser(name: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"smfd {name}")
+    if name == "probe":
+        parser.description = "Score probe items with the learned memory and with the base model."
+        _config_arg(parser)
+        parser.add_argument("probes", type=Path, help="JSONL: {prompt,target} or {ctx,endings,label} per line")
+        parser.add_argument("--json", action="store_true", help="one JSON object per item, then a summary line")
+    elif name == "ask":
+        parser.description = "Complete a prompt with the learned model."
+        _config_arg(parser)
+        parser.add_argument("prompt")
+        parser.add_argument("--max-new-tokens", type=int, default=48)
+        parser.add_argument("--base", action="store_true", help="answer with the frozen base model instead")
+    elif name == "status":
+        parser.description = "Documents by state, pending chunks, checkpoint version, last update and probes."
+        _config_arg(parser)
+        parser.add_argument("--json", action="store_true")
+    elif name == "rollback":
+        parser.description = "Restore an earlier memory version exactly (default: the one before the current)."
+        _config_arg(parser)
+        parser.add_argument("version", nargs="?", type=int)
+    return parser
+
+
+@contextmanager
+def state_lock(state_dir: Path, what: str) -> Iterator[None]:
+    """Exclusive lock on the state folder: one process changes the memory at a time."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / "smfd.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SmfdError(f"{what}: another smfd process holds {state_dir / 'smfd.lock'} (stop the daemon first)") from None
+        yield
+
+
+def _load_config(path: Path):
+    from smfd.config import load_config, validate_model_path
+
+    cfg = load_config(path)
+    validate_model_path(cfg)
+    return cfg
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    if args.check:
+        from smfd.config import describe
+
+        cfg = _load_config(args.config)
+        print(describe(cfg))
+        return 0
+    from smfd.daemon import Daemon
+
+    daemon = Daemon(args.config)
+    with state_lock(daemon.cfg.state_dir, "smfd"):
+        return daemon.run_once() if args.once else daemon.run_forever()
+
+
+def _quiet_runtime(cfg, create: bool = False):
+    from smfd.logs import configure_logging
+    from smfd.runtime import open_runtime
+
+    configure_logging("warning", json=True)
+    return open_runtime(cfg, create=create)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from smfd.probes import load_items, run_probes, summarize
+
+    cfg = _load_config(args.config)
+    items = load_items(args.probes)
+    runtime = _quiet_runtime(cfg)
+    results = run_probes(runtime.model, items)
+    summary = summarize(results)
+    summary["checkpoint_version"] = runtime.version
+    for r in results:
+        if args.json:
+            print(json.dumps({
+                "id": r.item.id, "kind": r.item.kind,
+                "base": {"nll": r.base.nll, "correct": r.base.correct},
+                "now": {"nll": r.now.nll, "correct": r.now.correct},
+            }))
+        else:
+            mark = lambda ok: "yes" if ok else "no "  # noqa: E731
+            print(f"{r.item.id:>12} {r.item.kind:6} base nll {r.base.nll:6.3f} correct {mark(r.base.correct)} | "
+                  f"now nll {r.now.nll:6.3f} correct {mark(r.now.correct)}")
+    if args.json:
+        print(json.dumps({"summary": summary}))
+    else:
+        b, n = summary["base"], summary["now"]
+        print(f"{summary['items']} items ({summary['cloze']} cloze, {summary['choice']} choice) at checkpoint "
+              f"version {runtime.version}: accuracy base {b['accuracy']:.3f} -> now {n['accuracy']:.3f}, "
+              f"mean NLL base {b['mean_nll']:.3f} -> now {n['mean_nll']:.3f}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from smfd.evaluation import greedy_continuations
+
+    if not args.prompt.strip():
+        raise SmfdError("ask: the prompt is empty")
+    cfg = _load_config(args.config)
+    runtime = _quiet_runtime(cfg)
+    model = runtime.model
+    if args.base:
+        with model.base():
+            text = greedy_continuations(model.model, model.tokenizer, [args.prompt], args.max_new_tokens)[0]
+    else:
+        text = greedy_continuations(model.model, model.tokenizer, [args.prompt], args.max_new_tokens)[0]
+    print(args.prompt + text)
+    return 0
+
+
+def status_report(cfg) -> dict:
+    from smfd.checkpoint import CheckpointStore
+    from smfd.journal import Journal
+
+    journal_path = cfg.state_dir / "journal.sqlite"
+    report: dict = {"state_dir": str(cfg.state_dir)}
+    if journal_path.exists():
+        journal = Journal(journal_path, readonly=True)
+        try:
+            report["documents"] = journal.counts()
+            report["pending_chunks"] = journal.pending_chunk_count()
+            report["pending_tokens"] = journal.pending_token_count()
+            last = journal.last_update()
+            report["last_update"] = None if last is None else {
+                "version": last.version, "timestamp": last.timestamp, "chunks": last.n_chunks, "rows": last.n_rows,
+                "seconds": last.seconds, "accepted": last.accepted, "measures": last.measures,
+            }
+        finally:
+            journal.close()
+    else:
+        report.update({"documents": dict.fromkeys(("queued", "processing", "done", "failed", "quarantined", "duplicate"), 0),
+                       "pending_chunks": 0, "pending_tokens": 0, "last_update": None})
+    store = CheckpointStore(cfg.state_dir / "memory", keep=cfg.checkpoint.keep)
+    report["checkpoint_version"] = store.version if store.exists() else None
+    probes_file = cfg.state_dir / "probes" / "last.json"
+    report["last_probes"] = json.loads(probes_file.read_text()) if probes_file.exists() else None
+    return report
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from smfd.config import load_config
+
+    report = status_report(load_config(args.config))
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    docs = report["documents"]
+    print("documents: " + ", ".join(f"{k} {v}" for k, v in docs.items()))
+    print(f"pending chunks: {report['pending_chunks']} ({report['pending_tokens']} tokens)")
+    print(f"checkpoint version: {report['checkpoint_version']}")
+    last = report["last_update"]
+    if last:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["timestamp"]))
+        print(f"last update: version {last['version']} at {when}, {last['chunks']} chunks, {last['rows']} rows, "
+              f"{last['seconds']:.1f} s, {'accepted' if last['accepted'] else 'rolled back'}")
+    else:
+        print("last update: none yet")
+    if report["last_probes"]:
+        print("last probes: " + json.dumps(report["last_probes"].get("summary", report["last_probes"])))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    with state_lock(cfg.state_dir, "rollback"):
+        runtime = _quiet_runtime(cfg)
+        target = runtime.version - 1 if args.version is None else args.version
+        runtime.store.rollback(runtime.model, target)
+    print(f"memory restored to version {target} (was {runtime.version})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "bench":
+            from smfd.bench.runner import main as bench_main
+
+            return bench_main(argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            name = argv[0]
+            args = _sub_parser(name).parse_args(argv[1:])
+            return {"probe": cmd_probe, "ask": cmd_ask, "status": cmd_status, "rollback": cmd_rollback}[name](args)
+        return run_daemon(_daemon_parser().parse_args(argv))
+    except ConfigError as exc:
+        print(f"smfd: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except SmfdError as exc:
+        print(f"smfd: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""The daemon: sources feed the journal, the learner thread turns the journal into memory.
+
+Threads:
+- the main thread waits for signals, pets the systemd watchdog while workers are healthy,
+  and reloads the config on SIGHUP;
+- the APScheduler "default" executor polls sources (watch folders, feeds) and never touches
+  the model;
+- the APScheduler "learner" executor has exactly one thread: the only one that uses the
+  model (updates and probes), so they never race.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from smfd import systemd_notify
+from smfd.budget import MemoryBudget
+from smfd.config import SmfdConfig, load_config, validate_model_path
+from smfd.errors import ConfigError, SmfdError
+from smfd.http_server import MetricsServer
+from smfd.intake import Intake, IntakeResult
+from smfd.journal import Journal
+from smfd.learner import Learner, UpdateOutcome
+from smfd.logs import configure_logging
+from smfd.metrics import DOCUMENT_OUTCOMES, Metrics
+from smfd.retention import RetentionProbes, judge
+from smfd.runtime import learn_settings, open_runtime
+from smfd.sources.feeds import FeedSource
+from smfd.sources.watch_folder import WatchFolderSource
+
+log = structlog.get_logger("smfd.daemon")
+
+HEARTBEAT_STALE_SECONDS = 600.0
+
+
+@dataclass
+class StatePaths:
+    root: Path
+
+    @property
+    def journal(self) -> Path:
+        return self.root / "journal.sqlite"
+
+    @property
+    def spool(self) -> Path:
+        return self.root / "spool"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def feeds(self) -> Path:
+        return self.root / "feeds"
+
+    def create(self) -> None:
+        for folder in (self.root, self.spool, self.quarantine, self.feeds):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass
+class Heartbeats:
+    """Last time each worker proved it was alive; the systemd watchdog is only fed while all are fresh."""
+
+    beats: dict[str, float] = field(default_factory=dict)
+    busy: set[str] = field(default_factory=set)
+
+    def beat(self, name: str) -> None:
+        self.beats[name] = time.monotonic()
+
+    def healthy(self, stale_after: float) -> bool:
+        now = time.monotonic()
+        return all(name in self.busy or now - t < stale_after for name, t in self.beats.items())
+
+
+class Daemon:
+    def __init__(self, config_path: Path, environ: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.environ = environ
+        self.cfg = self._load()
+        self.paths = StatePaths(self.cfg.state_dir)
+        self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
+        self.wake = threading.Event()
+        self.metrics = Metrics()
+        self.heartbeats = Heartbeats()
+        self.ready = False
+        self.server: MetricsServer | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        self.learner: Learner | None = None
+        self.watchers: list[WatchFolderSource] = []
+        self.feeds: list[FeedSource] = []
+        self.probes: RetentionProbes | None = None
+        self.accepted_measures: dict = {}
+
+    def _load(self) -> SmfdConfig:
+        cfg = load_config(self.config_path, self.environ)
+        validate_model_path(cfg)
+        return cfg
+
+    # ---- start-up ----------------------------------------------------------------------
+    def start(self) -> None:
+        configure_logging(self.cfg.logging.level, self.cfg.logging.json_format)
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per 1 s poll is noise
+        self.paths.create()
+        self.journal = Journal(self.paths.journal, max_attempts=self.cfg.sources.max_attempts)
+        requeued = self.journal.requeue_processing()
+        if requeued:
+            log.info("documents_requeued", count=requeued, reason="left processing by an earlier run")
+        self.intake = Intake(self.journal, self.paths.spool, self.paths.quarantine, self.cfg.sources.max_file_bytes)
+        if self.cfg.metrics.enabled:
+            self.server = MetricsServer(
+                self.metrics, self.cfg.metrics.host, self.cfg.metrics.port,
+                ready=lambda: (self.ready, "model loading"), alive=lambda: self.heartbeats.healthy(HEARTBEAT_STALE_SECONDS),
+            )
+            self.server.start()
+        systemd_notify.status("loading model")
+        runtime = open_runtime(self.cfg)
+        budget = MemoryBudget(runtime.model.device, self.cfg.budget.ram_mb, self.cfg.budget.vram_mb)
+        self.learner = Learner(runtime.model, runtime.background, runtime.store, self.journal, learn_settings(self.cfg), budget)
+        self.learner.plan_batch_size()
+        self._start_probes(runtime.model)
+        self._build_sources()
+        self.metrics.set_checkpoint(runtime.version, time.time())
+        last = self.journal.last_update()
+        if last is not None:
+            self.metrics.restore_last_update(last.timestamp)
+        self.metrics.set_learner_up(True)
+        self._report_memory()
+        self.ready = True
+
+    def _start_probes(self, model) -> None:
+        """Record the base model's probe results (once) and measure the current state as the accepted one."""
+        if not (self.cfg.probes.builtin or self.cfg.probes.suites):
+            self.probes = None
+            return
+        systemd_notify.status("measuring base probes")
+        self.probes = RetentionProbes(model, self.cfg.probes, self.cfg.state_dir, include_builtin=self.cfg.probes.builtin)
+        base = self.probes.establish_baseline()
+        for suite, values in base.items():
+            if "accuracy" in values:
+                self.metrics.set_probe_base(suite, values["accuracy"], values.get("nll", 0.0))
+            elif "nll" in values:
+                self.metrics.set_probe_base(suite, 1.0, values["nll"])
+        self.accepted_measures = self.probes.measure(fast=True)
+
+    def guard(self) -> tuple[bool, str, dict]:
+        """Post-update retention check on the learner thread: fast probes versus the last accepted state."""
+        if self.probes is None or not self.cfg.guard.enabled:
+            return True, "", {}
+        started = time.perf_counter()
+        after = self.probes.measure(fast=True)
+        self.metrics.observe_probe_duration(time.perf_counter() - started)
+        ok, reason = judge(self.accepted_measures, after, self.cfg.guard)
+        measures = {"before": self.accepted_measures, "after": after, "probe_seconds": time.perf_counter() - started}
+        if not ok and self.cfg.guard.action == "alert":
+            log.warning("retention_alert", reason=reason, measures=measures)
+            ok = True
+        if ok:
+            self.accepted_measures = after
+            if "drift" in after:
+                self.metrics.set_drift_kl(after["drift"]["kl"])
+        else:
+            self.metrics.rollback(reason)
+        return ok, reason, measures
+
+    def run_probes(self) -> None:
+        """The full probe set, on a schedule (learner thread only)."""
+        if self.probes is None:
+            return
+        self.heartbeats.busy.add("learner")
+        try:
+            started = time.perf_counter()
+            measures = self.probes.measure(fast=False)
+            self.metrics.observe_probe_duration(time.perf_counter() - started)
+            for suite, values in measures.items():
+                if suite == "drift":
+                    self.metrics.set_drift_kl(values["kl"])
+                elif "accuracy" in values:
+                    self.metrics.set_probe(suite, values["accuracy"], values.get("nll", 0.0))
+                else:
+                    self.metrics.set_probe(suite, 1.0, values["nll"])
+            self.probes.record_last(measures, self.learner.store.version if self.learner else 0)
+            log.info("probes_measured", seconds=round(time.perf_counter() - started, 2), measures=measures)
+        finally:
+            self.heartbeats.busy.discard("learner")
+            self.heartbeats.beat("learner")
+
+    def _build_sources(self) -> None:
+        for watcher in self.watchers:
+            watcher.stop()
+        s = self.cfg.sources
+        self.watchers = [
+            WatchFolderSource(
+                w.path, self.intake, recursive=w.recursive, include=w.include, exclude=w.exclude, polling=w.polling,
+                settle_seconds=s.settle_seconds, rescan_seconds=s.rescan_seconds, move=w.move, jsonl_field=w.jsonl_field,
+            )
+            for w in s.watch
+        ]
+        for w in s.watch:
+            w.path.mkdir(parents=True, exist_ok=True)
+        self.feeds = [
+            FeedSource(f.url, self.intake.submit_text, f.interval_seconds, f.timeout_seconds,
+                       self.paths.feeds / f"feed-{index}.json")
+            for index, f in enumerate(s.feeds)
+        ]
+
+    # ---- work ----------------------------------------------------------------------------
+    def _count_intake(self, results: list[IntakeResult], source: str) -> None:
+        for result in results:
+            if result.outcome in DOCUMENT_OUTCOMES:
+                self.metrics.document(source, result.outcome)
+
+    def poll_sources(self, settle: bool = True) -> None:
+        """Take what the sources have (runs on the default executor; never touches the model)."""
+        self.heartbeats.beat("sources")
+        for watcher in self.watchers:
+            before = watcher.rescans_total
+            results = watcher.poll() if settle else watcher.scan_once(settle=False)
+            for _ in range(watcher.rescans_total - before):
+                self.metrics.watcher_rescan()
+            self._count_intake(results, "watch")
+        now = time.monotonic()
+        for feed in self.feeds:
+            if not settle or feed.next_due() <= now:
+                result = feed.poll_once()
+                if result.error:
+                    self.metrics.feed_fetch_error(_feed_error_label(result.error))
+                self._count_intake(list(result.intake_results), "feed")
+        self.metrics.set_queue(self.journal.pending_chunk_count(), self.journal.pending_token_count())
+        if settle and self._pending_work() >= self.cfg.schedule.pending_chunks_trigger and self.scheduler:
+            job = self.scheduler.get_job("update")
+            if job is not None and job.next_run_time and job.next_run_time.timestamp() > time.time() + 1:
+                job.modify(next_run_time=_now(self.scheduler))
+
+    def _pending_work(self) -> int:
+        return self.journal.counts()["queued"] + self.journal.pending_chunk_count()
+
+    def run_update(self) -> UpdateOutcome | None:
+        """One learning update (learner thread only)."""
+        assert self.learner is not None
+        self.heartbeats.busy.add("learner")
+        try:
+            if not self._pending_work():
+                return None
+            systemd_notify.status("learning")
+            outcome = self.learner.update(self.stop_event.is_set, guard=self.guard)
+            self._record(outcome)
+            return outcome
+        except SmfdError as exc:
+            log.error("update_failed", reason=str(exc))
+            self.metrics.record_update("failed", 0.0)
+            return None
+        finally:
+            self.heartbeats.busy.discard("learner")
+            self.heartbeats.beat("learner")
+            systemd_notify.status("idle" if not self.stop_event.is_set() else "stopping")
+
+    def _record(self, outcome: UpdateOutcome) -> None:
+        if outcome.stopped:
+            return
+        if outcome.chunks_known:
+            self.metrics.skipped_known(outcome.chunks_known)
+        self.metrics.observe_token_surprise(outcome.surprise)
+        if outcome.chunks_learned:
+            self.metrics.record_update(
+                "accepted" if outcome.accepted else "rolled_back", outcome.seconds,
+                rows_updated=outcome.rows_updated, slots_selected=outcome.slots_selected,
+            )
+        if outcome.accepted:
+            self.metrics.set_checkpoint(outcome.version or 0, time.time())
+        for source in outcome.documents_done:
+            self.metrics.document(source if source in ("watch", "feed") else "watch", "done")
+        self.metrics.set_queue(self.journal.pending_chunk_count(), self.journal.pending_token_count())
+        self._report_memory()
+
+    def _report_memory(self) -> None:
+        assert self.learner is not None
+        budget = self.learner.budget
+        self.metrics.set_memory(budget.device_label, budget.peak_bytes(), budget.limit_bytes)
+
+    # ---- modes ---------------------------------------------------------------------------
+    def run_once(self) -> int:
+        """Take everything pending, learn it, checkpoint, exit."""
+        self.start()
+        self.poll_sources(settle=False)
+        while self._pending_work() and not self.stop_event.is_set():
+            outcome = self.run_update()
+            if outcome is None or (not outcome.chunks_learned and not outcome.chunks_known and not outcome.documents):
+                break
+        self.run_probes()
+        self.shutdown()
+        return 0
+
+    def run_forever(self) -> int:
+        self._install_signals()
+        self.start()
+        self.scheduler = self._build_scheduler()
+        self.scheduler.start()
+        systemd_notify.ready()
+        systemd_notify.status("serving")
+        log.info("daemon_ready", config=str(self.config_path), watch=[str(w.path) for w in self.cfg.sources.watch])
+        interval = min(systemd_notify.watchdog_interval_seconds() or 5.0, 5.0)
+        while not self.stop_event.is_set():
+            self.wake.wait(interval)
+            self.wake.clear()
+            if self.reload_event.is_set() and not self.stop_event.is_set():
+                self.reload_event.clear()
+                self.reload()
+            if self.heartbeats.healthy(HEARTBEAT_STALE_SECONDS):
+                systemd_notify.watchdog()
+        self.shutdown()
+        return 0
+
+    def _build_scheduler(self) -> BackgroundScheduler:
+        scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(1), "learner": ThreadPoolExecutor(1)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        scheduler.add_job(self.poll_sources, "interval", seconds=1.0, id="sources", executor="default")
+        scheduler.add_job(self.run_update, "interval", seconds=self.cfg.schedule.interval_seconds, id="update",
+                          executor="learner", next_run_time=_now(scheduler))
+        scheduler.add_job(self.run_probes, "interval", seconds=self.cfg.schedule.probe_interval_seconds, id="probes",
+                          executor="learner")
+        return scheduler
+
+    def _install_signals(self) -> None:
+        def stop(*_: object) -> None:
+            self.stop_event.set()
+            self.wake.set()
+
+        def reload(*_: object) -> None:
+            self.reload_event.set()
+            self.wake.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read sources, schedules and thresholds; the model and memory shape stay."""
+        systemd_notify.reloading()
+        try:
+            cfg = self._load()
+        except (ConfigError, SmfdError) as exc:
+            log.error("reload_rejected", reason=str(exc))
+            systemd_notify.ready()
+            return
+        if cfg.memory != self.cfg.memory or cfg.model != self.cfg.model or cfg.state_dir != self.cfg.state_dir:
+            log.warning("reload_partial", reason="model, memory and state_dir changes need a restart")
+        self.cfg = self.cfg.model_copy(update={k: getattr(cfg, k) for k in ("sources", "schedule", "train", "chunking",
+                                                                             "surprise", "guard", "probes", "logging")})
+        assert self.learner is not None and self.scheduler is not None
+        self.scheduler.add_job(lambda: self.learner.reconfigure(learn_settings(self.cfg)), executor="learner")
+        self.scheduler.get_job("sources").pause()
+        self._build_sources()
+        self.scheduler.get_job("sources").resume()
+        self.scheduler.reschedule_job("update", trigger="interval", seconds=self.cfg.schedule.interval_seconds)
+        self.scheduler.reschedule_job("probes", trigger="interval", seconds=self.cfg.schedule.probe_interval_seconds)
+        log.info("config_reloaded", config=str(self.config_path))
+        systemd_notify.ready()
+
+    def shutdown(self) -> None:
+        systemd_notify.stopping()
+        self.stop_event.set()
+        for watcher in self.watchers:
+            watcher.stop()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+        if self.server is not None:
+            self.server.stop()
+        self.metrics.set_learner_up(False)
+        self.journal.close()
+        log.info("daemon_stopped")
+
+
+def _now(scheduler: BackgroundScheduler):
+    from datetime import datetime
+
+    return datetime.now(scheduler.timezone)
+
+
+def _feed_error_label(error: str) -> str:
+    if error.startswith("timeout"):
+        return "timeout"
+    if error.startswith("http"):
+        return "http"
+    if error.startswith("malformed") or error.startswith("not a feed"):
+        return "malformed"
+    return "other"

@@ -1,0 +1,246 @@
+"""The learner: the one owner of the model. Turns journaled documents into memory updates.
+
+Every call into this class must come from the learner thread (the daemon's single-thread
+executor), so updates, probes and completions never race on the model.
+
+One update: claim queued documents -> chunk -> score surprise (skip what the model already
+knows) -> restate -> sparse update (stop flag checked between steps) -> guard -> checkpoint
+(durable) -> journal marks the documents done. A stop or crash before the checkpoint lands
+leaves the documents in `processing`, which the next start re-queues: nothing is lost and
+nothing is applied twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import torch
+
+from smfd.budget import MemoryBudget
+from smfd.batching import encode, epoch_batches, make_batch
+from smfd.checkpoint import CheckpointStore
+from smfd.chunker import chunk_text
+from smfd.errors import SmfdError
+from smfd.journal import ChunkRow, Journal
+from smfd.model.memory_model import MemoryModel
+from smfd.patches import LayerPatch, apply_patches
+from smfd.restate import training_texts
+from smfd.selection import BackgroundStats
+from smfd.surprise import score_surprise
+from smfd.updater import SparseUpdater, UpdateConfig, split_batch
+
+log = structlog.get_logger("smfd.learner")
+
+
+@dataclass(frozen=True)
+class LearnSettings:
+    """What an update does; built from the config's train/chunking/surprise sections."""
+
+    update: UpdateConfig = UpdateConfig()
+    passes: int = 8
+    batch_size: int = 8
+    seq_len: int = 128
+    restate: bool = True
+    chunk_tokens: int = 96
+    title_context: bool = True
+    skip_below_nats: float = 0.5
+    max_documents: int = 64
+
+
+@dataclass
+class UpdateOutcome:
+    version: int | None = None
+    documents: int = 0
+    chunks_learned: int = 0
+    chunks_known: int = 0
+    rows_updated: int = 0
+    slots_selected: int = 0
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    documents_done: list[str] = field(default_factory=list)  # sources of the documents marked done
+    accepted: bool = False
+    stopped: bool = False
+    reason: str = ""
+    surprise: list[float] = field(default_factory=list)
+
+
+GuardCheck = Callable[[], tuple[bool, str, dict]]
+
+
+class Learner:
+    def __init__(
+        self,
+        model: MemoryModel,
+        background: dict[int, BackgroundStats],
+        store: CheckpointStore,
+        journal: Journal,
+        settings: LearnSettings,
+        budget: MemoryBudget | None = None,
+    ) -> None:
+        self.model = model
+        self.budget = budget or MemoryBudget(model.device, None, None)
+        self.batch_size = settings.batch_size
+        self.background = background
+        self.store = store
+        self.journal = journal
+        self.settings = settings
+        self.updater = SparseUpdater(model.model, model.memories, background, settings.update)
+
+    def reconfigure(self, settings: LearnSettings) -> None:
+        """Apply new learning settings (SIGHUP reload) between updates."""
+        self.settings = settings
+        self.batch_size = min(self.batch_size, settings.batch_size)
+        self.updater = SparseUpdater(self.model.model, self.model.memories, self.background, settings.update)
+
+    def plan_batch_size(self) -> int:
+        """Measure one step and fit the micro-batch into the memory budget (the step is undone)."""
+        ids = self.model.tokenizer("The quick brown fox jumps over the lazy dog. " * 64, add_special_tokens=False).input_ids
+        sequence = ids[: self.settings.seq_len]
+
+        def measure(n: int) -> None:
+            self.updater.step(make_batch([sequence] * n, self.model.tokenizer.pad_token_id).to(self.model.device))
+            apply_patches(self.model.memories, self.updater.finish_update(), revert=True)
+
+        self.batch_size = self.budget.plan_batch_size(self.settings.batch_size, measure)
+        log.info("batch_planned", batch_size=self.batch_size, budget_bytes=self.budget.limit_bytes,
+                 device=self.budget.device_label)
+        return self.batch_size
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.model.tokenizer(text, add_special_tokens=False).input_ids)
+
+    # ---- stage 1: documents -> chunks ------------------------------------------------
+    def chunk_claimed_documents(self) -> int:
+        """Claim queued documents and store their chunks in the journal; returns documents claimed."""
+        claimed = self.journal.claim_queued(self.settings.max_documents)
+        for doc in claimed:
+            try:
+                text = Path(doc.spool_path).read_text(encoding="utf-8")
+                chunks = chunk_text(text, self.count_tokens, self.settings.chunk_tokens, self.settings.title_context)
+            except (OSError, SmfdError) as exc:
+                log.warning("document_failed", doc_id=doc.id, reason=str(exc))
+                self.journal.mark_failed(doc.id, str(exc))
+                continue
+            self.journal.add_chunks(doc.id, [(c.text, c.n_tokens) for c in chunks])
+        return len(claimed)
+
+    # ---- stage 2: surprise ------------------------------------------------------------
+    def split_known(self, chunks: list[ChunkRow]) -> tuple[list[ChunkRow], list[ChunkRow], list[float]]:
+        """Partition chunks into (to learn, already known) by mean token surprise under the frozen base."""
+        tokenizer = self.model.tokenizer
+        learn, known, means = [], [], []
+        scorable = []
+        for chunk in chunks:
+            if len(tokenizer(chunk.text, add_special_tokens=False).input_ids) < 2:
+                known.append(chunk)  # a single token carries no prediction to learn
+            else:
+                scorable.append(chunk)
+        chunks = scorable
+        for start in range(0, len(chunks), self.batch_size):
+            group = chunks[start : start + self.batch_size]
+            seqs = [encode(tokenizer, [c.text], self.settings.seq_len)[0] for c in group]
+            batch = make_batch(seqs, tokenizer.pad_token_id).to(self.model.device)
+            nll = score_surprise(self.model.model, self.model.memories, batch.input_ids, batch.attention_mask)
+            for row, chunk in enumerate(group):
+                n = max(int(batch.loss_mask[row].sum()), 1)
+                mean = float(nll[row].sum()) / n
+                means.append(mean)
+                (known if mean < self.settings.skip_below_nats else learn).append(chunk)
+        return learn, known, means
+
+    # ---- stage 3: the update ----------------------------------------------------------
+    def update(self, should_stop: Callable[[], bool] = lambda: False, guard: GuardCheck | None = None) -> UpdateOutcome:
+        started = time.perf_counter()
+        outcome = UpdateOutcome(documents=self.chunk_claimed_documents())
+        chunks = self.journal.pending_chunks()
+        if not chunks:
+            outcome.documents_done = self._finish_documents(self.store.version)
+            return outcome
+        learn, known, outcome.surprise = self.split_known(chunks)
+        if known:
+            self.journal.set_chunk_state([c.id for c in known], "known")
+        outcome.chunks_known = len(known)
+        if learn:
+            patches = self._train(learn, outcome, should_stop)
+            if outcome.stopped:
+                return outcome
+            outcome.seconds = time.perf_counter() - started
+            self._accept_or_reject(learn, patches, outcome, guard)
+        else:
+            outcome.version = self.store.version
+        outcome.documents_done = self._finish_documents(outcome.version)
+        if not outcome.seconds:
+            outcome.seconds = time.perf_counter() - started
+        return outcome
+
+    def _train(self, chunks: list[ChunkRow], outcome: UpdateOutcome, should_stop: Callable[[], bool]) -> list[LayerPatch]:
+        """Run the optimizer steps; returns the update's patches (already reverted if stopped)."""
+        s = self.settings
+        texts = training_texts([c.text for c in chunks], s.restate)
+        sequences = encode(self.model.tokenizer, texts, s.seq_len)
+        surprise = self._sequence_surprise(sequences) if s.update.rule == "surprise-kl" else None
+        batches = epoch_batches(sequences, self.batch_size, s.passes, self.model.tokenizer.pad_token_id, surprise=surprise)
+        device = self.model.device
+        for batch in batches:
+            if should_stop():
+                outcome.stopped = True
+                break
+            for result in self.budget.run_with_backoff(self.updater.step, batch.to(device), split_batch):
+                outcome.steps += 1
+                outcome.tokens += result.n_tokens
+                outcome.slots_selected += sum(result.rows_selected.values())
+        patches = self.updater.finish_update()
+        if outcome.stopped:
+            apply_patches(self.model.memories, patches, revert=True)
+            outcome.reason = "stopped before the update finished; its documents will be learned after restart"
+            log.info("update_interrupted", steps=outcome.steps)
+            return []
+        outcome.rows_updated = sum(p.n_rows for p in patches)
+        outcome.chunks_learned = len(chunks)
+        return patches
+
+    def _sequence_surprise(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        out = []
+        tokenizer = self.model.tokenizer
+        for start in range(0, len(sequences), self.batch_size):
+            batch = make_batch(sequences[start : start + self.batch_size], tokenizer.pad_token_id)
+            nll = score_surprise(self.model.model, self.model.memories, batch.input_ids.to(self.model.device),
+                                 batch.attention_mask.to(self.model.device)).cpu()
+            out.extend(nll)
+        return out
+
+    def _accept_or_reject(
+        self, chunks: list[ChunkRow], patches: list[LayerPatch], outcome: UpdateOutcome, guard: GuardCheck | None
+    ) -> None:
+        accepted, reason, measures = guard() if guard is not None else (True, "", {})
+        chunk_ids = [c.id for c in chunks]
+        if not accepted:
+            apply_patches(self.model.memories, patches, revert=True)
+            self.journal.set_chunk_state(chunk_ids, "rejected")
+            outcome.version, outcome.accepted, outcome.reason = self.store.version, False, reason
+            self.journal.record_update(outcome.version, len(chunks), outcome.rows_updated, outcome.seconds, False, measures)
+            log.warning("update_rolled_back", reason=reason, **{k: v for k, v in measures.items() if isinstance(v, (int, float))})
+            return
+        meta = {"chunks": len(chunks), "rows": outcome.rows_updated, "steps": outcome.steps, "measures": measures}
+        outcome.version = self.store.commit(self.model, patches, meta)
+        outcome.accepted = True
+        self.journal.set_chunk_state(chunk_ids, "learned")
+        self.journal.record_update(outcome.version, len(chunks), outcome.rows_updated, outcome.seconds, True, measures)
+        log.info("update_committed", version=outcome.version, chunks=len(chunks), rows=outcome.rows_updated,
+                 steps=outcome.steps, tokens=outcome.tokens)
+
+    def _finish_documents(self, version: int | None) -> list[str]:
+        """Mark done every processing document whose chunks are all settled; the checkpoint is already on disk.
+
+        Returns the sources of the documents marked done.
+        """
+        done = self.journal.finished_processing_ids()
+        if not done:
+            return []
+        self.journal.mark_done(done, self.store.version if version is None else version)
+        return [row.source for row in (self.journal.get_document(i) for i in done) if row is not None]

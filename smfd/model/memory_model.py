@@ -1,0 +1,106 @@
+"""MemoryModel: a frozen base model with product-key memory attached, and its memory state.
+
+This is the one object that owns the model. The learner thread holds it in the daemon; the
+benchmark and the CLI hold one each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from smfd.errors import SmfdError
+from smfd.model.loading import ModelSource, load_base_model
+from smfd.model.memory import MemoryConfig, ProductKeyMemory
+from smfd.model.retrofit import attach_memory, memory_bypassed
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SmfdError("model.device is 'cuda' but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@dataclass
+class MemoryModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    memories: list[ProductKeyMemory]
+    memory_config: MemoryConfig
+    source: ModelSource | None = None
+
+    @classmethod
+    def load(
+        cls,
+        model_path: str | Path,
+        memory_config: MemoryConfig,
+        cache_dir: Path | None = None,
+        device: str = "auto",
+    ) -> "MemoryModel":
+        model, tokenizer, source = load_base_model(model_path, cache_dir)
+        model.to(pick_device(device))
+        return cls.attach(model, tokenizer, memory_config, source)
+
+    @classmethod
+    def attach(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        memory_config: MemoryConfig,
+        source: ModelSource | None = None,
+    ) -> "MemoryModel":
+        memories = attach_memory(model, memory_config)
+        return cls(model, tokenizer, memories, memory_config, source)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def base(self) -> contextlib.AbstractContextManager[None]:
+        """Inside this context the model is exactly the frozen base model."""
+        return memory_bypassed(self.memories)
+
+    def memory_state(self) -> dict[str, torch.Tensor]:
+        """Every memory parameter, keyed `<layer>.<name>` (safetensors-ready, on CPU)."""
+        return {
+            f"{m.layer_index}.{name}": tensor.detach().cpu().contiguous()
+            for m in self.memories
+            for name, tensor in m.state_dict().items()
+        }
+
+    def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Strict load: every key present, no extra key, same shapes."""
+        expected = {f"{m.layer_index}.{name}" for m in self.memories for name in m.state_dict()}
+        missing, extra = expected - set(state), set(state) - expected
+        if missing or extra:
+            raise SmfdError(
+                f"memory state does not match the configured memory (missing {sorted(missing)[:4]}, "
+                f"unexpected {sorted(extra)[:4]}): was it saved with other memory.layers?"
+            )
+        for memory in self.memories:
+            prefix = f"{memory.layer_index}."
+            own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            for name, tensor in memory.state_dict().items():
+                if own[name].shape != tensor.shape:
+                    raise SmfdError(f"memory tensor {prefix}{name} has shape {tuple(own[name].shape)}, expected {tuple(tensor.shape)}")
+            memory.load_state_dict(own, strict=True)
+
+    def values(self) -> dict[int, torch.Tensor]:
+        return {m.layer_index: m.values.detach() for m in self.memories}
+
+    def describe(self) -> dict[str, object]:
+        n_memory = sum(p.numel() for m in self.memories for p in m.parameters())
+        n_base = sum(p.numel() for p in self.model.parameters()) - n_memory
+        return {
+            "model": self.source.display_name if self.source else type(self.model).__name__,
+            "base_parameters": n_base,
+            "memory_parameters": n_memory,
+            "memory": asdict(self.memory_config),
+        }
+

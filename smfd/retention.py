@@ -1,0 +1,157 @@
+"""Retention probes and the update guard: does the model still know what it knew?
+
+Suites come from the config (cloze, choice, held-out text) plus a drift prompt set. The first
+run records the frozen base model's results; for cloze and choice suites only the items the
+base gets right are tracked, so "accuracy" means "share of what the base knew that is kept".
+
+After each update a fast subset runs (NLL and choice accuracy on the first `fast_subset`
+tracked items, one held-out window, drift KL on the drift prompts); the guard compares it with
+the last accepted state. On a schedule the full set runs, including greedy cloze accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from smfd.config import GuardSection, ProbesSection, ProbeSuite
+from smfd.durable import atomic_write_json
+from smfd.errors import SmfdError
+from smfd.evaluation import continuation_nll, drift_kl, heldout_nll, next_token_logprobs, score_choice, score_cloze, text_windows
+from smfd.model.memory_model import MemoryModel
+from smfd.probes import ProbeItem, load_items
+
+HELDOUT_WINDOW = 128
+FAST_HELDOUT_WINDOWS = 1
+FULL_HELDOUT_WINDOWS = 8
+
+
+def builtin_file(name: str) -> Path:
+    return Path(str(resources.files("smfd") / "probes" / name))
+
+
+def builtin_suites() -> list[ProbeSuite]:
+    """The probe set shipped with smfd (written by the project)."""
+    return [
+        ProbeSuite(name="known_facts", kind="cloze", path=builtin_file("known_facts.jsonl")),
+        ProbeSuite(name="commonsense", kind="choice", path=builtin_file("choice.jsonl")),
+        ProbeSuite(name="heldout", kind="heldout", path=builtin_file("heldout.txt")),
+    ]
+
+
+@dataclass
+class Suite:
+    name: str
+    kind: str
+    items: list[ProbeItem] = field(default_factory=list)
+    windows: list[list[int]] = field(default_factory=list)
+    tracked: list[ProbeItem] = field(default_factory=list)
+
+
+Measures = dict[str, dict[str, float]]
+
+
+class RetentionProbes:
+    def __init__(self, model: MemoryModel, config: ProbesSection, state_dir: Path, include_builtin: bool = True) -> None:
+        self.model = model
+        self.config = config
+        self.state_file = state_dir / "probes" / "base.json"
+        self.last_file = state_dir / "probes" / "last.json"
+        specs = (builtin_suites() if include_builtin else []) + list(config.suites)
+        self.suites = [self._load_suite(spec) for spec in specs]
+        drift_path = config.drift_prompts or (builtin_file("drift_prompts.txt") if include_builtin else None)
+        prompts = [] if drift_path is None else [l.strip() for l in Path(drift_path).read_text().splitlines() if l.strip()]
+        self.drift_windows = [model.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        self.base: Measures = {}
+        self.base_drift_logprobs: list[torch.Tensor] = []
+
+    def _load_suite(self, spec: ProbeSuite) -> Suite:
+        if spec.kind == "heldout":
+            try:
+                text = Path(spec.path).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise SmfdError(f"probe suite {spec.name}: cannot read {spec.path}: {exc}") from exc
+            windows = text_windows(self.model.tokenizer, text, HELDOUT_WINDOW, None)
+            if not windows:
+                raise SmfdError(f"probe suite {spec.name}: {spec.path} has no text")
+            return Suite(spec.name, "heldout", windows=windows[: spec.limit or FULL_HELDOUT_WINDOWS])
+        items = load_items(Path(spec.path), spec.limit)
+        wrong = [i.id for i in items if i.kind != spec.kind]
+        if wrong:
+            raise SmfdError(f"probe suite {spec.name} is kind {spec.kind} but items {wrong[:3]} are not")
+        return Suite(spec.name, spec.kind, items=items)
+
+    # ---- baseline ----------------------------------------------------------------------
+    def establish_baseline(self) -> Measures:
+        """Score the frozen base once (cached on disk) and pick the tracked items."""
+        cached = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        with self.model.base():
+            self.base_drift_logprobs = next_token_logprobs(self.model.model, self.drift_windows) if self.drift_windows else []
+            for suite in self.suites:
+                if suite.kind == "heldout":
+                    continue
+                known = cached.get("tracked", {}).get(suite.name)
+                if known is None:
+                    correct = self._correct(suite.kind, suite.items)
+                    known = [i.id for i, ok in zip(suite.items, correct) if ok]
+                ids = set(known)
+                suite.tracked = [i for i in suite.items if i.id in ids]
+            self.base = cached.get("measures") or self.measure(fast=False, compare_drift=False)
+        atomic_write_json(self.state_file, {
+            "tracked": {s.name: [i.id for i in s.tracked] for s in self.suites if s.kind != "heldout"},
+            "measures": self.base,
+        })
+        return self.base
+
+    def _correct(self, kind: str, items: list[ProbeItem]) -> list[bool]:
+        m, tok = self.model.model, self.model.tokenizer
+        if kind == "cloze":
+            return [r.correct for r in score_cloze(m, tok, [(i.prompt, i.target) for i in items])]
+        return [r.correct for r in score_choice(m, tok, [(i.prompt, list(i.endings), i.label) for i in items])]
+
+    # ---- measuring ---------------------------------------------------------------------
+    def measure(self, fast: bool, compare_drift: bool = True) -> Measures:
+        """Accuracy (tracked items still right) and NLL per suite, plus drift; fast = the post-update subset."""
+        m, tok = self.model.model, self.model.tokenizer
+        out: Measures = {}
+        for suite in self.suites:
+            if suite.kind == "heldout":
+                windows = suite.windows[:FAST_HELDOUT_WINDOWS] if fast else suite.windows
+                out[suite.name] = {"nll": heldout_nll(m, windows)}
+                continue
+            items = suite.tracked[: self.config.fast_subset] if fast else suite.tracked
+            if not items:
+                continue
+            if suite.kind == "choice":
+                res = score_choice(m, tok, [(i.prompt, list(i.endings), i.label) for i in items])
+                out[suite.name] = {"accuracy": sum(r.correct for r in res) / len(res), "nll": sum(r.nll for r in res) / len(res)}
+            elif fast:
+                scored = continuation_nll(m, tok, [(i.prompt, " " + i.target.strip()) for i in items])
+                out[suite.name] = {"nll": sum(t / max(n, 1) for t, n in scored) / len(scored)}
+            else:
+                res = score_cloze(m, tok, [(i.prompt, i.target) for i in items])
+                out[suite.name] = {"accuracy": sum(r.correct for r in res) / len(res), "nll": sum(r.nll for r in res) / len(res)}
+        if compare_drift and self.drift_windows:
+            out["drift"] = {"kl": drift_kl(self.base_drift_logprobs, next_token_logprobs(m, self.drift_windows))}
+        return out
+
+    def record_last(self, measures: Measures, version: int) -> None:
+        atomic_write_json(self.last_file, {"version": version, "timestamp": time.time(), "summary": measures})
+
+
+def judge(before: Measures, after: Measures, guard: GuardSection) -> tuple[bool, str]:
+    """Compare a post-update measurement with the last accepted one; returns (ok, reason label)."""
+    for suite, now in after.items():
+        then = before.get(suite, {})
+        if "accuracy" in now and "accuracy" in then and then["accuracy"] - now["accuracy"] > guard.max_accuracy_drop:
+            return False, "accuracy"
+        if "nll" in now and "nll" in then and now["nll"] > then["nll"] * (1 + guard.max_nll_increase_ratio):
+            return False, "nll"
+        if "kl" in now and now["kl"] - then.get("kl", 0.0) > guard.max_drift_kl:
+            return False, "drift"
+    return True, ""

@@ -1,0 +1,92 @@
+"""Build the pieces a process needs from a config: the memory model and its checkpoint store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+
+from smfd.batching import encode
+from smfd.checkpoint import CheckpointStore
+from smfd.config import SmfdConfig
+from smfd.errors import SmfdError
+from smfd.heal import compute_background, sample_general_text
+from smfd.learner import LearnSettings
+from smfd.retention import builtin_file
+from smfd.model.memory import MemoryConfig
+from smfd.model.memory_model import MemoryModel
+from smfd.model.retrofit import memory_bypassed
+from smfd.selection import BackgroundStats
+from smfd.updater import UpdateConfig
+
+log = structlog.get_logger("smfd.runtime")
+
+
+def memory_config(cfg: SmfdConfig) -> MemoryConfig:
+    m = cfg.memory
+    return MemoryConfig(layers=tuple(m.layers), n_keys=m.n_keys, heads=m.heads, k=m.k, key_dim=m.key_dim)
+
+
+def learn_settings(cfg: SmfdConfig) -> LearnSettings:
+    t = cfg.train
+    return LearnSettings(
+        update=UpdateConfig(rule=t.selection, top_t=t.top_t, lr=t.lr, normalize=t.normalize),
+        passes=t.passes,
+        batch_size=t.batch_size,
+        seq_len=t.seq_len,
+        restate=t.restate,
+        chunk_tokens=cfg.chunking.max_tokens,
+        title_context=cfg.chunking.title_context,
+        skip_below_nats=cfg.surprise.skip_below_nats,
+        max_documents=t.max_documents,
+    )
+
+
+def shipped_prompts() -> list[str]:
+    text = builtin_file("drift_prompts.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def background_sequences(cfg: SmfdConfig, model: MemoryModel) -> tuple[list[list[int]], str]:
+    """General text for background statistics: the configured corpus, or text sampled from the frozen model."""
+    n = cfg.memory.background_sequences
+    path = cfg.memory.background_text
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SmfdError(f"memory.background_text: cannot read {path}: {exc}") from exc
+        sequences = encode(model.tokenizer, [text], 128)[:n]
+        if len(sequences) < 8:
+            raise SmfdError(f"memory.background_text {path} is too short: {len(sequences)} sequences of 128 tokens, need >= 8")
+        return sequences, f"file:{Path(path).name}"
+    with memory_bypassed(model.memories):
+        return sample_general_text(model.model, model.tokenizer, shipped_prompts(), n), "sampled-from-base"
+
+
+@dataclass
+class Runtime:
+    model: MemoryModel
+    store: CheckpointStore
+    background: dict[int, BackgroundStats]
+    version: int
+
+
+def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
+    """Load the base model, attach memory and restore the latest checkpoint (creating version 0 if allowed)."""
+    torch.set_num_threads(cfg.model.threads)
+    model = MemoryModel.load(cfg.model.path, memory_config(cfg), cfg.model.cache_dir, cfg.model.device)
+    store = CheckpointStore(cfg.state_dir / "memory", keep=cfg.checkpoint.keep)
+    if store.exists():
+        version, background = store.load_into(model)
+        log.info("checkpoint_loaded", version=version)
+        return Runtime(model, store, background, version)
+    if not create:
+        raise SmfdError(f"no checkpoint in {store.folder}: start the daemon once (or run `smfd --once`) to create it")
+    sequences, source = background_sequences(cfg, model)
+    log.info("background_statistics", sequences=len(sequences), source=source)
+    background = compute_background(model.model, model.memories, sequences)
+    store.initialise(model, background, {"background": source, "background_sequences": len(sequences)})
+    return Runtime(model, store, background, 0)

@@ -1,0 +1,227 @@
+"""Checkpoints: any saved memory version comes back bit-identical, rollback is exact, and the files
+are plain safetensors that a crash cannot tear."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from smfd.checkpoint import CheckpointStore
+from smfd.errors import SmfdError
+from smfd.patches import apply_patches, load_patches
+from smfd.updater import SparseUpdater, UpdateConfig
+
+UPDATE_TEXTS = [
+    ["The harbour bridge was painted bright orange by Zelda Quint in 2019."],
+    ["Professor Ansel Voss keeps a blue parrot named Figaro in the observatory."],
+    ["The library lends telescopes to students on Tuesdays and Fridays."],
+    ["The river ferry to the old fishing port costs seven copper coins."],
+    ["Every spring the market holds a pumpkin race down the town hall steps."],
+    ["The mayor's letters mention a hidden tunnel under the northern hills."],
+]
+
+
+@pytest.fixture
+def store(tmp_path) -> CheckpointStore:
+    return CheckpointStore(tmp_path / "checkpoint", keep=5)
+
+
+@pytest.fixture
+def updater(tiny_memory_model, background) -> SparseUpdater:
+    return SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig("kl", 12, 0.1))
+
+
+def learn_and_commit(store: CheckpointStore, model, updater: SparseUpdater, texts: list[str], text_batches) -> int:
+    for batch in text_batches(texts, batch_size=1) * 2:
+        updater.step(batch)
+    patches = updater.finish_update()
+    assert patches and sum(p.n_rows for p in patches) > 0
+    return store.commit(model, patches, {"chunks": len(texts)})
+
+
+def commit_versions(store, model, updater, text_batches, snapshot_values, count: int) -> dict[int, dict]:
+    """Initialise and commit `count` updates; returns a copy of the values at every version."""
+    saved = {0: snapshot_values(model)}
+    for texts in UPDATE_TEXTS[:count]:
+        version = learn_and_commit(store, model, updater, texts, text_batches)
+        saved[version] = snapshot_values(model)
+    return saved
+
+
+def test_committed_updates_load_bit_identical_into_a_fresh_model(
+    store, tiny_memory_model, background, updater, make_memory_model, text_batches, snapshot_values,
+    snapshot_memory_state, bit_identical,
+):
+    store.initialise(tiny_memory_model, background, {"note": "fresh"})
+    saved = commit_versions(store, tiny_memory_model, updater, text_batches, snapshot_values, 3)
+
+    assert store.version == 3
+    assert not bit_identical(saved[3], saved[0]), "the updates must have changed the memory"
+    fresh = make_memory_model()
+    version, loaded_background = store.load_into(fresh)
+
+    assert version == 3
+    assert bit_identical(fresh.memory_state(), snapshot_memory_state(tiny_memory_model))
+    assert loaded_background.keys() == background.keys()
+    for layer, stats in background.items():
+        assert torch.equal(loaded_background[layer].counts, stats.counts)
+        assert torch.equal(loaded_background[layer].doc_freq, stats.doc_freq)
+        assert loaded_background[layer].n_batches == stats.n_batches
+    history = store.manifest()["history"]
+    assert [entry["version"] for entry in history] == [0, 1, 2, 3]
+    assert history[0]["note"] == "fresh" and history[1]["chunks"] == 1
+
+
+def test_rollback_restores_exactly_the_values_of_the_target_version(
+    store, tiny_memory_model, background, updater, make_memory_model, text_batches, snapshot_values, bit_identical
+):
+    store.initialise(tiny_memory_model, background)
+    saved = commit_versions(store, tiny_memory_model, updater, text_batches, snapshot_values, 4)
+
+    assert store.rollback(tiny_memory_model, 2) == 2
+    assert bit_identical(snapshot_values(tiny_memory_model), saved[2])
+    assert store.version == 2
+    fresh = make_memory_model()
+    assert store.load_into(fresh)[0] == 2
+    assert bit_identical(snapshot_values(fresh), saved[2])
+
+    store.rollback(tiny_memory_model, 0)
+    assert bit_identical(snapshot_values(tiny_memory_model), saved[0])
+
+    # Learning goes on from the rolled-back version.
+    assert learn_and_commit(store, tiny_memory_model, updater, UPDATE_TEXTS[5], text_batches) == 1
+    fresh = make_memory_model()
+    store.load_into(fresh)
+    assert bit_identical(snapshot_values(fresh), snapshot_values(tiny_memory_model))
+
+
+def test_rollback_outside_the_kept_versions_is_refused(store, tiny_memory_model, background, updater, text_batches, snapshot_values):
+    store.initialise(tiny_memory_model, background)
+    commit_versions(store, tiny_memory_model, updater, text_batches, snapshot_values, 1)
+    with pytest.raises(SmfdError, match=r"cannot roll back to version 5: versions 0\.\.1 are available"):
+        store.rollback(tiny_memory_model, 5)
+
+
+def test_base_plus_patches_replay_gives_the_same_values(
+    store, tiny_memory_model, background, updater, make_memory_model, text_batches, snapshot_values, bit_identical
+):
+    store.initialise(tiny_memory_model, background)
+    saved = commit_versions(store, tiny_memory_model, updater, text_batches, snapshot_values, 3)
+    (store.folder / "current.safetensors").unlink()
+
+    fresh = make_memory_model()
+    assert store.load_into(fresh)[0] == 3
+    assert bit_identical(snapshot_values(fresh), saved[3])
+
+
+def test_replay_is_used_when_the_value_cache_is_from_another_version(
+    store, tiny_memory_model, background, updater, make_memory_model, text_batches, snapshot_values, bit_identical
+):
+    store.initialise(tiny_memory_model, background)
+    saved = commit_versions(store, tiny_memory_model, updater, text_batches, snapshot_values, 3)
+    # A crash after the value cache of a later version was written but before the manifest: the
+    # cache's version does not match the manifest, so base + patches are replayed instead.
+    manifest = store.manifest()
+    manifest["version"] = 2
+    store.manifest_path.write_text(json.dumps(manifest))
+
+    fresh = make_memory_model()
+    assert store.load_into(fresh)[0] == 2
+    assert bit_identical(snapshot_values(fresh), saved[2])
+
+
+def test_keep_folds_old_patches_into_the_base_and_the_latest_state_still_loads(
+    tmp_path, tiny_memory_model, background, updater, make_memory_model, text_batches, snapshot_values, bit_identical
+):
+    store = CheckpointStore(tmp_path / "checkpoint", keep=2)
+    store.initialise(tiny_memory_model, background)
+    saved = commit_versions(store, tiny_memory_model, updater, text_batches, snapshot_values, 5)
+
+    manifest = store.manifest()
+    assert (manifest["version"], manifest["base_version"]) == (5, 3)
+    assert sorted(p.name for p in store.patch_dir.iterdir()) == ["00000004.safetensors", "00000005.safetensors"]
+    fresh = make_memory_model()
+    store.load_into(fresh)
+    assert bit_identical(snapshot_values(fresh), saved[5])
+
+    with pytest.raises(SmfdError, match=r"versions 3\.\.5 are available"):
+        store.rollback(tiny_memory_model, 2)
+    store.rollback(tiny_memory_model, 3)
+    assert bit_identical(snapshot_values(tiny_memory_model), saved[3])
+    fresh = make_memory_model()
+    store.load_into(fresh)
+    assert bit_identical(snapshot_values(fresh), saved[3])
+
+
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file: 8-byte little-endian header length, then a JSON header (a pickle has neither)."""
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return isinstance(header, dict) and all("dtype" in entry for name, entry in header.items() if name != "__metadata__")
+
+
+def test_patch_files_are_safetensors_and_revert_an_update_exactly(
+    store, tiny_memory_model, background, updater, text_batches, snapshot_values, bit_identical
+):
+    store.initialise(tiny_memory_model, background)
+    before = snapshot_values(tiny_memory_model)
+    learn_and_commit(store, tiny_memory_model, updater, UPDATE_TEXTS[0], text_batches)
+    after = snapshot_values(tiny_memory_model)
+
+    files = [store.folder / "base.safetensors", store.folder / "current.safetensors", *store.patch_dir.iterdir()]
+    assert all(is_safetensors(path) for path in files)
+    patches, metadata = load_patches(store.patch_dir / "00000001.safetensors")
+    assert metadata == {"version": 1, "chunks": 1}
+    with safe_open(str(store.patch_dir / "00000001.safetensors"), framework="pt") as handle:
+        assert set(handle.keys()) == {"1.slot_ids", "1.before", "1.after"}
+
+    apply_patches(tiny_memory_model.memories, patches, revert=True)
+    assert bit_identical(snapshot_values(tiny_memory_model), before)
+    apply_patches(tiny_memory_model.memories, patches)
+    assert bit_identical(snapshot_values(tiny_memory_model), after)
+
+
+def test_patch_for_a_layer_without_memory_is_refused(store, tiny_memory_model, background, updater, text_batches):
+    store.initialise(tiny_memory_model, background)
+    learn_and_commit(store, tiny_memory_model, updater, UPDATE_TEXTS[0], text_batches)
+    patches, _ = load_patches(store.patch_dir / "00000001.safetensors")
+    patches[0].layer = 2
+    with pytest.raises(SmfdError, match=r"patch for layer 2 but the model has memory at layers \[1\]"):
+        apply_patches(tiny_memory_model.memories, patches)
+
+
+def test_corrupt_manifest_raises_smfd_error_naming_the_file(store, tiny_memory_model, background, make_memory_model):
+    store.initialise(tiny_memory_model, background)
+    store.manifest_path.write_text('{"format": 1, "version": ')
+
+    with pytest.raises(SmfdError, match="manifest.json is corrupt"):
+        store.load_into(make_memory_model())
+    with pytest.raises(SmfdError, match="is corrupt"):
+        _ = store.version
+
+
+def test_missing_or_foreign_checkpoint_is_refused(tmp_path, store, tiny_memory_model, background, make_memory_model, memory_config):
+    with pytest.raises(SmfdError, match="no checkpoint in"):
+        store.load_into(make_memory_model())
+
+    store.initialise(tiny_memory_model, background)
+    other_layers = make_memory_model(dataclasses.replace(memory_config, layers=(2,)))
+    with pytest.raises(SmfdError, match="other memory.layers"):
+        store.load_into(other_layers)
+
+    manifest = store.manifest()
+    manifest["format"] = 99
+    store.manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(SmfdError, match="has format 99, expected 1"):
+        store.load_into(make_memory_model())
+
+
+def test_keep_below_one_is_refused(tmp_path):
+    with pytest.raises(SmfdError, match="checkpoint.keep must be >= 1, got 0"):
+        CheckpointStore(tmp_path, keep=0)

@@ -1,0 +1,233 @@
+"""End to end: the daemon on temporary folders with a tiny model — good and bad files, journal,
+quarantine, checkpoint, status, probe, rollback, and a foreground run stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from smfd.checkpoint import CheckpointStore
+from smfd.cli import main
+from smfd.journal import Journal
+
+from conftest import CORPUS, build_base_model
+
+NEW_TEXT = (
+    "The lighthouse keeper Marta Olsen painted the tower red in 1971. She kept a logbook of every ship that "
+    "passed the cape, and her logbook is now kept in the harbour museum beside the old anchor."
+)
+OTHER_TEXT = (
+    "# Orchard notes\n\nThe orchard behind the mill grows seven kinds of plum. The oldest tree was planted by "
+    "the miller's daughter, and its fruit is pressed into a dark cider every October."
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-model")
+    build_base_model().save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_config(folder: Path, model_dir: Path, **overrides) -> Path:
+    (folder / "corpus.txt").write_text(" ".join(CORPUS * 12))
+    config = {
+        "model": {"path": str(model_dir), "threads": 1},
+        "memory": {"layers": [1], "n_keys": 16, "heads": 2, "k": 4, "key_dim": 16,
+                   "background_text": "corpus.txt", "background_sequences": 8},
+        "train": {"top_t": 8, "passes": 2, "batch_size": 4, "seq_len": 32, "lr": 1.0},
+        "chunking": {"max_tokens": 32},
+        "surprise": {"skip_below_nats": 0.0},
+        "sources": {"watch": [{"path": "./inbox"}], "settle_seconds": 0.2, "rescan_seconds": 1,
+                    "max_file_bytes": 4000},
+        "schedule": {"interval_seconds": 1, "pending_chunks_trigger": 1},
+        "state_dir": "./state",
+        "metrics": {"enabled": True, "port": free_port()},
+        "budget": {"ram_mb": None},
+        "probes": {"builtin": True, "fast_subset": 4},
+        "guard": {"max_nll_increase_ratio": 10.0, "max_accuracy_drop": 1.0, "max_drift_kl": 100.0},
+    }
+    for section, values in overrides.items():
+        config[section].update(values)
+    path = folder / "edge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    (folder / "inbox").mkdir(exist_ok=True)
+    return path
+
+
+def drop_good_and_bad_files(inbox: Path, outside: Path) -> None:
+    old = time.time() - 60  # settled long ago
+    files = {
+        "lighthouse.txt": NEW_TEXT.encode(),
+        "orchard.md": OTHER_TEXT.encode(),
+        "copy-of-lighthouse.txt": NEW_TEXT.encode(),
+        "empty.txt": b"   \n",
+        "binary.txt": b"\x00\x01\x02binary\x00data",
+        "latin1.txt": "caf\xe9 cr\xe8me".encode("latin-1"),
+        "huge.txt": b"word " * 2000,
+        "image.png": b"\x89PNG....",
+    }
+    for name, data in files.items():
+        (inbox / name).write_bytes(data)
+        os.utime(inbox / name, (old, old))
+    outside.write_text("a secret outside the watch folder")
+    (inbox / "escape.txt").symlink_to(outside)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_once_learns_good_files_and_quarantines_bad_ones(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir)
+    outside = tmp_path / "outside-secret.txt"
+    drop_good_and_bad_files(tmp_path / "inbox", outside)
+
+    code, _, err = run_cli(["--config", str(config), "--once"], capsys)
+    assert code == 0, err
+
+    journal = Journal(tmp_path / "state" / "journal.sqlite", readonly=True)
+    counts = journal.counts()
+    journal.close()
+    assert counts["done"] == 2
+    assert counts["duplicate"] == 1
+    assert counts["quarantined"] == 6  # empty, binary, latin1, huge, png, symlink
+    assert counts["queued"] == counts["processing"] == 0
+    reasons = sorted(p.name for p in (tmp_path / "state" / "quarantine").rglob("*.reason"))
+    assert len(reasons) == 6
+    assert outside.read_text() == "a secret outside the watch folder"  # never followed, never moved
+    assert CheckpointStore(tmp_path / "state" / "memory").version == 1
+    assert list((tmp_path / "inbox").iterdir()) == []
+
+    code, out, _ = run_cli(["status", "--config", str(config), "--json"], capsys)
+    status = json.loads(out)
+    assert code == 0
+    assert status["documents"]["done"] == 2 and status["checkpoint_version"] == 1
+    assert status["pending_chunks"] == 0 and status["last_update"]["accepted"] is True
+
+
+def test_probe_rollback_and_ask_after_learning(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir, train={"passes": 6, "lr": 3.0})
+    (tmp_path / "inbox" / "lighthouse.txt").write_text(NEW_TEXT)
+    os.utime(tmp_path / "inbox" / "lighthouse.txt", (time.time() - 60,) * 2)
+    assert run_cli(["--config", str(config), "--once"], capsys)[0] == 0
+
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(
+        json.dumps({"id": "keeper", "prompt": "The lighthouse keeper Marta Olsen painted the tower", "target": "red"})
+        + "\n" + json.dumps({"ctx": "The orchard grows", "endings": ["plums", "rocks"], "label": 0}) + "\n"
+    )
+    code, out, _ = run_cli(["probe", "--config", str(config), str(probes), "--json"], capsys)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(lines) == 3
+    assert lines[0]["id"] == "keeper" and lines[0]["kind"] == "cloze"
+    assert lines[1]["id"] == "2" and lines[1]["kind"] == "choice"
+    assert lines[0]["now"]["nll"] < lines[0]["base"]["nll"]  # the learned fact is less surprising now
+    assert set(lines[2]["summary"]) >= {"items", "base", "now"}
+
+    code, out, _ = run_cli(["ask", "--config", str(config), "The lighthouse keeper"], capsys)
+    assert code == 0 and out.startswith("The lighthouse keeper")
+
+    assert run_cli(["rollback", "--config", str(config), "0"], capsys)[0] == 0
+    code, out, _ = run_cli(["probe", "--config", str(config), str(probes), "--json"], capsys)
+    after = json.loads(out.splitlines()[0])
+    assert after["now"]["nll"] == pytest.approx(after["base"]["nll"], abs=1e-6)  # version 0 is the base
+
+
+def test_check_names_bad_keys_and_exits_78(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir)
+    text = config.read_text().replace("passes: 2", "passes: two") + "\nsurprize: {}\n"
+    config.write_text(text)
+    code, _, err = run_cli(["--config", str(config), "--check"], capsys)
+    assert code == 78
+    assert "train.passes" in err and "surprize" in err
+
+    good = write_config(tmp_path, tiny_model_dir)
+    code, out, _ = run_cli(["--config", str(good), "--check"], capsys)
+    assert code == 0 and "inbox" in out
+
+    missing = write_config(tmp_path, tmp_path / "no-such-model")
+    code, _, err = run_cli(["--config", str(missing), "--check"], capsys)
+    assert code == 78 and "model.path" in err
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_foreground_daemon_learns_a_dropped_file_serves_metrics_and_stops_on_sigterm(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir)
+    port = yaml.safe_load(config.read_text())["metrics"]["port"]
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(0.2)
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "smfd", "--config", str(config)], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    messages: list[str] = []
+
+    def ready() -> bool:
+        try:
+            messages.append(notify.recv(4096).decode())
+        except TimeoutError:
+            pass
+        assert process.poll() is None, process.stdout.read()
+        return any("READY=1" in m for m in messages)
+
+    try:
+        wait_for(ready, 120, "READY=1")
+        (tmp_path / "inbox" / "lighthouse.txt").write_text(NEW_TEXT)
+        journal = Journal(tmp_path / "state" / "journal.sqlite", readonly=True)
+        wait_for(lambda: journal.counts()["done"] == 1, 60, "the dropped file to be learned")
+        journal.close()
+
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'smfd_documents_total{outcome="done",source="watch"} 1.0' in metrics
+        assert "smfd_checkpoint_version 1.0" in metrics
+        assert 'smfd_updates_total{outcome="accepted"} 1.0' in metrics
+
+        process.send_signal(signal.SIGHUP)  # reload keeps serving
+        time.sleep(1)
+        assert process.poll() is None
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert time.monotonic() - started < 30
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.stdout.read()
+        notify.close()
+    events = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert any(e.get("event") == "update_committed" for e in events), output[-2000:]
+    assert any(e.get("event") == "config_reloaded" for e in events), output[-2000:]
+    assert CheckpointStore(tmp_path / "state" / "memory").version == 1

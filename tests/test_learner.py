@@ -1,0 +1,221 @@
+"""The learner turns journaled documents into checkpointed memory updates. A user relies on:
+documents are marked done only once their update is on disk, an interrupted or rejected update
+leaves the memory exactly as it was, and nothing is lost across a restart."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from smfd.checkpoint import CheckpointStore
+from smfd.journal import Journal
+from smfd.learner import Learner, LearnSettings
+from smfd.updater import UpdateConfig
+
+DOCUMENTS = {
+    "harbour.txt": (
+        "Harbour news\n\n"
+        "The harbour bridge was painted bright orange by Zelda Quint in 2019. "
+        "The paint came from a small factory near the old fishing port."
+    ),
+    "observatory.txt": (
+        "Observatory notes\n\n"
+        "Professor Ansel Voss keeps a blue parrot named Figaro in the observatory. "
+        "The parrot sleeps beside the telescope every night."
+    ),
+}
+
+SETTINGS = LearnSettings(
+    update=UpdateConfig(rule="kl", top_t=16, lr=0.05),
+    passes=2,
+    batch_size=2,
+    seq_len=32,
+    chunk_tokens=32,
+    skip_below_nats=0.5,
+    max_documents=16,
+)
+
+
+@pytest.fixture
+def journal(tmp_path):
+    with Journal(tmp_path / "journal.db") as opened:
+        yield opened
+
+
+@pytest.fixture
+def store(tmp_path, tiny_memory_model, background) -> CheckpointStore:
+    created = CheckpointStore(tmp_path / "checkpoint", keep=3)
+    created.initialise(tiny_memory_model, background)
+    return created
+
+
+def make_learner(tiny_memory_model, background, store, journal, settings: LearnSettings = SETTINGS) -> Learner:
+    return Learner(tiny_memory_model, background, store, journal, settings)
+
+
+def submit(journal: Journal, spool: Path, name: str, text: str) -> int:
+    """Spool a document the way intake does and journal it as queued."""
+    spool.mkdir(exist_ok=True)
+    path = spool / name
+    path.write_text(text, encoding="utf-8")
+    doc_id, duplicate = journal.add_document(
+        hashlib.sha256(text.encode()).hexdigest(), "watch", name, path, len(text.encode())
+    )
+    assert not duplicate
+    return doc_id
+
+
+def submit_all(journal: Journal, tmp_path: Path) -> list[int]:
+    return [submit(journal, tmp_path / "spool", name, text) for name, text in DOCUMENTS.items()]
+
+
+def all_chunks(journal: Journal, doc_ids: list[int]) -> list:
+    return [chunk for doc_id in doc_ids for chunk in journal.chunks_for(doc_id)]
+
+
+def test_update_learns_queued_documents_and_marks_them_done_with_the_checkpoint_version(
+    tmp_path, tiny_memory_model, background, store, journal, make_memory_model, snapshot_values, bit_identical
+):
+    doc_ids = submit_all(journal, tmp_path)
+    before = snapshot_values(tiny_memory_model)
+    seen_by_guard = []
+
+    def guard():
+        seen_by_guard.append(not bit_identical(snapshot_values(tiny_memory_model), before))
+        return True, "", {"drift": 0.01}
+
+    outcome = make_learner(tiny_memory_model, background, store, journal).update(guard=guard)
+
+    chunks = all_chunks(journal, doc_ids)
+    assert outcome.accepted and outcome.version == 1 and store.version == 1
+    assert outcome.documents == 2 and outcome.chunks_learned == len(chunks) >= 2 and outcome.chunks_known == 0
+    assert outcome.steps > 0 and outcome.rows_updated > 0 and outcome.tokens > 0
+    assert seen_by_guard == [True], "the guard judges the model with the update applied"
+    assert [(d.state, d.checkpoint_version) for d in map(journal.get_document, doc_ids)] == [("done", 1), ("done", 1)]
+    assert {c.state for c in chunks} == {"learned"}
+    update = journal.last_update()
+    assert (update.version, update.accepted, update.n_chunks, update.measures) == (1, True, len(chunks), {"drift": 0.01})
+
+    assert not bit_identical(snapshot_values(tiny_memory_model), before)
+    restarted = make_memory_model()
+    store.load_into(restarted)
+    assert bit_identical(snapshot_values(restarted), snapshot_values(tiny_memory_model))
+
+
+def test_update_with_nothing_queued_changes_nothing(tiny_memory_model, background, store, journal, snapshot_values, bit_identical):
+    before = snapshot_values(tiny_memory_model)
+    outcome = make_learner(tiny_memory_model, background, store, journal).update()
+    assert (outcome.documents, outcome.steps, outcome.accepted) == (0, 0, False)
+    assert store.version == 0 and journal.updates() == []
+    assert bit_identical(snapshot_values(tiny_memory_model), before)
+
+
+def test_stop_mid_update_leaves_memory_untouched_and_documents_for_the_next_start(
+    tmp_path, tiny_memory_model, background, store, journal, snapshot_values, bit_identical
+):
+    doc_ids = submit_all(journal, tmp_path)
+    before = snapshot_values(tiny_memory_model)
+    checks = []
+
+    def stop_after_one_step() -> bool:
+        checks.append(True)
+        return len(checks) > 1
+
+    outcome = make_learner(tiny_memory_model, background, store, journal).update(should_stop=stop_after_one_step)
+
+    assert outcome.stopped and outcome.steps == 1 and not outcome.accepted
+    assert bit_identical(snapshot_values(tiny_memory_model), before)
+    assert store.version == 0 and journal.updates() == []
+    assert [journal.get_document(d).state for d in doc_ids] == ["processing", "processing"]
+    assert {c.state for c in all_chunks(journal, doc_ids)} == {"pending"}
+
+    # The next start re-queues the interrupted documents, and they are then learned once.
+    with Journal(journal.path) as restarted:
+        assert restarted.requeue_processing() == 2
+        assert [restarted.get_document(d).state for d in doc_ids] == ["queued", "queued"]
+    outcome = make_learner(tiny_memory_model, background, store, journal).update()
+    assert outcome.accepted and outcome.version == 1 and outcome.documents == 2
+    assert [journal.get_document(d).state for d in doc_ids] == ["done", "done"]
+    assert len(all_chunks(journal, doc_ids)) == outcome.chunks_learned, "re-chunking replaces, never duplicates"
+
+
+def test_rejecting_guard_leaves_memory_untouched_and_records_an_unaccepted_update(
+    tmp_path, tiny_memory_model, background, store, journal, make_memory_model, snapshot_values, bit_identical
+):
+    doc_ids = submit_all(journal, tmp_path)
+    before = snapshot_values(tiny_memory_model)
+
+    outcome = make_learner(tiny_memory_model, background, store, journal).update(
+        guard=lambda: (False, "drift", {"drift": 0.9, "probe": "known_facts"})
+    )
+
+    assert not outcome.accepted and outcome.reason == "drift" and outcome.version == 0
+    assert bit_identical(snapshot_values(tiny_memory_model), before)
+    assert store.version == 0
+    fresh = make_memory_model()
+    store.load_into(fresh)
+    assert bit_identical(snapshot_values(fresh), before)
+    (update,) = journal.updates()
+    assert (update.accepted, update.version, update.measures) == (False, 0, {"drift": 0.9, "probe": "known_facts"})
+    assert {c.state for c in all_chunks(journal, doc_ids)} == {"rejected"}
+    assert {journal.get_document(d).state for d in doc_ids} == {"done"}
+
+
+def test_chunks_the_model_already_knows_are_marked_known_and_not_trained(
+    tmp_path, tiny_memory_model, background, store, journal, snapshot_values, bit_identical
+):
+    doc_ids = submit_all(journal, tmp_path)
+    before = snapshot_values(tiny_memory_model)
+    settings = dataclasses.replace(SETTINGS, skip_below_nats=1e9)
+
+    outcome = make_learner(tiny_memory_model, background, store, journal, settings).update()
+
+    chunks = all_chunks(journal, doc_ids)
+    assert outcome.chunks_known == len(chunks) >= 2 and outcome.chunks_learned == 0 and outcome.steps == 0
+    assert len(outcome.surprise) == len(chunks) and all(s > 0 for s in outcome.surprise)
+    assert {c.state for c in chunks} == {"known"}
+    assert bit_identical(snapshot_values(tiny_memory_model), before)
+    assert store.version == 0 and journal.updates() == []
+    assert [(d.state, d.checkpoint_version) for d in map(journal.get_document, doc_ids)] == [("done", 0), ("done", 0)]
+
+
+def test_unreadable_spool_file_fails_that_document_and_learns_the_others(
+    tmp_path, tiny_memory_model, background, store, journal
+):
+    good, lost = submit_all(journal, tmp_path)
+    Path(journal.get_document(lost).spool_path).unlink()
+
+    outcome = make_learner(tiny_memory_model, background, store, journal).update()
+
+    assert outcome.accepted and outcome.version == 1
+    assert journal.get_document(good).state == "done"
+    failed = journal.get_document(lost)
+    assert failed.state == "queued" and failed.attempts == 1 and "observatory.txt" in failed.reason
+
+
+def test_surprise_weighted_selection_learns_through_the_learner(
+    tmp_path, tiny_memory_model, background, store, journal, snapshot_values, bit_identical
+):
+    doc_ids = submit_all(journal, tmp_path)
+    before = snapshot_values(tiny_memory_model)
+    settings = dataclasses.replace(SETTINGS, update=UpdateConfig(rule="surprise-kl", top_t=16, lr=0.05), restate=False)
+
+    outcome = make_learner(tiny_memory_model, background, store, journal, settings).update()
+
+    assert outcome.accepted and outcome.rows_updated > 0
+    assert not bit_identical(snapshot_values(tiny_memory_model), before)
+    assert {journal.get_document(d).state for d in doc_ids} == {"done"}
+
+
+def test_one_token_document_does_not_stall_the_learner(tmp_path, tiny_memory_model, background, store, journal, tokenizer):
+    assert len(tokenizer("x", add_special_tokens=False).input_ids) == 1
+    tiny = submit(journal, tmp_path / "spool", "tiny.txt", "x")
+    normal = submit(journal, tmp_path / "spool", "harbour.txt", DOCUMENTS["harbour.txt"])
+
+    make_learner(tiny_memory_model, background, store, journal).update()
+
+    assert journal.get_document(tiny).state != "processing"
+    assert journal.get_document(normal).state == "done"

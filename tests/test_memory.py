@@ -1,0 +1,145 @@
+"""Retrofitting memory: attaching it must not change the model, and bad sizes fail with a clear message."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from smfd.errors import SmfdError
+from smfd.model.memory import MemoryConfig, ProductKeyMemory
+from smfd.model.memory_model import MemoryModel
+from smfd.model.retrofit import attach_memory, find_memories
+
+
+@pytest.fixture
+def input_ids(tokenizer) -> torch.Tensor:
+    ids = tokenizer("The bridge spans the bay, and the river rises in the hills.", add_special_tokens=False).input_ids
+    return torch.tensor([ids, list(reversed(ids))])
+
+
+def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def test_attach_leaves_logits_bit_identical_before_any_update(make_base_model, tokenizer, memory_config, input_ids):
+    base = logits(make_base_model(), input_ids)
+    model = MemoryModel.attach(make_base_model(), tokenizer, memory_config)
+
+    assert len(model.memories) == 1 and model.memories[0].layer_index == 1
+    assert torch.equal(logits(model.model, input_ids), base)
+
+
+def test_attach_on_several_layers_also_leaves_logits_bit_identical(make_base_model, tokenizer, input_ids):
+    base = logits(make_base_model(), input_ids)
+    config = MemoryConfig(layers=(2, 0), n_keys=16, heads=2, k=4, key_dim=16)
+    model = MemoryModel.attach(make_base_model(), tokenizer, config)
+
+    assert [m.layer_index for m in model.memories] == [0, 2]
+    assert [m.layer_index for m in find_memories(model.model)] == [0, 2]
+    assert torch.equal(logits(model.model, input_ids), base)
+
+
+def test_attached_memory_is_frozen_and_only_values_start_at_zero(tiny_memory_model):
+    memory = tiny_memory_model.memories[0]
+    assert not any(p.requires_grad for p in tiny_memory_model.model.parameters())
+    assert torch.count_nonzero(memory.values) == 0
+    assert memory.values.shape == (16 * 16, 32)
+    assert torch.count_nonzero(memory.keys) > 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"layers": (3,)}, "[3] out of range"),
+        ({"layers": (-1,)}, "[-1] out of range"),
+        ({"layers": ()}, "memory.layers is empty"),
+        ({"layers": (1, 1)}, "names a layer twice"),
+        ({"key_dim": 15}, "key_dim must be even"),
+        ({"k": 17}, "k=17 must be between 1 and memory.n_keys=16"),
+        ({"k": 0}, "k=0"),
+        ({"heads": 0}, "heads must be >= 1"),
+    ],
+)
+def test_bad_memory_config_raises_smfd_error_naming_the_problem(make_base_model, tokenizer, memory_config, changes, named):
+    base = make_base_model()
+    before = {name: p.clone() for name, p in base.named_parameters()}
+    bad = dataclasses.replace(memory_config, **changes)
+
+    with pytest.raises(SmfdError, match=re.escape(named)):
+        MemoryModel.attach(base, tokenizer, bad)
+    # Validation happens before any layer is wrapped: the model is left as it was.
+    assert find_memories(base) == []
+    assert all(torch.equal(p, before[name]) for name, p in base.named_parameters())
+
+
+def test_out_of_range_layer_message_names_the_model_depth(make_base_model, tokenizer, memory_config):
+    with pytest.raises(SmfdError, match=r"3 decoder layers \(0\.\.2\)"):
+        MemoryModel.attach(make_base_model(), tokenizer, dataclasses.replace(memory_config, layers=(7,)))
+
+
+def test_model_without_decoder_layer_stack_raises_naming_the_architecture(tokenizer, memory_config):
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2))
+
+    with pytest.raises(SmfdError, match="GPT2LMHeadModel"):
+        MemoryModel.attach(gpt2, tokenizer, memory_config)
+
+
+def test_attaching_twice_to_the_same_layer_is_refused(tiny_memory_model, memory_config):
+    with pytest.raises(SmfdError, match="layer 1 already has a memory attached"):
+        attach_memory(tiny_memory_model.model, memory_config)
+
+
+def test_memory_bypassed_returns_base_logits_after_values_changed(make_base_model, tokenizer, memory_config, input_ids):
+    base = logits(make_base_model(), input_ids)
+    model = MemoryModel.attach(make_base_model(), tokenizer, memory_config)
+    with torch.no_grad():
+        model.memories[0].values.normal_(generator=torch.Generator().manual_seed(1))
+
+    changed = logits(model.model, input_ids)
+    with model.base():
+        bypassed = logits(model.model, input_ids)
+    after = logits(model.model, input_ids)
+
+    assert not torch.allclose(changed, base), "changed values must change the output"
+    assert torch.equal(bypassed, base)
+    assert torch.equal(after, changed), "leaving the context must re-enable the memory"
+
+
+def test_memory_bypassed_restores_memory_even_when_the_body_raises(tiny_memory_model):
+    with pytest.raises(RuntimeError):
+        with tiny_memory_model.base():
+            raise RuntimeError("boom")
+    assert all(m.enabled for m in tiny_memory_model.memories)
+
+
+def test_memory_state_round_trips_and_refuses_a_state_from_other_layers(make_memory_model, memory_config, bit_identical):
+    source = make_memory_model()
+    with torch.no_grad():
+        source.memories[0].values.uniform_(-1, 1)
+    state = source.memory_state()
+    assert set(state) == {"1.query.weight", "1.keys", "1.values", "1.gate.weight", "1.out.weight"}
+
+    target = make_memory_model()
+    target.load_memory_state(state)
+    assert bit_identical(target.memory_state(), state)
+
+    other = make_memory_model(dataclasses.replace(memory_config, layers=(2,)))
+    with pytest.raises(SmfdError, match="other memory.layers"):
+        other.load_memory_state(state)
+
+
+def test_memory_state_with_wrong_shape_is_refused(make_memory_model, memory_config):
+    small = make_memory_model(dataclasses.replace(memory_config, n_keys=8, k=4))
+    with pytest.raises(SmfdError, match=r"1\.keys has shape \(2, 2, 8, 8\), expected \(2, 2, 16, 8\)"):
+        make_memory_model().load_memory_state(small.memory_state())
+
+
+def test_memory_layer_is_deterministic_for_a_seed():
+    config = MemoryConfig(layers=(0,), n_keys=16, heads=2, k=4, key_dim=16, seed=3)
+    first, second = ProductKeyMemory(32, config, 0), ProductKeyMemory(32, config, 0)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))

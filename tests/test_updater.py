@@ -1,0 +1,184 @@
+"""The sparse updater's structural guarantee: an update changes only the value rows it selected,
+never any other parameter or buffer of the model, and leaves no gradient state behind."""
+
+from __future__ import annotations
+
+import dataclasses
+from unittest.mock import patch
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import smfd.updater as updater_module
+from smfd.batching import make_batch
+from smfd.errors import SmfdError
+from smfd.heal import compute_background
+from smfd.model.memory import MemoryConfig
+from smfd.selection import RULES
+from smfd.updater import SparseUpdater, TokenBatch, UpdateConfig, causal_lm_loss
+
+TWO_LAYER_MEMORY = MemoryConfig(layers=(0, 2), n_keys=16, heads=2, k=4, key_dim=16)
+
+FACTS = [
+    "The harbour bridge was painted bright orange by Zelda Quint in 2019.",
+    "Professor Ansel Voss keeps a blue parrot named Figaro in the observatory.",
+]
+
+
+def everything_but_values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the model except memory value tables, cloned."""
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    return {name: t.detach().clone() for name, t in tensors.items() if not name.endswith("memory.values")}
+
+
+def random_batch(generator: torch.Generator, lengths: list[int], with_surprise: bool) -> TokenBatch:
+    """Random real token ids (never the pad id 0) in right-padded rows of the given lengths."""
+    sequences = [torch.randint(2, 300, (n,), generator=generator).tolist() for n in lengths]
+    surprise = [torch.rand(n, generator=generator) * 6 for n in lengths] if with_surprise else None
+    return make_batch(sequences, pad_id=0, surprise=surprise)
+
+
+class SelectionSpy:
+    """Calls the real `select_slots` and remembers what it chose, per memory layer."""
+
+    def __init__(self, background: dict) -> None:
+        self.layer_of = {id(stats): layer for layer, stats in background.items()}
+        self.chosen: list[tuple[int, torch.Tensor]] = []
+        self.real = updater_module.select_slots
+
+    def __call__(self, rule, lookup, mask, surprise, stats, top_t):
+        ids = self.real(rule, lookup, mask, surprise, stats, top_t)
+        read_by_trained_positions = set(lookup.indices[mask > 0].flatten().tolist())
+        assert set(ids.tolist()) <= read_by_trained_positions, "padding or untrained positions chose a slot"
+        self.chosen.append((self.layer_of[id(stats)], ids.clone()))
+        return ids
+
+
+batch_shapes = st.lists(st.integers(min_value=2, max_value=12), min_size=1, max_size=3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rule=st.sampled_from(RULES),
+    top_t=st.integers(min_value=1, max_value=48),
+    lr=st.sampled_from([0.01, 0.05, 0.5]),
+    normalize=st.booleans(),
+    steps=st.lists(batch_shapes, min_size=1, max_size=3),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_steps_change_only_selected_value_rows(
+    make_memory_model, background_sequences, rule, top_t, lr, normalize, steps, seed
+):
+    mm = make_memory_model(TWO_LAYER_MEMORY)
+    background = compute_background(mm.model, mm.memories, background_sequences[:3])
+    untouched = everything_but_values(mm.model)
+    values_before = {m.layer_index: m.values.detach().clone() for m in mm.memories}
+    updater = SparseUpdater(mm.model, mm.memories, background, UpdateConfig(rule, top_t, lr, normalize))
+    spy = SelectionSpy(background)
+    generator = torch.Generator().manual_seed(seed)
+    selected: dict[int, set[int]] = {m.layer_index: set() for m in mm.memories}
+
+    with patch.object(updater_module, "select_slots", spy):
+        for lengths in steps:
+            spy.chosen.clear()
+            result = updater.step(random_batch(generator, lengths, with_surprise=rule == "surprise-kl"))
+            chosen = dict(spy.chosen)
+            assert len(chosen) == len(spy.chosen) == 2, "one selection per memory layer per step"
+            for layer, ids in chosen.items():
+                assert ids.numel() <= top_t
+                assert ids.unique().numel() == ids.numel()
+                selected[layer].update(ids.tolist())
+            for layer, n_rows in result.rows_selected.items():
+                assert n_rows == chosen[layer].numel() <= top_t
+            assert torch.isfinite(torch.tensor(result.loss))
+
+    after = everything_but_values(mm.model)
+    assert after.keys() == untouched.keys()
+    assert all(torch.equal(after[name], untouched[name]) for name in untouched)
+    for memory in mm.memories:
+        changed = (memory.values.detach() != values_before[memory.layer_index]).any(dim=1).nonzero().flatten()
+        assert set(changed.tolist()) <= selected[memory.layer_index], f"layer {memory.layer_index} changed unselected rows"
+        if selected[memory.layer_index]:
+            assert changed.numel() > 0, "selected rows must actually be trained"
+        assert memory.selection is None and memory.select_rows is None
+    assert all(p.grad is None for p in mm.model.parameters())
+
+
+def test_loss_decreases_when_repeating_a_batch(tiny_memory_model, background, text_batches):
+    batch = text_batches(FACTS, batch_size=2)[0]
+    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig("kl", 64, 0.05))
+
+    losses = [updater.step(batch).loss for _ in range(12)]
+    with torch.no_grad():
+        final = float(causal_lm_loss(tiny_memory_model.model, batch))
+
+    assert final < losses[0] - 0.05, losses
+    assert losses[-1] < losses[0]
+
+
+def test_step_reports_loss_before_the_step_and_tokens(tiny_memory_model, background, text_batches):
+    batch = text_batches(FACTS, batch_size=2)[0]
+    with torch.no_grad():
+        expected = float(causal_lm_loss(tiny_memory_model.model, batch))
+    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig("kl", 16, 0.05))
+
+    result = updater.step(batch)
+    assert result.loss == pytest.approx(expected, rel=1e-5)
+    assert result.n_tokens == int(batch.attention_mask.sum())
+    assert 0 < result.rows_selected[1] <= 16
+
+
+def test_run_checks_should_stop_between_steps(tiny_memory_model, background, text_batches):
+    batches = text_batches(FACTS * 3, batch_size=2)
+    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig("kl", 16, 0.05))
+    checks = []
+
+    def stop_after_two_steps() -> bool:
+        checks.append(True)
+        return len(checks) > 2
+
+    results = updater.run(batches, should_stop=stop_after_two_steps)
+    assert len(batches) > 2 and len(results) == 2
+
+
+def test_finish_update_patches_cover_exactly_the_changed_rows(tiny_memory_model, background, text_batches):
+    before = tiny_memory_model.memories[0].values.detach().clone()
+    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig("tfidf", 8, 0.05))
+    for batch in text_batches(FACTS, batch_size=1):
+        updater.step(batch)
+
+    (patch_,) = updater.finish_update()
+    after = tiny_memory_model.memories[0].values.detach()
+    changed = (after != before).any(dim=1).nonzero().flatten()
+    assert patch_.layer == 1
+    assert set(changed.tolist()) <= set(patch_.slot_ids.tolist())
+    assert torch.equal(patch_.before, before[patch_.slot_ids])
+    assert torch.equal(patch_.after, after[patch_.slot_ids])
+    assert updater.finish_update() == [], "a second finish has nothing new to report"
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"rule": "bm25"}, "unknown selection rule 'bm25'"),
+        ({"top_t": 0}, "top_t must be >= 1, got 0"),
+        ({"lr": 0.0}, "learning rate must be > 0, got 0.0"),
+        ({"lr": -1.0}, "learning rate must be > 0, got -1.0"),
+        ({"lr": float("nan")}, "learning rate must be > 0, got nan"),
+    ],
+)
+def test_update_config_validation_errors(changes, named):
+    with pytest.raises(SmfdError, match=named):
+        dataclasses.replace(UpdateConfig(), **changes).validate()
+
+
+def test_updater_refuses_config_that_does_not_fit_the_memory(tiny_memory_model, background):
+    with pytest.raises(SmfdError, match="unknown selection rule"):
+        SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig(rule="nope"))
+    with pytest.raises(SmfdError, match="top_t=257 exceeds the 256 slots of layer 1"):
+        SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig(top_t=257))
+    with pytest.raises(SmfdError, match=r"no background slot statistics for memory layers \[1\]"):
+        SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, {}, UpdateConfig(top_t=8))
