@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from smfd.errors import SmfdError
-from smfd.updater import StepResult, TokenBatch, causal_lm_loss
+from smfd.updater import StepResult, TokenBatch, causal_lm_loss, run_steps
 
 
 def _check_optimizer_settings(lr: float, weight_decay: float) -> None:
@@ -67,13 +67,7 @@ class _AdamWTrainer:
         return StepResult(float(loss.detach()), {}, batch.n_tokens, time.perf_counter() - started)
 
     def run(self, batches: Iterable[TokenBatch], should_stop: Callable[[], bool] = lambda: False) -> list[StepResult]:
-        """Step through batches, checking `should_stop` between optimizer steps."""
-        results = []
-        for batch in batches:
-            if should_stop():
-                break
-            results.append(self.step(batch))
-        return results
+        return run_steps(self.step, batches, should_stop)
 
 
 class LoraTrainer(_AdamWTrainer):

@@ -181,10 +181,16 @@ class Daemon:
         try:
             started = time.perf_counter()
             measures = self.probes.measure(fast=False)
+            recall = self.probes.measure_recall()
+            if recall is not None:
+                measures["recall"] = recall
+                self.metrics.set_recall_accuracy(recall["accuracy"])
             self.metrics.observe_probe_duration(time.perf_counter() - started)
             for suite, values in measures.items():
                 if suite == "drift":
                     self.metrics.set_drift_kl(values["kl"])
+                elif suite == "recall":
+                    continue
                 elif "accuracy" in values:
                     self.metrics.set_probe(suite, values["accuracy"], values.get("nll", 0.0))
                 else:
@@ -278,6 +284,8 @@ class Daemon:
             )
         if outcome.accepted:
             self.metrics.set_checkpoint(outcome.version or 0, time.time())
+            if self.probes is not None:
+                self.probes.add_recall(outcome.learned_texts)
         for source in outcome.documents_done:
             self.metrics.document(source if source in ("watch", "feed") else "watch", "done")
         self.metrics.set_queue(self.journal.pending_chunk_count(), self.journal.pending_token_count())

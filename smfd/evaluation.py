@@ -39,6 +39,17 @@ def _right_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor
     return ids, mask
 
 
+def left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, so every row's last real token is at the end (for generation)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def continuation_nll(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], batch_size: int = 16
@@ -72,13 +83,8 @@ def greedy_continuations(
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in chunk]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(encoded):
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
+        ids, mask = left_padded([tokenizer(p, add_special_tokens=False).input_ids for p in chunk], tokenizer.pad_token_id)
+        width = ids.shape[1]
         generated = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),

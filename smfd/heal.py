@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tqdm import tqdm
 
 from smfd.errors import SmfdError
+from smfd.evaluation import left_padded
 from smfd.model.memory import ProductKeyMemory
 from smfd.selection import BackgroundStats
 
@@ -33,7 +34,7 @@ def compute_background(
     try:
         for seq in tqdm(sequences, desc="background", disable=not progress):
             ids = torch.tensor([seq], device=device)
-            model(input_ids=ids)
+            model.get_decoder()(input_ids=ids)  # reads happen inside the decoder; the LM head is not needed
             for memory in memories:
                 stats[memory.layer_index].add_batch(memory.last_lookup.indices.reshape(-1).cpu())
     finally:
@@ -68,12 +69,8 @@ def sample_general_text(
         for start in range(0, n_sequences, batch_size):
             chosen = [prompts[(start + i) % len(prompts)] for i in range(min(batch_size, n_sequences - start))]
             encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in chosen]
-            width = max(len(e) for e in encoded)
-            ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, seq in enumerate(encoded):
-                ids[row, width - len(seq) :] = torch.tensor(seq)
-                mask[row, width - len(seq) :] = 1
+            ids, mask = left_padded(encoded, tokenizer.pad_token_id)
+            width = ids.shape[1]
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_p=0.95,
                 temperature=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,

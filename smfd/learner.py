@@ -63,6 +63,7 @@ class UpdateOutcome:
     tokens: int = 0
     seconds: float = 0.0
     documents_done: list[str] = field(default_factory=list)  # sources of the documents marked done
+    learned_texts: list[str] = field(default_factory=list)  # chunks this update learned (for recall probes)
     accepted: bool = False
     stopped: bool = False
     reason: str = ""
@@ -229,6 +230,7 @@ class Learner:
         meta = {"chunks": len(chunks), "rows": outcome.rows_updated, "steps": outcome.steps, "measures": measures}
         outcome.version = self.store.commit(self.model, patches, meta)
         outcome.accepted = True
+        outcome.learned_texts = [c.text for c in chunks]
         self.journal.set_chunk_state(chunk_ids, "learned")
         self.journal.record_update(outcome.version, len(chunks), outcome.rows_updated, outcome.seconds, True, measures)
         log.info("update_committed", version=outcome.version, chunks=len(chunks), rows=outcome.rows_updated,

@@ -20,13 +20,17 @@ from pathlib import Path
 import torch
 
 from smfd.config import GuardSection, ProbesSection, ProbeSuite
-from smfd.durable import atomic_write_json
+from smfd.durable import atomic_write_json, atomic_write_text
 from smfd.errors import SmfdError
 from smfd.evaluation import continuation_nll, drift_kl, heldout_nll, next_token_logprobs, score_choice, score_cloze, text_windows
 from smfd.model.memory_model import MemoryModel
+from smfd.chunker import split_sentences
 from smfd.probes import ProbeItem, load_items
 
 HELDOUT_WINDOW = 128
+RECALL_KEPT = 500  # recall probes kept on disk (newest)
+RECALL_MEASURED = 64  # newest recall probes scored in a full run
+RECALL_TARGET_WORDS = 2
 FAST_HELDOUT_WINDOWS = 1
 FULL_HELDOUT_WINDOWS = 8
 
@@ -62,6 +66,7 @@ class RetentionProbes:
         self.config = config
         self.state_file = state_dir / "probes" / "base.json"
         self.last_file = state_dir / "probes" / "last.json"
+        self.recall_file = state_dir / "probes" / "recall.jsonl"
         specs = (builtin_suites() if include_builtin else []) + list(config.suites)
         self.suites = [self._load_suite(spec) for spec in specs]
         drift_path = config.drift_prompts or (builtin_file("drift_prompts.txt") if include_builtin else None)
@@ -139,6 +144,38 @@ class RetentionProbes:
         if compare_drift and self.drift_windows:
             out["drift"] = {"kl": drift_kl(self.base_drift_logprobs, next_token_logprobs(m, self.drift_windows))}
         return out
+
+    # ---- new-knowledge recall -------------------------------------------------------------
+    def add_recall(self, texts: list[str]) -> int:
+        """Cut cloze probes from learned text: each sentence's last words are the target."""
+        items = []
+        for text in texts:
+            for sentence in split_sentences(text):
+                words = sentence.rstrip(" .!?;:").split()
+                if len(words) >= 6:
+                    target = " ".join(words[-RECALL_TARGET_WORDS:]).strip("\"'(),")
+                    items.append({"prompt": " ".join(words[:-RECALL_TARGET_WORDS]), "target": target})
+        if not items:
+            return 0
+        kept = self._recall_records()[-(RECALL_KEPT - len(items)) :] if len(items) < RECALL_KEPT else []
+        lines = [json.dumps(r) for r in kept + items[-RECALL_KEPT:]]
+        self.recall_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.recall_file, "\n".join(lines) + "\n")
+        return len(items)
+
+    def _recall_records(self) -> list[dict]:
+        if not self.recall_file.exists():
+            return []
+        return [json.loads(line) for line in self.recall_file.read_text().splitlines() if line.strip()]
+
+    def measure_recall(self) -> dict[str, float] | None:
+        """Accuracy and target NLL of the newest learned facts (greedy continuation contains the target)."""
+        records = self._recall_records()[-RECALL_MEASURED:]
+        if not records:
+            return None
+        res = score_cloze(self.model.model, self.model.tokenizer, [(r["prompt"], r["target"]) for r in records])
+        return {"accuracy": sum(r.correct for r in res) / len(res), "nll": sum(r.nll for r in res) / len(res),
+                "items": float(len(res))}
 
     def record_last(self, measures: Measures, version: int) -> None:
         atomic_write_json(self.last_file, {"version": version, "timestamp": time.time(), "summary": measures})

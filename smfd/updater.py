@@ -159,13 +159,19 @@ class SparseUpdater:
         return self.recorder.finish(self.memories)
 
     def run(self, batches: Iterable[TokenBatch], should_stop: Callable[[], bool] = lambda: False) -> list[StepResult]:
-        """Step through batches, checking `should_stop` between optimizer steps."""
-        results = []
-        for batch in batches:
-            if should_stop():
-                break
-            results.append(self.step(batch))
-        return results
+        return run_steps(self.step, batches, should_stop)
+
+
+def run_steps(
+    step: Callable[[TokenBatch], StepResult], batches: Iterable[TokenBatch], should_stop: Callable[[], bool]
+) -> list[StepResult]:
+    """Step through batches, checking `should_stop` between optimizer steps (shared by every trainer)."""
+    results = []
+    for batch in batches:
+        if should_stop():
+            break
+        results.append(step(batch))
+    return results
 
 
 def split_batch(batch: TokenBatch) -> tuple[TokenBatch, TokenBatch] | None:

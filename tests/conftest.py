@@ -172,3 +172,22 @@ def states_equal(left: dict, right: dict) -> bool:
 @pytest.fixture(scope="session")
 def bit_identical() -> Callable[[dict, dict], bool]:
     return states_equal
+
+
+@pytest.fixture
+def journal(tmp_path):
+    """A real SQLite journal in the test's folder."""
+    from smfd.journal import Journal
+
+    with Journal(tmp_path / "journal.db") as opened:
+        yield opened
+
+
+@pytest.fixture
+def store(tmp_path, tiny_memory_model, background):
+    """A checkpoint store initialised at version 0 with the tiny memory model."""
+    from smfd.checkpoint import CheckpointStore
+
+    created = CheckpointStore(tmp_path / "checkpoint", keep=3)
+    created.initialise(tiny_memory_model, background)
+    return created

@@ -230,4 +230,6 @@ def test_foreground_daemon_learns_a_dropped_file_serves_metrics_and_stops_on_sig
     events = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert any(e.get("event") == "update_committed" for e in events), output[-2000:]
     assert any(e.get("event") == "config_reloaded" for e in events), output[-2000:]
+    recall = [json.loads(l) for l in (tmp_path / "state" / "probes" / "recall.jsonl").read_text().splitlines()]
+    assert recall and all(f"{r['prompt']} {r['target']}" in NEW_TEXT for r in recall)  # cut from the learned text
     assert CheckpointStore(tmp_path / "state" / "memory").version == 1

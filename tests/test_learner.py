@@ -39,19 +39,6 @@ SETTINGS = LearnSettings(
 )
 
 
-@pytest.fixture
-def journal(tmp_path):
-    with Journal(tmp_path / "journal.db") as opened:
-        yield opened
-
-
-@pytest.fixture
-def store(tmp_path, tiny_memory_model, background) -> CheckpointStore:
-    created = CheckpointStore(tmp_path / "checkpoint", keep=3)
-    created.initialise(tiny_memory_model, background)
-    return created
-
-
 def make_learner(tiny_memory_model, background, store, journal, settings: LearnSettings = SETTINGS) -> Learner:
     return Learner(tiny_memory_model, background, store, journal, settings)
 

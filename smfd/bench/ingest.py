@@ -1,0 +1,160 @@
+"""Daemon ingestion benchmark: time from a file dropped into a running daemon's watch folder to
+learned (journal done, checkpoint written), and resident memory while a flood of files is learned.
+
+    python -m smfd.bench.ingest latency --config config/edge.yaml --text FILE [--state-dir DIR]
+    python -m smfd.bench.ingest flood --config config/edge.yaml --files 1000 [--state-dir DIR]
+
+The daemon runs as a real subprocess (`smfd --config ...`) with its own state folder; READY=1 is
+read from a notify socket, progress from the journal, memory from /proc/PID/status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from smfd.chunker import split_sentences
+from smfd.journal import Journal
+
+
+def _memory_kib(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+class RunningDaemon:
+    def __init__(self, config: Path, state_dir: Path, extra_env: dict[str, str]) -> None:
+        self.state_dir = state_dir
+        self.sock_path = Path(tempfile.mkdtemp()) / "notify.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.sock_path))
+        self.sock.settimeout(1.0)
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.sock_path), "SMFD_STATE_DIR": str(state_dir), **extra_env}
+        self.log = open(state_dir.parent / f"{state_dir.name}-daemon.log", "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "smfd", "--config", str(config)], env=env,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.process.poll() is not None:
+                raise SystemExit(f"daemon exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                if b"READY=1" in self.sock.recv(4096):
+                    return time.monotonic() - started
+            except TimeoutError:
+                continue
+        raise SystemExit(f"daemon not ready after {timeout} s")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=120)
+        self.sock.close()
+        self.log.close()
+        return code
+
+
+def _journal_counts(state_dir: Path) -> dict[str, int]:
+    journal = Journal(state_dir / "journal.sqlite", readonly=True)
+    try:
+        return journal.counts()
+    finally:
+        journal.close()
+
+
+def latency(args: argparse.Namespace) -> dict:
+    text = Path(args.text).read_text(encoding="utf-8")[: args.bytes]
+    text = text[: text.rfind(".") + 1] or text
+    daemon = RunningDaemon(args.config, args.state_dir, {})
+    ready_s = daemon.wait_ready(args.ready_timeout)
+    inbox = Path(args.inbox)
+    time.sleep(2)  # let the first (empty) update pass
+    dropped = time.monotonic()
+    (inbox / "one-kilobyte.txt").write_text(text)
+    learned_s = None
+    while time.monotonic() - dropped < args.timeout:
+        if _journal_counts(args.state_dir)["done"] >= 1:
+            learned_s = time.monotonic() - dropped
+            break
+        time.sleep(0.5)
+    code = daemon.stop()
+    probes = args.state_dir.parent / "latency-probes.jsonl"
+    with open(probes, "w") as handle:
+        for n, sentence in enumerate(split_sentences(text)):
+            words = sentence.rstrip(" .").split()
+            if len(words) >= 6:
+                handle.write(json.dumps({"id": f"s{n}", "prompt": " ".join(words[:-2]), "target": " ".join(words[-2:])}) + "\n")
+    probe = subprocess.run([sys.executable, "-m", "smfd", "probe", "--config", str(args.config), str(probes), "--json"],
+                           env={**os.environ, "SMFD_STATE_DIR": str(args.state_dir)}, capture_output=True, text=True)
+    summary = json.loads(probe.stdout.splitlines()[-1])["summary"] if probe.returncode == 0 else probe.stderr
+    return {"bytes": len(text.encode()), "ready_seconds": round(ready_s, 1), "learned_seconds":
+            None if learned_s is None else round(learned_s, 1), "exit_code": code, "probe_summary": summary}
+
+
+def flood(args: argparse.Namespace) -> dict:
+    daemon = RunningDaemon(args.config, args.state_dir, {})
+    daemon.wait_ready(args.ready_timeout)
+    inbox = Path(args.inbox)
+    staging = Path(tempfile.mkdtemp(dir=inbox.parent))
+    for i in range(args.files):
+        (staging / f"note-{i:05d}.txt").write_text(
+            f"Note {i}: the storage locker number {i} at the north depot holds crate {i * 7 % 1000} of blue tiles."
+        )
+    started = time.monotonic()
+    for path in staging.iterdir():
+        path.rename(inbox / path.name)
+    staging.rmdir()
+    samples, journaled_s, done_s = [], None, None
+    while time.monotonic() - started < args.timeout:
+        counts = _journal_counts(args.state_dir)
+        samples.append(_memory_kib(daemon.process.pid))
+        if journaled_s is None and sum(counts.values()) >= args.files:
+            journaled_s = time.monotonic() - started
+        if counts["done"] + counts["duplicate"] + counts["quarantined"] >= args.files:
+            done_s = time.monotonic() - started
+            break
+        time.sleep(1.0)
+    peak = max(s.get("VmHWM", 0) for s in samples)
+    code = daemon.stop()
+    return {"files": args.files, "journaled_seconds": journaled_s and round(journaled_s, 1),
+            "learned_seconds": done_s and round(done_s, 1), "counts": _journal_counts(args.state_dir),
+            "peak_rss_mib": round(peak / 1024, 1), "rss_mib_samples": [round(s["VmRSS"] / 1024) for s in samples[:: max(1, len(samples) // 20)]],
+            "exit_code": code}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m smfd.bench.ingest", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("latency", "flood"))
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--state-dir", type=Path, default=None, help="fresh state folder (default: a temporary one)")
+    parser.add_argument("--inbox", type=Path, default=None, help="the config's watch folder (default: <config dir>/inbox)")
+    parser.add_argument("--text", type=Path, help="latency: text to drop (its first --bytes bytes)")
+    parser.add_argument("--bytes", type=int, default=1024)
+    parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--ready-timeout", type=float, default=900)
+    args = parser.parse_args(argv)
+    args.config = args.config.resolve()
+    args.inbox = (args.inbox or args.config.parent / "inbox").resolve()
+    args.inbox.mkdir(parents=True, exist_ok=True)
+    args.state_dir = (args.state_dir or Path(tempfile.mkdtemp()) / "state").resolve()
+    result = latency(args) if args.mode == "latency" else flood(args)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

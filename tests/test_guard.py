@@ -1,0 +1,87 @@
+"""The guard and the memory budget: a harmful update is reverted exactly; impossible budgets are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from smfd.budget import MemoryBudget
+from smfd.config import GuardSection, ProbesSection
+from smfd.errors import SmfdError
+from smfd.learner import Learner
+from smfd.retention import RetentionProbes, judge
+from smfd.updater import UpdateConfig
+
+from test_learner import SETTINGS, make_learner, submit_all
+
+
+def guard_for(probes: RetentionProbes, section: GuardSection):
+    accepted = probes.measure(fast=True)
+
+    def check():
+        after = probes.measure(fast=True)
+        ok, reason = judge(accepted, after, section)
+        return ok, reason, {"before": accepted, "after": after}
+
+    return check
+
+
+def test_guard_reverts_a_harmful_update_bit_exactly(tmp_path, tiny_memory_model, background, store, journal,
+                                                    snapshot_values, bit_identical):
+    probes = RetentionProbes(tiny_memory_model, ProbesSection(fast_subset=8), tmp_path / "state")
+    probes.establish_baseline()
+    before = snapshot_values(tiny_memory_model)
+    harmful = dataclasses.replace(SETTINGS, update=UpdateConfig(rule="kl", top_t=64, lr=500.0), passes=4)
+    doc_ids = submit_all(journal, tmp_path)
+
+    outcome = make_learner(tiny_memory_model, background, store, journal, harmful).update(
+        guard=guard_for(probes, GuardSection(max_nll_increase_ratio=0.02, max_drift_kl=0.05))
+    )
+
+    assert not outcome.accepted and outcome.reason in ("nll", "drift", "accuracy")
+    assert bit_identical(snapshot_values(tiny_memory_model), before)
+    assert store.version == 0
+    last = journal.last_update()
+    assert last is not None and not last.accepted and "after" in last.measures
+    assert {c.state for d in doc_ids for c in journal.chunks_for(d)} == {"rejected"}
+
+
+def test_guard_accepts_a_gentle_update(tmp_path, tiny_memory_model, background, store, journal):
+    probes = RetentionProbes(tiny_memory_model, ProbesSection(fast_subset=8), tmp_path / "state")
+    probes.establish_baseline()
+    gentle = dataclasses.replace(SETTINGS, update=UpdateConfig(rule="kl", top_t=4, lr=1e-4), passes=1)
+    submit_all(journal, tmp_path)
+
+    outcome = make_learner(tiny_memory_model, background, store, journal, gentle).update(
+        guard=guard_for(probes, GuardSection())
+    )
+
+    assert outcome.accepted and store.version == 1
+
+
+def test_judge_names_the_measure_that_failed():
+    before = {"facts": {"accuracy": 0.9, "nll": 2.0}, "drift": {"kl": 0.01}}
+    section = GuardSection(max_accuracy_drop=0.02, max_nll_increase_ratio=0.02, max_drift_kl=0.05)
+    assert judge(before, {"facts": {"accuracy": 0.85, "nll": 2.0}}, section) == (False, "accuracy")
+    assert judge(before, {"facts": {"accuracy": 0.9, "nll": 2.1}}, section) == (False, "nll")
+    assert judge(before, {"drift": {"kl": 0.07}}, section) == (False, "drift")
+    assert judge(before, {"facts": {"accuracy": 0.89, "nll": 2.03}, "drift": {"kl": 0.05}}, section) == (True, "")
+
+
+def test_a_budget_that_cannot_fit_one_sequence_is_a_clear_error(tiny_memory_model, background, store, journal):
+    learner = Learner(tiny_memory_model, background, store, journal, SETTINGS,
+                      MemoryBudget(torch.device("cpu"), ram_mb=1, vram_mb=None))
+    with pytest.raises(SmfdError, match="budget of 1 MiB"):
+        learner.plan_batch_size()
+
+
+def test_a_generous_budget_keeps_the_configured_batch_and_leaves_memory_untouched(
+    tiny_memory_model, background, store, journal, snapshot_values, bit_identical
+):
+    before = snapshot_values(tiny_memory_model)
+    learner = Learner(tiny_memory_model, background, store, journal, SETTINGS,
+                      MemoryBudget(torch.device("cpu"), ram_mb=64 * 1024, vram_mb=None))
+    assert learner.plan_batch_size() == SETTINGS.batch_size
+    assert bit_identical(snapshot_values(tiny_memory_model), before)
