@@ -550,8 +550,9 @@ def _describe_operations(cfg: SmfdConfig) -> list[str]:
     return [
         f"  budget: RAM {_limit_mb(cfg.budget.ram_mb)}, VRAM {_limit_mb(cfg.budget.vram_mb)}",
         f"  checkpoints: keep {cfg.checkpoint.keep}",
-        f"  probes: {suites or 'none'}; fast subset {probes.fast_subset}; "
-        f"drift prompts {probes.drift_prompts or 'none'}",
+        f"  probes: {'built-in set' if probes.builtin else 'no built-in set'}"
+        f"{'; ' + suites if suites else ''}; fast subset {probes.fast_subset}; "
+        f"drift prompts {probes.drift_prompts or ('built-in' if probes.builtin else 'none')}",
         f"  guard: {guard_text}",
         f"  metrics: {metrics_text}",
         f"  logging: {cfg.logging.level}, {'JSON' if cfg.logging.json_format else 'plain text'}",

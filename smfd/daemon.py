@@ -262,9 +262,12 @@ class Daemon:
             outcome = self.learner.update(self.stop_event.is_set, guard=self.guard)
             self._record(outcome)
             return outcome
-        except SmfdError as exc:
-            log.error("update_failed", reason=str(exc))
+        except Exception as exc:  # noqa: BLE001 - the learner thread must survive; the batch is retried, then quarantined
+            log.exception("update_failed", reason=str(exc))
             self.metrics.record_update("failed", 0.0)
+            for doc in self.journal.documents(state="processing"):
+                if self.intake.fail_document(doc.id, f"update failed: {exc}") == "failed":
+                    self.metrics.document(doc.source if doc.source in ("watch", "feed") else "watch", "failed")
             return None
         finally:
             self.heartbeats.busy.discard("learner")

@@ -66,11 +66,15 @@ def continuation_nll(
             sequences.append(ctx_ids + cont_ids)
             spans.append((len(ctx_ids), len(ctx_ids) + len(cont_ids)))
         ids, mask = _right_padded(sequences, tokenizer.pad_token_id)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = F.log_softmax(logits[:, :-1], dim=-1)
-        token_lp = logprobs.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        for row, (lo, hi) in enumerate(spans):
-            results.append((float(-token_lp[row, lo - 1 : hi - 1].sum()), hi - lo))
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        # The vocabulary projection is most of the cost: apply it only where a continuation token is predicted.
+        rows = torch.cat([torch.full((hi - lo,), r, dtype=torch.long) for r, (lo, hi) in enumerate(spans)]).to(device)
+        cols = torch.cat([torch.arange(lo - 1, hi - 1) for lo, hi in spans]).to(device)
+        logits = model.get_output_embeddings()(hidden[rows, cols]).float()
+        token_lp = -F.cross_entropy(logits, ids[rows, cols + 1], reduction="none")
+        totals = torch.zeros(len(spans), device=device).index_add_(0, rows, token_lp)
+        results.extend((float(-totals[r]), hi - lo) for r, (lo, hi) in enumerate(spans))
     return results
 
 

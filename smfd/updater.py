@@ -27,7 +27,7 @@ from smfd.selection import RULES, BackgroundStats, select_slots
 class UpdateConfig:
     rule: str = "kl"
     top_t: int = 1000
-    lr: float = 0.05
+    lr: float = 10.0
     normalize: bool = True
 
     def validate(self) -> None:

@@ -206,3 +206,27 @@ def test_one_token_document_does_not_stall_the_learner(tmp_path, tiny_memory_mod
 
     assert journal.get_document(tiny).state != "processing"
     assert journal.get_document(normal).state == "done"
+
+
+def test_an_error_mid_update_leaves_memory_and_checkpoint_untouched(
+    tmp_path, tiny_memory_model, background, store, journal, snapshot_values, bit_identical
+):
+    learner = make_learner(tiny_memory_model, background, store, journal)
+    doc_ids = submit_all(journal, tmp_path)
+    real_step, calls = learner.updater.step, []
+
+    def step_that_fails_the_second_time(batch):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure inside an optimizer step")
+        return real_step(batch)
+
+    learner.updater.step = step_that_fails_the_second_time
+    before = snapshot_values(tiny_memory_model)
+
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        learner.update()
+
+    assert bit_identical(snapshot_values(tiny_memory_model), before)  # the first step was reverted
+    assert store.version == 0
+    assert {journal.get_document(d).state for d in doc_ids} == {"processing"}  # requeued on restart, nothing lost

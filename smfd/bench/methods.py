@@ -1,0 +1,347 @@
+"""Method specs (`NAME[:key=value;key=value]`) and the trainers they build.
+
+A spec names a method and overrides some of its settings, so one run can hold a learning-rate
+sweep: `smf-kl,smf-kl:lr=0.2;top_t=500,lora:lr=1e-3`. Anything a spec does not set comes from
+the engine's own defaults (`LearnSettings`, `UpdateConfig`, `MemoryConfig`, the trainer
+signatures) or from the run-wide budget (passes, restatement), so the numbers live in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from smfd.batching import make_batch
+from smfd.durable import atomic_write
+from smfd.errors import SmfdError
+from smfd.heal import compute_background
+from smfd.learner import LearnSettings
+from smfd.model.memory import MemoryConfig
+from smfd.model.memory_model import MemoryModel
+from smfd.selection import BackgroundStats
+from smfd.surprise import score_surprise
+from smfd.updater import SparseUpdater, StepResult, TokenBatch, UpdateConfig
+
+if TYPE_CHECKING:  # peft is imported only by workers that train LoRA or full finetuning
+    from smfd.baselines import FullFinetuneTrainer, LoraTrainer
+
+SPEC_SEPARATOR = ","  # between specs
+OPTION_SEPARATOR = ";"  # between key=value options inside one spec
+SMF_RULES = {"smf-kl": "kl", "smf-tfidf": "tfidf", "smf-surprise-kl": "surprise-kl"}
+METHOD_NAMES = (*SMF_RULES, "lora", "full")
+
+
+def _positive_int(key: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SmfdError(f"option {key}={raw!r} must be a whole number") from None
+    if value < 1:
+        raise SmfdError(f"option {key}={raw!r} must be >= 1")
+    return value
+
+
+def _positive_float(key: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SmfdError(f"option {key}={raw!r} must be a number") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise SmfdError(f"option {key}={raw!r} must be a finite number > 0")
+    return value
+
+
+def _non_negative_float(key: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SmfdError(f"option {key}={raw!r} must be a number") from None
+    if not 0 <= value < float("inf"):
+        raise SmfdError(f"option {key}={raw!r} must be a finite number >= 0")
+    return value
+
+
+def _flag(key: str, raw: str) -> bool:
+    if raw not in ("0", "1"):
+        raise SmfdError(f"option {key}={raw!r} must be 0 or 1")
+    return raw == "1"
+
+
+def _layers(key: str, raw: str) -> tuple[int, ...]:
+    parts = raw.split("+")
+    if not all(p.strip().isdigit() for p in parts):
+        raise SmfdError(f"option {key}={raw!r} must be decoder layer numbers joined by '+', e.g. 12+20")
+    return tuple(int(p) for p in parts)
+
+
+Parser = Callable[[str, str], Any]
+SMF_OPTIONS: dict[str, Parser] = {
+    "lr": _positive_float, "top_t": _positive_int, "passes": _positive_int, "layers": _layers, "restate": _flag,
+    "n_keys": _positive_int, "k": _positive_int, "heads": _positive_int, "key_dim": _positive_int, "normalize": _flag,
+}
+LORA_OPTIONS: dict[str, Parser] = {
+    "lr": _positive_float, "rank": _positive_int, "alpha": _positive_float, "passes": _positive_int, "restate": _flag,
+    "weight_decay": _non_negative_float,
+}
+FULL_OPTIONS: dict[str, Parser] = {
+    "lr": _positive_float, "passes": _positive_int, "restate": _flag, "weight_decay": _non_negative_float,
+}
+
+
+def options_for(name: str) -> dict[str, Parser]:
+    if name in SMF_RULES:
+        return SMF_OPTIONS
+    return LORA_OPTIONS if name == "lora" else FULL_OPTIONS
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method to benchmark. `label` is the spec as typed (whitespace removed): the results key."""
+
+    label: str
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return "smf" if self.name in SMF_RULES else self.name
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "name": self.name, "options": self.options}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "MethodSpec":
+        options = dict(data["options"])
+        if "layers" in options:
+            options["layers"] = tuple(options["layers"])
+        return cls(data["label"], data["name"], options)
+
+
+def parse_method_spec(text: str) -> MethodSpec:
+    """`NAME` or `NAME:key=value;key=value` -> MethodSpec, checking the name, every key and every value."""
+    label = "".join(text.split())
+    name, _, option_text = label.partition(":")
+    if name not in METHOD_NAMES:
+        raise SmfdError(f"unknown method {name!r} in spec {text!r}; choose from {', '.join(METHOD_NAMES)}")
+    allowed = options_for(name)
+    options: dict[str, Any] = {}
+    for item in filter(None, option_text.split(OPTION_SEPARATOR)):
+        key, eq, raw = item.partition("=")
+        if not eq or not raw:
+            raise SmfdError(f"method spec {text!r}: option {item!r} is not key=value")
+        if key not in allowed:
+            raise SmfdError(f"method spec {text!r}: unknown option {key!r} for {name}; allowed: {', '.join(allowed)}")
+        if key in options:
+            raise SmfdError(f"method spec {text!r}: option {key!r} given twice")
+        options[key] = allowed[key](key, raw)
+    return MethodSpec(label, name, options)
+
+
+def parse_method_specs(values: list[str]) -> list[MethodSpec]:
+    """Every spec from one or more comma-separated lists, in order; duplicates are an error."""
+    specs: list[MethodSpec] = []
+    for value in values:
+        for part in value.split(SPEC_SEPARATOR):
+            if not part.strip():
+                raise SmfdError(f"--methods {value!r} has an empty entry (two commas in a row or a trailing comma)")
+            specs.append(parse_method_spec(part))
+    labels = [s.label for s in specs]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise SmfdError(f"--methods names {', '.join(duplicates)} more than once")
+    if not specs:
+        raise SmfdError("--methods is empty: name at least one method")
+    return specs
+
+
+# ---------------------------------------------------------------- SMF settings
+
+
+def smf_configs(spec: MethodSpec, defaults: LearnSettings) -> tuple[UpdateConfig, MemoryConfig]:
+    """The update and memory configuration of an SMF spec: engine defaults, then the spec's overrides."""
+    o = spec.options
+    update = replace(
+        defaults.update,
+        rule=SMF_RULES[spec.name],
+        **{key: o[key] for key in ("lr", "top_t", "normalize") if key in o},
+    )
+    memory = replace(MemoryConfig(), **{key: o[key] for key in ("layers", "n_keys", "k", "heads", "key_dim") if key in o})
+    update.validate()
+    return update, memory
+
+
+# ---------------------------------------------------------------- background statistics (cached)
+
+
+def _background_key(memory_config: MemoryConfig, model_id: str, sequences: list[list[int]]) -> str:
+    digest = hashlib.sha256(json.dumps({"memory": asdict(memory_config), "model": model_id}, sort_keys=True).encode())
+    for seq in sequences:
+        digest.update(json.dumps(seq).encode())
+    return digest.hexdigest()[:20]
+
+
+def _save_background(path: Path, stats: dict[int, BackgroundStats]) -> None:
+    tensors = {}
+    for layer, s in stats.items():
+        tensors[f"bg.{layer}.counts"] = s.counts.contiguous()
+        tensors[f"bg.{layer}.doc_freq"] = s.doc_freq.contiguous()
+        tensors[f"bg.{layer}.n_batches"] = torch.tensor([s.n_batches])
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def _load_background(path: Path, layers: list[int]) -> dict[int, BackgroundStats]:
+    tensors = load_file(str(path))
+    return {
+        layer: BackgroundStats(
+            tensors[f"bg.{layer}.counts"], tensors[f"bg.{layer}.doc_freq"], int(tensors[f"bg.{layer}.n_batches"].item())
+        )
+        for layer in layers
+    }
+
+
+def background_stats(
+    memory_model: MemoryModel, sequences: list[list[int]], cache_dir: Path, model_id: str, progress: bool
+) -> tuple[dict[int, BackgroundStats], bool]:
+    """Background read counts for this memory, reused across specs that share the memory shape; (stats, from_cache)."""
+    cache = cache_dir / f"background-{_background_key(memory_model.memory_config, model_id, sequences)}.safetensors"
+    layers = [m.layer_index for m in memory_model.memories]
+    if cache.is_file():
+        return _load_background(cache, layers), True
+    stats = compute_background(memory_model.model, memory_model.memories, sequences, progress=progress)
+    _save_background(cache, stats)
+    return stats, False
+
+
+# ---------------------------------------------------------------- learners
+
+
+class Learning(Protocol):
+    """What the benchmark drives: optimizer steps, a hook after each document, the model to evaluate."""
+
+    def step(self, batch: TokenBatch) -> StepResult: ...
+
+    def end_document(self) -> int: ...
+
+    def eval_model(self) -> PreTrainedModel: ...
+
+    def surprise(self, sequences: list[list[int]]) -> list[torch.Tensor] | None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class SmfLearning:
+    """Sparse memory finetuning exactly as the daemon runs it: `SparseUpdater` steps, one update per document."""
+
+    def __init__(self, memory_model: MemoryModel, background: dict[int, BackgroundStats], update: UpdateConfig,
+                 batch_size: int) -> None:
+        self.memory_model = memory_model
+        self.update = update
+        self.batch_size = batch_size
+        self.updater = SparseUpdater(memory_model.model, memory_model.memories, background, update)
+        self.rows_updated = 0
+
+    def step(self, batch: TokenBatch) -> StepResult:
+        return self.updater.step(batch)
+
+    def end_document(self) -> int:
+        """Close the document's update (as the daemon does per update); returns the rows it changed."""
+        rows = sum(p.n_rows for p in self.updater.finish_update())
+        self.rows_updated += rows
+        return rows
+
+    def eval_model(self) -> PreTrainedModel:
+        return self.memory_model.model
+
+    def surprise(self, sequences: list[list[int]]) -> list[torch.Tensor] | None:
+        """Per-token surprise under the frozen base, only for the rule that weights reads by it."""
+        if self.update.rule != "surprise-kl":
+            return None
+        out: list[torch.Tensor] = []
+        pad_id = self.memory_model.tokenizer.pad_token_id
+        device = self.memory_model.device
+        for start in range(0, len(sequences), self.batch_size):
+            batch = make_batch(sequences[start : start + self.batch_size], pad_id).to(device)
+            nll = score_surprise(self.memory_model.model, self.memory_model.memories, batch.input_ids, batch.attention_mask)
+            out.extend(nll.cpu())
+        return out
+
+    def rows_changed(self) -> int:
+        """Value rows that differ from their zero initialisation now: the memory this run actually used."""
+        return sum(int((m.values.detach() != 0).any(dim=1).sum()) for m in self.memory_model.memories)
+
+    def describe(self) -> dict[str, Any]:
+        info = self.memory_model.describe()
+        return {
+            "method": "smf",
+            "rule": self.update.rule,
+            "update": asdict(self.update),
+            "memory": info["memory"],
+            "memory_parameters": info["memory_parameters"],
+            "optimizer": "SGD on the selected value rows only (no momentum, no weight decay)",
+            "rows_updated": self.rows_updated,
+            "rows_changed": self.rows_changed(),
+        }
+
+
+class AdamWLearning:
+    """LoRA or full finetuning: their trainers take the same batches; documents need no closing."""
+
+    def __init__(self, trainer: "LoraTrainer | FullFinetuneTrainer") -> None:
+        self.trainer = trainer
+
+    def step(self, batch: TokenBatch) -> StepResult:
+        return self.trainer.step(batch)
+
+    def end_document(self) -> int:
+        return 0
+
+    def eval_model(self) -> PreTrainedModel:
+        return self.trainer.model  # type: ignore[return-value]
+
+    def surprise(self, sequences: list[list[int]]) -> list[torch.Tensor] | None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.trainer.describe(), "optimizer": "AdamW"}
+
+
+@dataclass(frozen=True)
+class BackgroundSource:
+    """Where SMF methods get their background statistics: general-text sequences and a cache folder."""
+
+    sequences: list[list[int]]
+    cache_dir: Path
+    model_id: str
+    progress: bool = True
+
+
+def build_learning(
+    spec: MethodSpec,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    defaults: LearnSettings,
+    background: BackgroundSource,
+) -> tuple[Learning, dict[str, Any]]:
+    """The method's trainer around a freshly loaded base model; also setup facts (background time and source)."""
+    o = spec.options
+    if spec.family == "smf":
+        update, memory_config = smf_configs(spec, defaults)
+        memory_model = MemoryModel.attach(model, tokenizer, memory_config)
+        stats, cached = background_stats(memory_model, background.sequences, background.cache_dir,
+                                         background.model_id, background.progress)
+        return SmfLearning(memory_model, stats, update, defaults.batch_size), {"background_cached": cached}
+    from smfd.baselines import FullFinetuneTrainer, LoraTrainer
+
+    adamw = {key: o[key] for key in ("lr", "weight_decay") if key in o}
+    if spec.name == "lora":
+        lora = {key: o[key] for key in ("rank", "alpha") if key in o}
+        return AdamWLearning(LoraTrainer(model, **lora, **adamw)), {}
+    return AdamWLearning(FullFinetuneTrainer(model, **adamw)), {}

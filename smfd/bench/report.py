@@ -1,0 +1,179 @@
+"""Benchmark outputs: results.json, a Markdown table, and the learning-vs-forgetting plot.
+
+Written again after every method finishes, so an interrupted run still leaves usable results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from smfd.bench.data import PROBE_KINDS
+from smfd.durable import atomic_write, atomic_write_json, atomic_write_text
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+PLOT_PNG = "learning_vs_forgetting.png"
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def relative_metrics(base: dict[str, Any], method: dict[str, Any]) -> dict[str, Any]:
+    """Forgetting and learning relative to the base model.
+
+    hellaswag_drop: accuracy points lost; known_facts_retention: share of the base-correct known
+    facts still correct (the same number as known_facts_acc, named for what it means);
+    heldout_nll_increase_ratio: (method - base) / base; *_acc_gain: accuracy gained per probe kind.
+    """
+    b, m = base["retain"], method["retain"]
+    drop = _difference(b["hellaswag_acc"], m["hellaswag_acc"])
+    nll_change = _difference(m["heldout_nll"], b["heldout_nll"])
+    relative = {
+        "hellaswag_drop": None if drop is None else drop * 100,
+        "known_facts_retention": m["known_facts_acc"],
+        "heldout_nll_increase_ratio": None if nll_change is None else nll_change / b["heldout_nll"],
+    }
+    for kind in PROBE_KINDS:
+        relative[f"{kind}_acc_gain"] = _difference(method["learn"][f"{kind}_acc"], base["learn"][f"{kind}_acc"])
+    return relative
+
+
+# ---------------------------------------------------------------- Markdown
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value * 100:.{digits}f}%"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _signed(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:+.{digits}f}{suffix}"
+
+
+def _mb(value: int | None) -> str:
+    return "–" if value is None else f"{value / 2**20:.0f}"
+
+
+COLUMNS = ("method", "mem acc", "gen acc", "hard acc", "mem NLL", "gen NLL", "hard NLL", "HellaSwag", "HS drop (pts)",
+           "known facts kept", "held-out NLL", "NLL +%", "drift KL", "train tok/s", "same-batch tok/s", "peak MB", "s/doc")
+
+
+def _row(label: str, entry: dict[str, Any]) -> list[str]:
+    learn, retain, cost = entry["learn"], entry["retain"], entry["cost"]
+    relative = entry.get("relative", {})
+    nll_ratio = relative.get("heldout_nll_increase_ratio")
+    return [
+        label, _pct(learn["mem_acc"]), _pct(learn["gen_acc"]), _pct(learn["hard_acc"]),
+        _num(learn["mem_nll"]), _num(learn["gen_nll"]), _num(learn["hard_nll"]),
+        _pct(retain["hellaswag_acc"]), _signed(relative.get("hellaswag_drop")),
+        _pct(retain["known_facts_acc"]), _num(retain["heldout_nll"]),
+        _signed(None if nll_ratio is None else nll_ratio * 100, 2), _num(retain["drift_kl"], 4),
+        _num(cost.get("tokens_per_second"), 0),
+        _num(cost.get("step_tokens_per_second_same_batch", cost.get("forward_tokens_per_second_same_batch")), 0),
+        _mb(cost.get("peak_memory_bytes")), _num(cost.get("seconds_per_document"), 1),
+    ]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    budget, machine, retain = results["budget"], results["machine"], results["base"]["retain"]
+    ranges = results["data"]["ranges"]
+    lines = [
+        f"# smfd bench: {results['model']}",
+        "",
+        f"Budget: {budget['documents']} documents fed one at a time, {budget['passes']} passes, batch {budget['batch_size']}, "
+        f"sequence length {budget['seq_len']}, chunks of {budget['chunk_tokens']} tokens, restatement "
+        f"{'on' if budget['restate'] else 'off'}: {budget['training_texts']} training texts, "
+        f"{budget['tokens_per_pass']} tokens per pass (texts digest {budget['training_texts_sha256']}).",
+        f"Retention sets: {retain['hellaswag_rows']} HellaSwag rows; {retain['known_facts_items']} of "
+        f"{retain['known_facts_total']} known facts correct before learning (kept = share of those still correct); "
+        f"held-out NLL on tokens {ranges['heldout_nll']['token_range']} of the held-out text, background statistics "
+        f"from tokens {ranges['background']['token_range']} of {ranges['background']['source']}.",
+        f"Machine: {machine['device']}{' (' + machine['gpu'] + ')' if machine.get('gpu') else ''}, "
+        f"{machine['cpu_count']} CPUs, {machine['threads']} threads, torch {machine['torch']}, {machine['isolation']}.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|",
+        "| " + " | ".join(_row("base", results["base"])) + " |",
+    ]
+    for label, entry in results["methods"].items():
+        lines.append("| " + " | ".join(_row(label.replace("|", "\\|"), entry)) + " |")
+    lines += [
+        "",
+        "Accuracy: target contained in the greedy continuation. NLL: nats per target token. "
+        "same-batch tok/s: one fixed batch of held-out text, identical for every method (base row: forward only). "
+        "Peak MB: peak resident memory of the method's own process through loading and training, before evaluation "
+        "(CUDA: peak allocated); base row: the model loaded.",
+    ]
+    budgets = {label: entry["budget"] for label, entry in results["methods"].items()}
+    differing = {label: b for label, b in budgets.items()
+                 if (b["passes"], b["restate"]) != (budget["passes"], budget["restate"])}
+    for label, b in differing.items():
+        lines.append(f"- `{label}` ran with its own budget: {b['passes']} passes, restatement {'on' if b['restate'] else 'off'}, "
+                     f"{b['tokens_trained']} tokens trained.")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- plot
+
+
+def _point(entry: dict[str, Any], axis: str) -> float | None:
+    relative = entry.get("relative", {})
+    if axis == "nll":
+        ratio = relative.get("heldout_nll_increase_ratio")
+        return None if ratio is None else ratio * 100
+    return relative.get("hellaswag_drop")
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Learning (mem and gen accuracy) against forgetting (held-out NLL increase, HellaSwag drop)."""
+    import matplotlib  # imported here: workers never plot, and pyplot is slow to import
+
+    matplotlib.use("Agg")  # files only, never a window: the benchmark runs on headless machines
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5.5), sharey=True)
+    entries = [("base", {**results["base"], "relative": {"heldout_nll_increase_ratio": 0.0, "hellaswag_drop": 0.0}})]
+    entries += list(results["methods"].items())
+    palette = plt.get_cmap("tab10")
+    colours = {label: "black" if label == "base" else palette((index - 1) % 10) for index, (label, _) in enumerate(entries)}
+    highest = 0.0
+    for axis, (key, title) in zip(axes, (("nll", "held-out NLL increase (%)"), ("hellaswag", "HellaSwag drop (points)"))):
+        for label, entry in entries:
+            x = _point(entry, key)
+            for kind, marker in (("mem", "o"), ("gen", "^")):
+                y = entry["learn"][f"{kind}_acc"]
+                if x is not None and y is not None:
+                    axis.scatter([x], [y * 100], color=colours[label], marker=marker, s=60, alpha=0.85, zorder=3)
+                    highest = max(highest, y * 100)
+        axis.axvline(0, color="grey", linewidth=0.8, linestyle=":")
+        axis.set_xlabel(title)
+        axis.grid(True, alpha=0.3)
+    axes[0].set_ylim(-2, max(10.0, highest * 1.1 + 2))
+    axes[0].set_ylabel("probe accuracy (%)")
+    kinds = [Line2D([], [], marker="o", linestyle="", color="grey", label="memorisation (mem_acc)"),
+             Line2D([], [], marker="^", linestyle="", color="grey", label="paraphrase (gen_acc)")]
+    methods = [Line2D([], [], marker="s", linestyle="", color=colour, label=label) for label, colour in colours.items()]
+    axes[1].legend(handles=kinds, loc="best", fontsize=8)
+    figure.legend(handles=methods, loc="lower center", ncol=min(len(methods), 4), fontsize=8, frameon=False)
+    documents = results["budget"]["documents"]
+    figure.suptitle(f"Learning vs forgetting: {results['model']} ({documents} document{'' if documents == 1 else 's'})")
+    figure.tight_layout(rect=(0, 0.06 + 0.03 * ((len(methods) - 1) // 4), 1, 1))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
+    plt.close(figure)
+
+
+def write_reports(out: Path, results: dict[str, Any]) -> None:
+    atomic_write_json(out / RESULTS_JSON, results)
+    atomic_write_text(out / RESULTS_MD, markdown(results))
+    plot(results, out / PLOT_PNG)
+
+
+def summary_line(out: Path, results: dict[str, Any]) -> str:
+    return (f"wrote {out / RESULTS_JSON}, {out / RESULTS_MD} and {out / PLOT_PNG} "
+            f"(base + {len(results['methods'])} methods)")

