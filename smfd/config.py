@@ -77,6 +77,7 @@ class TrainSection(BaseModel):
     top_t: int = Field(1000, ge=1)
     lr: float = Field(10.0, gt=0)
     normalize: bool = True  # lr is the RMS change per element of the selected rows per step
+    scope: Literal["step", "update"] = "step"  # top_t chosen per optimizer step, or once per update
     passes: int = Field(8, ge=1)
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(128, ge=8)

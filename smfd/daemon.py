@@ -313,8 +313,11 @@ class Daemon:
         return 0
 
     def run_forever(self) -> int:
-        self._install_signals()
+        # While starting (model load, background statistics) SIGTERM keeps its default action: nothing is
+        # in flight that could be lost, and the handler's stop flag would only be seen once start-up ends.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.start()
+        self._install_signals()
         self.scheduler = self._build_scheduler()
         self.scheduler.start()
         systemd_notify.ready()

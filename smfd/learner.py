@@ -187,12 +187,14 @@ class Learner:
         surprise = self._sequence_surprise(sequences) if s.update.rule == "surprise-kl" else None
         batches = epoch_batches(sequences, self.batch_size, s.passes, self.model.tokenizer.pad_token_id, surprise=surprise)
         device = self.model.device
+        batches = [batch.to(device) for batch in batches]
         try:
+            self.updater.plan_update(batches)
             for batch in batches:
                 if should_stop():
                     outcome.stopped = True
                     break
-                for result in self.budget.run_with_backoff(self.updater.step, batch.to(device), split_batch):
+                for result in self.budget.run_with_backoff(self.updater.step, batch, split_batch):
                     outcome.steps += 1
                     outcome.tokens += result.n_tokens
                     outcome.slots_selected += sum(result.rows_selected.values())

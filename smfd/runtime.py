@@ -32,7 +32,7 @@ def memory_config(cfg: SmfdConfig) -> MemoryConfig:
 def learn_settings(cfg: SmfdConfig) -> LearnSettings:
     t = cfg.train
     return LearnSettings(
-        update=UpdateConfig(rule=t.selection, top_t=t.top_t, lr=t.lr, normalize=t.normalize),
+        update=UpdateConfig(rule=t.selection, top_t=t.top_t, lr=t.lr, normalize=t.normalize, scope=t.scope),
         passes=t.passes,
         batch_size=t.batch_size,
         seq_len=t.seq_len,

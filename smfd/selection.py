@@ -86,7 +86,14 @@ def select_slots(
             raise SmfdError("selection rule 'surprise-kl' needs per-token surprise for the batch")
         weights = weights * surprise.to(torch.float64).clamp_min(0)
     reads, read_weights = batch_reads(lookup, weights)
-    scores = slot_scores(rule, reads.to(background.counts.device), read_weights, background)
+    return top_slots(rule, reads, read_weights, background, top_t)
+
+
+def top_slots(
+    rule: str, reads: torch.Tensor, read_weights: torch.Tensor, background: BackgroundStats, top_t: int
+) -> torch.Tensor:
+    """The top-t positively scored slots for a set of reads (one step's, or a whole update's)."""
+    scores = slot_scores(rule, reads.to(background.counts.device), read_weights.to(background.counts.device), background)
     eligible = int(torch.isfinite(scores).sum())
     top = scores.topk(min(top_t, eligible)).indices
     return top[scores[top] > 0]

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from smfd.errors import SmfdError
 from smfd.model.memory import Lookup, ProductKeyMemory
 from smfd.patches import LayerPatch, PatchRecorder
-from smfd.selection import RULES, BackgroundStats, select_slots
+from smfd.selection import RULES, BackgroundStats, batch_reads, select_slots, top_slots
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,13 @@ class UpdateConfig:
     top_t: int = 1000
     lr: float = 10.0
     normalize: bool = True
+    # "step": top-t chosen afresh for every optimizer step (Lin et al.); "update": chosen once from all
+    # of an update's training text, so one update (one document batch) touches at most top_t rows per layer.
+    scope: str = "step"
 
     def validate(self) -> None:
+        if self.scope not in ("step", "update"):
+            raise SmfdError(f"selection scope must be 'step' or 'update', got {self.scope!r}")
         if self.rule not in RULES:
             raise SmfdError(f"unknown selection rule {self.rule!r}; choose one of {', '.join(RULES)}")
         if self.top_t < 1:
@@ -106,9 +111,42 @@ class SparseUpdater:
         self.background = background
         self.config = config
         self.recorder = PatchRecorder()
+        self.planned: dict[int, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def plan_update(self, batches: list[TokenBatch]) -> None:
+        """With scope "update": rank slots once over every batch of the coming update (one extra forward pass)."""
+        if self.config.scope != "update":
+            return
+        reads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {m.layer_index: [] for m in self.memories}
+        seen: set[tuple[int, ...]] = set()
+        for memory in self.memories:
+            memory.record_lookup = True
+        try:
+            for batch in batches:
+                rows = {tuple(ids[m.bool()].tolist()) for ids, m in zip(batch.input_ids, batch.attention_mask)}
+                if rows <= seen:
+                    continue  # later passes repeat the same sequences: one forward per sequence is enough
+                seen |= rows
+                self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                mask, surprise = read_weights(batch)
+                weights = mask.double() if surprise is None or self.config.rule != "surprise-kl" else mask.double() * surprise.double().clamp_min(0)
+                for memory in self.memories:
+                    reads[memory.layer_index].append(batch_reads(memory.last_lookup, weights))
+        finally:
+            for memory in self.memories:
+                memory.record_lookup = False
+                memory.last_lookup = None
+        self.planned = {
+            layer: top_slots(self.config.rule, torch.cat([r for r, _ in pairs]), torch.cat([w for _, w in pairs]),
+                             self.background[layer], self.config.top_t)
+            for layer, pairs in reads.items()
+        }
 
     def _selector(self, mask: torch.Tensor, surprise: torch.Tensor | None) -> Callable[[ProductKeyMemory, Lookup], torch.Tensor]:
         def choose(memory: ProductKeyMemory, lookup: Lookup) -> torch.Tensor:
+            if self.planned is not None:
+                return self.planned[memory.layer_index]
             stats = self.background[memory.layer_index]
             return select_slots(self.config.rule, lookup, mask, surprise, stats, self.config.top_t)
 
@@ -156,6 +194,7 @@ class SparseUpdater:
 
     def finish_update(self) -> list[LayerPatch]:
         """Close the current update: the patches that revert or replay everything since the last call."""
+        self.planned = None
         return self.recorder.finish(self.memories)
 
     def run(self, batches: Iterable[TokenBatch], should_stop: Callable[[], bool] = lambda: False) -> list[StepResult]:

@@ -182,3 +182,24 @@ def test_updater_refuses_config_that_does_not_fit_the_memory(tiny_memory_model, 
         SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig(top_t=257))
     with pytest.raises(SmfdError, match=r"no background slot statistics for memory layers \[1\]"):
         SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, {}, UpdateConfig(top_t=8))
+
+
+def test_update_scope_touches_at_most_top_t_rows_per_layer_over_a_whole_update(
+    tiny_memory_model, background, text_batches, snapshot_values
+):
+    batches = text_batches(["The harbour bridge was painted orange.", "The library opens at nine every day.",
+                            "The river flows south to the old port.", "Farmers arrive before dawn."], 2) * 4
+    before = snapshot_values(tiny_memory_model)
+    config = UpdateConfig(rule="kl", top_t=6, lr=0.5, scope="update")
+    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, config)
+
+    updater.plan_update(batches)
+    updater.run(batches)
+    patches = updater.finish_update()
+
+    after = snapshot_values(tiny_memory_model)
+    for layer, values in after.items():
+        changed = (values != before[layer]).any(dim=1).sum()
+        assert 0 < changed <= config.top_t
+    assert all(p.n_rows <= config.top_t for p in patches)
+    assert updater.planned is None  # the plan ends with the update

@@ -75,6 +75,12 @@ def _flag(key: str, raw: str) -> bool:
     return raw == "1"
 
 
+def _scope(key: str, raw: str) -> str:
+    if raw not in ("step", "update"):
+        raise SmfdError(f"option {key}={raw!r} must be step or update")
+    return raw
+
+
 def _layers(key: str, raw: str) -> tuple[int, ...]:
     parts = raw.split("+")
     if not all(p.strip().isdigit() for p in parts):
@@ -86,6 +92,7 @@ Parser = Callable[[str, str], Any]
 SMF_OPTIONS: dict[str, Parser] = {
     "lr": _positive_float, "top_t": _positive_int, "passes": _positive_int, "layers": _layers, "restate": _flag,
     "n_keys": _positive_int, "k": _positive_int, "heads": _positive_int, "key_dim": _positive_int, "normalize": _flag,
+    "scope": _scope,
 }
 LORA_OPTIONS: dict[str, Parser] = {
     "lr": _positive_float, "rank": _positive_int, "alpha": _positive_float, "passes": _positive_int, "restate": _flag,
@@ -171,7 +178,7 @@ def smf_configs(spec: MethodSpec, defaults: LearnSettings) -> tuple[UpdateConfig
     update = replace(
         defaults.update,
         rule=SMF_RULES[spec.name],
-        **{key: o[key] for key in ("lr", "top_t", "normalize") if key in o},
+        **{key: o[key] for key in ("lr", "top_t", "normalize", "scope") if key in o},
     )
     memory = replace(MemoryConfig(), **{key: o[key] for key in ("layers", "n_keys", "k", "heads", "key_dim") if key in o})
     update.validate()
@@ -228,6 +235,8 @@ class Learning(Protocol):
 
     def step(self, batch: TokenBatch) -> StepResult: ...
 
+    def begin_document(self, batches: list[TokenBatch]) -> None: ...
+
     def end_document(self) -> int: ...
 
     def eval_model(self) -> PreTrainedModel: ...
@@ -250,6 +259,10 @@ class SmfLearning:
 
     def step(self, batch: TokenBatch) -> StepResult:
         return self.updater.step(batch)
+
+    def begin_document(self, batches: list[TokenBatch]) -> None:
+        """Selection scope "update" ranks slots once over the whole document (as the daemon does)."""
+        self.updater.plan_update(batches)
 
     def end_document(self) -> int:
         """Close the document's update (as the daemon does per update); returns the rows it changed."""
@@ -299,6 +312,9 @@ class AdamWLearning:
 
     def step(self, batch: TokenBatch) -> StepResult:
         return self.trainer.step(batch)
+
+    def begin_document(self, batches: list[TokenBatch]) -> None:
+        return None
 
     def end_document(self) -> int:
         return 0

@@ -497,9 +497,13 @@ def train_documents(ctx: WorkerContext, learning: Learning, texts: list[list[str
         started = time.perf_counter()
         sequences = encode(ctx.tokenizer, doc_texts, ctx.cfg.seq_len)
         surprise = learning.surprise(sequences)
-        batches = epoch_batches(sequences, ctx.cfg.batch_size, passes, pad_id, seed=ctx.cfg.seed + index, surprise=surprise)
+        batches = [b.to(ctx.device) for b in
+                   epoch_batches(sequences, ctx.cfg.batch_size, passes, pad_id, seed=ctx.cfg.seed + index, surprise=surprise)]
+        planning = time.perf_counter()
+        learning.begin_document(batches)
+        step_seconds += time.perf_counter() - planning  # selection planning is part of the update's cost
         for batch in batches:
-            result = learning.step(batch.to(ctx.device))
+            result = learning.step(batch)
             steps, tokens, step_seconds = steps + 1, tokens + result.n_tokens, step_seconds + result.seconds
             losses.append(result.loss)
         learning.end_document()
