@@ -147,10 +147,7 @@ class Daemon:
         self.probes = RetentionProbes(model, self.cfg.probes, self.cfg.state_dir, include_builtin=self.cfg.probes.builtin)
         base = self.probes.establish_baseline()
         for suite, values in base.items():
-            if "accuracy" in values:
-                self.metrics.set_probe_base(suite, values["accuracy"], values.get("nll", 0.0))
-            elif "nll" in values:
-                self.metrics.set_probe_base(suite, 1.0, values["nll"])
+            self.metrics.set_probe_base(suite, values.get("accuracy"), values["nll"])
         self.accepted_measures = self.probes.measure(fast=True)
 
     def guard(self) -> tuple[bool, str, dict]:
@@ -189,12 +186,8 @@ class Daemon:
             for suite, values in measures.items():
                 if suite == "drift":
                     self.metrics.set_drift_kl(values["kl"])
-                elif suite == "recall":
-                    continue
-                elif "accuracy" in values:
-                    self.metrics.set_probe(suite, values["accuracy"], values.get("nll", 0.0))
-                else:
-                    self.metrics.set_probe(suite, 1.0, values["nll"])
+                elif suite != "recall":
+                    self.metrics.set_probe(suite, values.get("accuracy"), values["nll"])
             self.probes.record_last(measures, self.learner.store.version if self.learner else 0)
             log.info("probes_measured", seconds=round(time.perf_counter() - started, 2), measures=measures)
         finally:

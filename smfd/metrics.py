@@ -263,16 +263,18 @@ class Metrics:
         self._probe_suites.add(suite)
         return suite
 
-    def set_probe(self, suite: str, accuracy: float, nll_nats: float) -> None:
-        """Record the current model's result on one probe suite."""
+    def set_probe(self, suite: str, accuracy: float | None, nll_nats: float) -> None:
+        """Record the current model's result on one probe suite (accuracy None: an NLL-only suite)."""
         name = self._suite(suite)
-        self.probe_accuracy.labels(suite=name).set(accuracy)
+        if accuracy is not None:
+            self.probe_accuracy.labels(suite=name).set(accuracy)
         self.probe_nll.labels(suite=name).set(nll_nats)
 
-    def set_probe_base(self, suite: str, accuracy: float, nll_nats: float) -> None:
+    def set_probe_base(self, suite: str, accuracy: float | None, nll_nats: float) -> None:
         """Record the base model's result on one probe suite (the reference line)."""
         name = self._suite(suite)
-        self.probe_base_accuracy.labels(suite=name).set(accuracy)
+        if accuracy is not None:
+            self.probe_base_accuracy.labels(suite=name).set(accuracy)
         self.probe_base_nll.labels(suite=name).set(nll_nats)
 
     def set_recall_accuracy(self, ratio: float) -> None:
