@@ -194,6 +194,11 @@ class Daemon:
             self.heartbeats.busy.discard("learner")
             self.heartbeats.beat("learner")
 
+    def _start_watchers(self) -> None:
+        """File-system events (hints) for the long-running daemon; `--once` only scans."""
+        for watcher in self.watchers:
+            watcher.start()
+
     def _build_sources(self) -> None:
         for watcher in self.watchers:
             watcher.stop()
@@ -311,6 +316,7 @@ class Daemon:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.start()
         self._install_signals()
+        self._start_watchers()
         self.scheduler = self._build_scheduler()
         self.scheduler.start()
         systemd_notify.ready()
@@ -370,6 +376,7 @@ class Daemon:
         self.scheduler.add_job(lambda: self.learner.reconfigure(learn_settings(self.cfg)), executor="learner")
         self.scheduler.get_job("sources").pause()
         self._build_sources()
+        self._start_watchers()
         self.scheduler.get_job("sources").resume()
         self.scheduler.reschedule_job("update", trigger="interval", seconds=self.cfg.schedule.interval_seconds)
         self.scheduler.reschedule_job("probes", trigger="interval", seconds=self.cfg.schedule.probe_interval_seconds)

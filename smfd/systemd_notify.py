@@ -39,7 +39,8 @@ def notify(message: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(address)
-            sock.sendall(message.encode())
+            # Never block: a receiver that stops reading must not stall the learner or the watchdog loop.
+            sock.send(message.encode(), socket.MSG_DONTWAIT)
     except OSError as error:
         log.warning("could not notify systemd at %r: %s", raw, error)
         return False

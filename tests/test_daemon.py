@@ -181,7 +181,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def test_foreground_daemon_learns_a_dropped_file_serves_metrics_and_stops_on_sigterm(tmp_path, tiny_model_dir):
-    config = write_config(tmp_path, tiny_model_dir)
+    config = write_config(tmp_path, tiny_model_dir, sources={"rescan_seconds": 600})  # only an event can find the file
     port = yaml.safe_load(config.read_text())["metrics"]["port"]
     notify_path = tmp_path / "notify.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

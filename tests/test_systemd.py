@@ -160,3 +160,17 @@ def test_unit_hardening_score_stays_low(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+
+
+def test_notify_never_blocks_when_the_receiver_stops_reading(tmp_path, monkeypatch):
+    import time as _time
+
+    path = tmp_path / "full.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    started = _time.monotonic()
+    results = [systemd_notify.status("x" * 200) for _ in range(2000)]  # far more than the socket queue holds
+    assert _time.monotonic() - started < 10
+    assert results[0] is True and results[-1] is False  # dropped once the queue is full, never stuck
+    receiver.close()

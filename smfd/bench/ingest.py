@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -53,10 +54,20 @@ class RunningDaemon:
                 raise SystemExit(f"daemon exited with {self.process.returncode}; see {self.log.name}")
             try:
                 if b"READY=1" in self.sock.recv(4096):
+                    threading.Thread(target=self._drain, daemon=True).start()  # keep reading, as systemd does
                     return time.monotonic() - started
             except TimeoutError:
                 continue
         raise SystemExit(f"daemon not ready after {timeout} s")
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
