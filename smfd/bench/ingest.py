@@ -92,11 +92,12 @@ def latency(args: argparse.Namespace) -> dict:
     ready_s = daemon.wait_ready(args.ready_timeout)
     inbox = Path(args.inbox)
     time.sleep(2)  # let the first (empty) update pass
+    done_before = _journal_counts(args.state_dir)["done"]
     dropped = time.monotonic()
     (inbox / "one-kilobyte.txt").write_text(text)
     learned_s = None
     while time.monotonic() - dropped < args.timeout:
-        if _journal_counts(args.state_dir)["done"] >= 1:
+        if _journal_counts(args.state_dir)["done"] > done_before:
             learned_s = time.monotonic() - dropped
             break
         time.sleep(0.5)
@@ -110,8 +111,13 @@ def latency(args: argparse.Namespace) -> dict:
     probe = subprocess.run([sys.executable, "-m", "smfd", "probe", "--config", str(args.config), str(probes), "--json"],
                            env={**os.environ, "SMFD_STATE_DIR": str(args.state_dir)}, capture_output=True, text=True)
     summary = json.loads(probe.stdout.splitlines()[-1])["summary"] if probe.returncode == 0 else probe.stderr
+    last = Journal(args.state_dir / "journal.sqlite", readonly=True)
+    update = last.last_update()
+    last.close()
     return {"bytes": len(text.encode()), "ready_seconds": round(ready_s, 1), "learned_seconds":
-            None if learned_s is None else round(learned_s, 1), "exit_code": code, "probe_summary": summary}
+            None if learned_s is None else round(learned_s, 1), "exit_code": code, "probe_summary": summary,
+            "last_update": None if update is None else {"accepted": update.accepted, "seconds": round(update.seconds, 1),
+                                                        "probe_seconds": update.measures.get("probe_seconds")}}
 
 
 def flood(args: argparse.Namespace) -> dict:
