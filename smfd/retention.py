@@ -39,6 +39,11 @@ def builtin_file(name: str) -> Path:
     return Path(str(resources.files("smfd") / "probes" / name))
 
 
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per non-blank line (drift prompts, background sampling prompts)."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def builtin_suites() -> list[ProbeSuite]:
     """The probe set shipped with smfd (written by the project)."""
     return [
@@ -70,7 +75,7 @@ class RetentionProbes:
         specs = (builtin_suites() if include_builtin else []) + list(config.suites)
         self.suites = [self._load_suite(spec) for spec in specs]
         drift_path = config.drift_prompts or (builtin_file("drift_prompts.txt") if include_builtin else None)
-        prompts = [] if drift_path is None else [l.strip() for l in Path(drift_path).read_text().splitlines() if l.strip()]
+        prompts = [] if drift_path is None else read_prompts(drift_path)
         self.drift_windows = [model.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
         self.base: Measures = {}
         self.base_drift_logprobs: list[torch.Tensor] = []

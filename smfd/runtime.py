@@ -14,7 +14,7 @@ from smfd.config import SmfdConfig
 from smfd.errors import SmfdError
 from smfd.heal import compute_background, sample_general_text
 from smfd.learner import LearnSettings
-from smfd.retention import builtin_file
+from smfd.retention import builtin_file, read_prompts
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import memory_bypassed
@@ -45,8 +45,7 @@ def learn_settings(cfg: SmfdConfig) -> LearnSettings:
 
 
 def shipped_prompts() -> list[str]:
-    text = builtin_file("drift_prompts.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return read_prompts(builtin_file("drift_prompts.txt"))
 
 
 def background_sequences(cfg: SmfdConfig, model: MemoryModel) -> tuple[list[list[int]], str]:
