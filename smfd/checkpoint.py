@@ -3,6 +3,7 @@
 Layout of the checkpoint folder:
     manifest.json            current version, base version, memory config, update history
     base.safetensors         every memory parameter at `base_version`, plus background statistics
+    general_text.safetensors the general-text token ids behind the statistics (the retain set's source)
     current.safetensors      value tables at `version` (a fast-load cache of base + patches)
     patches/NNNNNNNN.safetensors   the update that produced version NNNNNNNN
 
@@ -95,6 +96,22 @@ class CheckpointStore:
         atomic_write_json(self.manifest_path, manifest)
         self._fold_old_patches()
         return version
+
+    def save_general_text(self, sequences: list[list[int]]) -> None:
+        """Keep the general text the background statistics came from, so a restart needs no resampling."""
+        ids = torch.tensor([t for seq in sequences for t in seq], dtype=torch.int64)
+        lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.int64)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.folder / "general_text.safetensors",
+                     lambda tmp: save_file({"ids": ids, "lengths": lengths}, str(tmp)))
+
+    def load_general_text(self) -> list[list[int]] | None:
+        """The saved general-text sequences, or None for a checkpoint written before they were kept."""
+        path = self.folder / "general_text.safetensors"
+        if not path.is_file():
+            return None
+        tensors = load_file(str(path))
+        return [chunk.tolist() for chunk in torch.split(tensors["ids"], tensors["lengths"].tolist())]
 
     def _write_base(self, state: dict[str, torch.Tensor], background: dict[int, BackgroundStats]) -> None:
         tensors = dict(state)

@@ -78,6 +78,8 @@ class TrainSection(BaseModel):
     lr: float = Field(10.0, gt=0)
     normalize: bool = True  # lr is the RMS change per element of the selected rows per step
     scope: Literal["step", "update"] = "step"  # top_t chosen per optimizer step, or once per update
+    retain_weight: float = Field(0.0, ge=0)  # interference penalty on general text (smfd.retain); 0 = off
+    retain_tokens: int = Field(4096, ge=1)  # general-text tokens the penalty watches
     passes: int = Field(8, ge=1)
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(128, ge=8)

@@ -126,7 +126,9 @@ class Daemon:
         systemd_notify.status("loading model")
         runtime = open_runtime(self.cfg)
         budget = MemoryBudget(runtime.model.device, self.cfg.budget.ram_mb, self.cfg.budget.vram_mb)
-        self.learner = Learner(runtime.model, runtime.background, runtime.store, self.journal, learn_settings(self.cfg), budget)
+        settings = learn_settings(self.cfg)
+        self.learner = Learner(runtime.model, runtime.background, runtime.store, self.journal, settings, budget,
+                               runtime.retain_set(settings, self.cfg))
         self.learner.plan_batch_size()
         self._start_probes(runtime.model)
         self._build_sources()
@@ -286,7 +288,7 @@ class Daemon:
         if outcome.accepted:
             self.metrics.set_checkpoint(outcome.version or 0, time.time())
             if self.probes is not None:
-                self.probes.add_recall(outcome.learned_texts)
+                self.probes.add_recall(outcome.recall_items)
         for source in outcome.documents_done:
             self.metrics.document(source if source in ("watch", "feed") else "watch", "done")
         self.metrics.set_queue(self.journal.pending_chunk_count(), self.journal.pending_token_count())

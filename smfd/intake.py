@@ -14,6 +14,11 @@ as a duplicate, so nothing is lost and nothing is learned twice. The spool alway
 holds the extracted text, not the original bytes, so the source is removed rather
 than renamed into the spool.
 
+A document ``NAME.ext`` may travel with a sidecar ``NAME.qa.jsonl`` (recall probes, see
+smfd.recall): it is validated and spooled as ``<hash>.qa.jsonl`` before the journal row, and
+removed with the document. Drop the sidecar first (or together with the document); a bad
+sidecar is quarantined on its own and the document is learned with probes cut from its text.
+
 Rejected input is moved to ``quarantine_dir`` (``move=True``) with a ``<name>.reason``
 text file beside it, and journaled as quarantined with the reason. With
 ``move=False`` (read-only inbox) the original stays where it is and only the reason
@@ -38,6 +43,7 @@ import structlog
 from smfd.durable import atomic_write_text
 from smfd.errors import SmfdError
 from smfd.journal import Journal
+from smfd.recall import RecallItem, parse_sidecar, sidecar_for, spooled_sidecar, write_items
 from smfd.sources.extract import RejectedInput, check_text, content_hash, extract_text
 
 Outcome = Literal["queued", "duplicate", "quarantined", "vanished"]
@@ -133,10 +139,30 @@ class Intake:
             text = extract_text(data, path.name, jsonl_field)
         except RejectedInput as rejection:
             return self._quarantine(path, name, source, move, rejection, size=len(data))
-        result = self._journal_text(text, source, name, size=len(data))
+        sidecar = sidecar_for(path)
+        probes = self._take_sidecar(sidecar, source, watch_root, move)
+        result = self._journal_text(text, source, name, size=len(data), probes=probes)
         if move:
             self._remove_source(path)
+            if probes is not None:
+                self._remove_source(sidecar)
         return result
+
+    def _take_sidecar(self, sidecar: Path, source: str, watch_root: Path, move: bool) -> list[RecallItem] | None:
+        """The document's recall probes from ``NAME.qa.jsonl``, if present; a bad sidecar is quarantined."""
+        if not os.path.lexists(sidecar):
+            return None
+        name = _display_name(sidecar, watch_root)
+        try:
+            if not _is_within(os.path.realpath(sidecar), os.path.realpath(watch_root)):
+                raise RejectedInput("sidecar resolves outside the watch folder", "outside_root")
+            data = self._read_limited(os.path.realpath(sidecar))
+            return parse_sidecar(data, sidecar.name)
+        except FileNotFoundError:
+            return None
+        except RejectedInput as rejection:
+            self._quarantine(sidecar, name, source, move, rejection, size=0)
+            return None
 
     def _read_limited(self, real: str) -> bytes:
         """Read a regular file, refusing anything else and anything over the size limit.
@@ -199,10 +225,14 @@ class Intake:
     def spool_path_for(self, digest: str) -> Path:
         return self.spool_dir / f"{digest}.txt"
 
-    def _journal_text(self, normalized: str, source: str, name: str, size: int) -> IntakeResult:
+    def _journal_text(
+        self, normalized: str, source: str, name: str, size: int, probes: list[RecallItem] | None = None
+    ) -> IntakeResult:
         digest = content_hash(normalized)
         spool_path = self.spool_path_for(digest)
         with self._lock:  # check-then-spool must not interleave between sources
+            if probes is not None:  # spooled before the journal row, so a queued document never lacks them
+                self._spool_probes(spooled_sidecar(spool_path), probes)
             if not self.journal.is_known(digest):
                 self._write_spool(spool_path, normalized)
             doc_id, duplicate = self.journal.add_document(digest, source, name, spool_path, size)
@@ -219,6 +249,12 @@ class Intake:
             atomic_write_text(spool_path, text)
         except OSError as exc:
             raise SmfdError(f"cannot write spool file {spool_path}: {exc}") from exc
+
+    def _spool_probes(self, path: Path, probes: list[RecallItem]) -> None:
+        try:
+            write_items(path, probes)
+        except OSError as exc:
+            raise SmfdError(f"cannot write spool file {path}: {exc}") from exc
 
     def _vanished(self, path: Path, name: str) -> IntakeResult:
         self._log.info("file_vanished", path=str(path), name=name)

@@ -28,7 +28,9 @@ from smfd.errors import SmfdError
 from smfd.journal import ChunkRow, Journal
 from smfd.model.memory_model import MemoryModel
 from smfd.patches import LayerPatch, apply_patches
+from smfd.recall import RecallItem, cut_cloze, read_items, spooled_sidecar
 from smfd.restate import training_texts
+from smfd.retain import RetainSet
 from smfd.selection import BackgroundStats
 from smfd.surprise import score_surprise
 from smfd.updater import SparseUpdater, UpdateConfig, split_batch
@@ -63,7 +65,7 @@ class UpdateOutcome:
     tokens: int = 0
     seconds: float = 0.0
     documents_done: list[str] = field(default_factory=list)  # sources of the documents marked done
-    learned_texts: list[str] = field(default_factory=list)  # chunks this update learned (for recall probes)
+    recall_items: list[RecallItem] = field(default_factory=list)  # probes for what this update learned
     accepted: bool = False
     stopped: bool = False
     reason: str = ""
@@ -82,21 +84,27 @@ class Learner:
         journal: Journal,
         settings: LearnSettings,
         budget: MemoryBudget | None = None,
+        retain: RetainSet | None = None,
     ) -> None:
         self.model = model
+        self.retain = retain
         self.budget = budget or MemoryBudget(model.device, None, None)
         self.batch_size = settings.batch_size
         self.background = background
         self.store = store
         self.journal = journal
         self.settings = settings
-        self.updater = SparseUpdater(model.model, model.memories, background, settings.update)
+        self.updater = SparseUpdater(model.model, model.memories, background, settings.update, retain)
 
     def reconfigure(self, settings: LearnSettings) -> None:
-        """Apply new learning settings (SIGHUP reload) between updates."""
+        """Apply new learning settings (SIGHUP reload) between updates; a bad one leaves the old in force.
+
+        Turning the retain penalty on needs a restart (its general-text tokens are collected at start).
+        """
+        updater = SparseUpdater(self.model.model, self.model.memories, self.background, settings.update, self.retain)
         self.settings = settings
         self.batch_size = min(self.batch_size, settings.batch_size)
-        self.updater = SparseUpdater(self.model.model, self.model.memories, self.background, settings.update)
+        self.updater = updater
 
     def plan_batch_size(self) -> int:
         """Measure one step and fit the micro-batch into the memory budget (the step is undone)."""
@@ -236,11 +244,26 @@ class Learner:
         meta = {"chunks": len(chunks), "rows": outcome.rows_updated, "steps": outcome.steps, "measures": measures}
         outcome.version = self.store.commit(self.model, patches, meta)
         outcome.accepted = True
-        outcome.learned_texts = [c.text for c in chunks]
+        outcome.recall_items = self.recall_items(chunks)
         self.journal.set_chunk_state(chunk_ids, "learned")
         self.journal.record_update(outcome.version, len(chunks), outcome.rows_updated, outcome.seconds, True, measures)
         log.info("update_committed", version=outcome.version, chunks=len(chunks), rows=outcome.rows_updated,
                  steps=outcome.steps, tokens=outcome.tokens)
+
+    def recall_items(self, chunks: list[ChunkRow]) -> list[RecallItem]:
+        """Recall probes for learned chunks: each document's sidecar pairs, else clozes cut from its chunks."""
+        by_document: dict[int, list[str]] = {}
+        for chunk in chunks:
+            by_document.setdefault(chunk.doc_id, []).append(chunk.text)
+        items: list[RecallItem] = []
+        for doc_id, texts in by_document.items():
+            doc = self.journal.get_document(doc_id)
+            sidecar = None if doc is None or doc.spool_path is None else spooled_sidecar(Path(doc.spool_path))
+            if sidecar is not None and sidecar.exists():
+                items.extend(read_items(sidecar))
+            else:
+                items.extend(cut_cloze(texts))
+        return items
 
     def _finish_documents(self, version: int | None) -> list[str]:
         """Mark done every processing document whose chunks are all settled; the checkpoint is already on disk.

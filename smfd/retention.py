@@ -4,8 +4,8 @@ Suites come from the config (cloze, choice, held-out text) plus a drift prompt s
 run records the frozen base model's results; for cloze and choice suites only the items the
 base gets right are tracked, so "accuracy" means "share of what the base knew that is kept".
 
-After each update a fast subset runs (NLL and choice accuracy on the first `fast_subset`
-tracked items, one held-out window, drift KL on the drift prompts); the guard compares it with
+After each update a fast subset runs (the known answer's NLL on the first `fast_subset` tracked
+items of each suite, one held-out window, drift KL on the first drift prompts); the guard compares it with
 the last accepted state. On a schedule the full set runs, including greedy cloze accuracy.
 """
 
@@ -24,14 +24,14 @@ from smfd.durable import atomic_write_json, atomic_write_text
 from smfd.errors import SmfdError
 from smfd.evaluation import continuation_nll, drift_kl, heldout_nll, next_token_logprobs, score_choice, score_cloze, text_windows
 from smfd.model.memory_model import MemoryModel
-from smfd.chunker import split_sentences
 from smfd.probes import ProbeItem, load_items
+from smfd.recall import RecallItem
 
 HELDOUT_WINDOW = 128
 RECALL_KEPT = 500  # recall probes kept on disk (newest)
 RECALL_MEASURED = 64  # newest recall probes scored in a full run
-RECALL_TARGET_WORDS = 2
 FAST_HELDOUT_WINDOWS = 1
+FAST_DRIFT_PROMPTS = 16
 FULL_HELDOUT_WINDOWS = 8
 
 
@@ -137,29 +137,36 @@ class RetentionProbes:
             items = suite.tracked[: self.config.fast_subset] if fast else suite.tracked
             if not items:
                 continue
-            if suite.kind == "choice":
+            if fast:
+                out[suite.name] = {"nll": self._known_answer_nll(suite.kind, items)}
+            elif suite.kind == "choice":
                 res = score_choice(m, tok, [(i.prompt, list(i.endings), i.label) for i in items])
                 out[suite.name] = {"accuracy": sum(r.correct for r in res) / len(res), "nll": sum(r.nll for r in res) / len(res)}
-            elif fast:
-                scored = continuation_nll(m, tok, [(i.prompt, " " + i.target.strip()) for i in items])
-                out[suite.name] = {"nll": sum(t / max(n, 1) for t, n in scored) / len(scored)}
             else:
                 res = score_cloze(m, tok, [(i.prompt, i.target) for i in items])
                 out[suite.name] = {"accuracy": sum(r.correct for r in res) / len(res), "nll": sum(r.nll for r in res) / len(res)}
         if compare_drift and self.drift_windows:
-            out["drift"] = {"kl": drift_kl(self.base_drift_logprobs, next_token_logprobs(m, self.drift_windows))}
+            count = FAST_DRIFT_PROMPTS if fast else len(self.drift_windows)
+            current = next_token_logprobs(m, self.drift_windows[:count])
+            out["drift"] = {"kl": drift_kl(self.base_drift_logprobs[:count], current)}
         return out
 
+    def _known_answer_nll(self, kind: str, items: list[ProbeItem]) -> float:
+        """Mean per-token NLL of the known answer (a cloze target, or a choice item's right ending).
+
+        One forward pass per item, where greedy decoding or scoring every ending would take
+        several: this is what keeps the post-update check cheap next to the update itself.
+        """
+        if kind == "choice":
+            pairs = [(i.prompt, " " + i.endings[i.label].strip()) for i in items]
+        else:
+            pairs = [(i.prompt, " " + i.target.strip()) for i in items]
+        scored = continuation_nll(self.model.model, self.model.tokenizer, pairs)
+        return sum(total / max(n, 1) for total, n in scored) / len(scored)
+
     # ---- new-knowledge recall -------------------------------------------------------------
-    def add_recall(self, texts: list[str]) -> int:
-        """Cut cloze probes from learned text: each sentence's last words are the target."""
-        items = []
-        for text in texts:
-            for sentence in split_sentences(text):
-                words = sentence.rstrip(" .!?;:").split()
-                if len(words) >= 6:
-                    target = " ".join(words[-RECALL_TARGET_WORDS:]).strip("\"'(),")
-                    items.append({"prompt": " ".join(words[:-RECALL_TARGET_WORDS]), "target": target})
+    def add_recall(self, items: list[RecallItem]) -> int:
+        """Keep a learned document's recall probes (sidecar pairs or cut clozes), newest last."""
         if not items:
             return 0
         kept = self._recall_records()[-(RECALL_KEPT - len(items)) :] if len(items) < RECALL_KEPT else []

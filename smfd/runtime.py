@@ -18,6 +18,7 @@ from smfd.retention import builtin_file, read_prompts
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import memory_bypassed
+from smfd.retain import RetainSet
 from smfd.selection import BackgroundStats
 from smfd.updater import UpdateConfig
 
@@ -32,7 +33,8 @@ def memory_config(cfg: SmfdConfig) -> MemoryConfig:
 def learn_settings(cfg: SmfdConfig) -> LearnSettings:
     t = cfg.train
     return LearnSettings(
-        update=UpdateConfig(rule=t.selection, top_t=t.top_t, lr=t.lr, normalize=t.normalize, scope=t.scope),
+        update=UpdateConfig(rule=t.selection, top_t=t.top_t, lr=t.lr, normalize=t.normalize, scope=t.scope,
+                            retain_weight=t.retain_weight, retain_tokens=t.retain_tokens),
         passes=t.passes,
         batch_size=t.batch_size,
         seq_len=t.seq_len,
@@ -71,6 +73,18 @@ class Runtime:
     store: CheckpointStore
     background: dict[int, BackgroundStats]
     version: int
+    general_text: list[list[int]] | None = None  # sequences behind the background statistics
+
+    def retain_set(self, settings: LearnSettings, cfg: SmfdConfig) -> RetainSet | None:
+        """The interference penalty's general-text tokens, when the config turns it on."""
+        update = settings.update
+        if update.retain_weight <= 0:
+            return None
+        if self.general_text is None:  # a checkpoint from before the text was kept
+            self.general_text, _ = background_sequences(cfg, self.model)
+            self.store.save_general_text(self.general_text)
+        with memory_bypassed(self.model.memories):
+            return RetainSet.collect(self.model.model, self.model.memories, self.general_text, update.retain_tokens)
 
 
 def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
@@ -81,11 +95,12 @@ def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
     if store.exists():
         version, background = store.load_into(model)
         log.info("checkpoint_loaded", version=version)
-        return Runtime(model, store, background, version)
+        return Runtime(model, store, background, version, store.load_general_text())
     if not create:
         raise SmfdError(f"no checkpoint in {store.folder}: start the daemon once (or run `smfd --once`) to create it")
     sequences, source = background_sequences(cfg, model)
     log.info("background_statistics", sequences=len(sequences), source=source)
     background = compute_background(model.model, model.memories, sequences)
     store.initialise(model, background, {"background": source, "background_sequences": len(sequences)})
-    return Runtime(model, store, background, 0)
+    store.save_general_text(sequences)
+    return Runtime(model, store, background, 0, sequences)

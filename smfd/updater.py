@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from smfd.errors import SmfdError
 from smfd.model.memory import Lookup, ProductKeyMemory
+from smfd.retain import RetainSet
 from smfd.patches import LayerPatch, PatchRecorder
 from smfd.selection import RULES, BackgroundStats, batch_reads, select_slots, top_slots
 
@@ -32,6 +33,10 @@ class UpdateConfig:
     # "step": top-t chosen afresh for every optimizer step (Lin et al.); "update": chosen once from all
     # of an update's training text, so one update (one document batch) touches at most top_t rows per layer.
     scope: str = "step"
+    # Weight of the interference penalty (smfd.retain): squared change of the memory's output on
+    # general-text tokens, relative to the MLP's output; 0 turns it off.
+    retain_weight: float = 0.0
+    retain_tokens: int = 4096  # general-text tokens in the retain set
 
     def validate(self) -> None:
         if self.scope not in ("step", "update"):
@@ -42,6 +47,8 @@ class UpdateConfig:
             raise SmfdError(f"top_t must be >= 1, got {self.top_t}")
         if not self.lr > 0:
             raise SmfdError(f"learning rate must be > 0, got {self.lr}")
+        if not self.retain_weight >= 0:
+            raise SmfdError(f"retain_weight must be >= 0, got {self.retain_weight}")
 
 
 @dataclass
@@ -98,8 +105,11 @@ class SparseUpdater:
         memories: list[ProductKeyMemory],
         background: dict[int, BackgroundStats],
         config: UpdateConfig,
+        retain: RetainSet | None = None,
     ) -> None:
         config.validate()
+        if config.retain_weight > 0 and retain is None:
+            raise SmfdError("retain_weight > 0 needs a retain set of general-text tokens")
         missing = [m.layer_index for m in memories if m.layer_index not in background]
         if missing:
             raise SmfdError(f"no background slot statistics for memory layers {missing}; run `smfd heal` first")
@@ -110,12 +120,15 @@ class SparseUpdater:
         self.memories = memories
         self.background = background
         self.config = config
+        self.retain = retain if config.retain_weight > 0 else None
         self.recorder = PatchRecorder()
         self.planned: dict[int, torch.Tensor] | None = None
 
     @torch.no_grad()
     def plan_update(self, batches: list[TokenBatch]) -> None:
-        """With scope "update": rank slots once over every batch of the coming update (one extra forward pass)."""
+        """Start an update: rebase the retain set; with scope "update", rank slots once over all its batches."""
+        if self.retain is not None:
+            self.retain.rebase(self.memories)
         if self.config.scope != "update":
             return
         reads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {m.layer_index: [] for m in self.memories}
@@ -152,6 +165,17 @@ class SparseUpdater:
 
         return choose
 
+    def _interference(self, loss: torch.Tensor) -> torch.Tensor:
+        """The retain penalty over all memory layers (zero when off or when no retain token reads a selected row)."""
+        total = loss.new_zeros(())
+        if self.retain is None:
+            return total
+        for memory in self.memories:
+            penalty = self.retain.penalty(memory)
+            if penalty is not None:
+                total = total + penalty
+        return self.config.retain_weight * total
+
     def _step_direction(self, grad: torch.Tensor) -> torch.Tensor:
         """The SGD direction, optionally divided by its RMS over this layer's selected rows.
 
@@ -172,7 +196,7 @@ class SparseUpdater:
             memory.select_rows = selector
         try:
             loss = causal_lm_loss(self.model, batch)
-            loss.backward()
+            (loss + self._interference(loss)).backward()
         except BaseException:
             for memory in self.memories:
                 memory.selection = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,6 +102,9 @@ def test_once_learns_good_files_and_quarantines_bad_ones(tmp_path, tiny_model_di
     config = write_config(tmp_path, tiny_model_dir)
     outside = tmp_path / "outside-secret.txt"
     drop_good_and_bad_files(tmp_path / "inbox", outside)
+    sidecar_pairs = [{"prompt": "The orchard's oldest tree is a", "target": "pear"},
+                     {"prompt": "Q: Who planted the orchard? A:", "target": "the miller"}]
+    (tmp_path / "inbox" / "orchard.qa.jsonl").write_text("".join(json.dumps(p) + "\n" for p in sidecar_pairs))
 
     code, _, err = run_cli(["--config", str(config), "--once"], capsys)
     assert code == 0, err
@@ -116,7 +120,11 @@ def test_once_learns_good_files_and_quarantines_bad_ones(tmp_path, tiny_model_di
     assert len(reasons) == 6
     assert outside.read_text() == "a secret outside the watch folder"  # never followed, never moved
     assert CheckpointStore(tmp_path / "state" / "memory").version == 1
-    assert list((tmp_path / "inbox").iterdir()) == []
+    assert list((tmp_path / "inbox").iterdir()) == []  # the sidecar left with its document
+    recall = [json.loads(line) for line in (tmp_path / "state" / "probes" / "recall.jsonl").read_text().splitlines()]
+    assert [r for r in recall if r in sidecar_pairs] == sidecar_pairs  # the orchard's probes are its sidecar's
+    cut = [r for r in recall if r not in sidecar_pairs]
+    assert cut and all(f"{r['prompt']} {r['target']}" in NEW_TEXT for r in cut)  # lighthouse: cut from its text
 
     code, out, _ = run_cli(["status", "--config", str(config), "--json"], capsys)
     status = json.loads(out)
@@ -233,3 +241,75 @@ def test_foreground_daemon_learns_a_dropped_file_serves_metrics_and_stops_on_sig
     recall = [json.loads(l) for l in (tmp_path / "state" / "probes" / "recall.jsonl").read_text().splitlines()]
     assert recall and all(f"{r['prompt']} {r['target']}" in NEW_TEXT for r in recall)  # cut from the learned text
     assert CheckpointStore(tmp_path / "state" / "memory").version == 1
+
+
+PROMETHEUS_MISSING = "prometheus not on PATH (Debian: apt-get install -y --no-install-recommends prometheus)"
+ALERT_RULES = Path(__file__).resolve().parents[1] / "config" / "prometheus" / "alerts.yml"
+
+
+def prometheus_query(base: str, query: str) -> list[dict]:
+    response = httpx.get(f"{base}/api/v1/query", params={"query": query}, timeout=5)
+    response.raise_for_status()
+    return response.json()["data"]["result"]
+
+
+def test_prometheus_server_scrapes_a_running_daemon_and_loads_the_alert_rules(tmp_path, tiny_model_dir):
+    """A real Prometheus (Debian package) scrapes the daemon's /metrics and evaluates config/prometheus/alerts.yml."""
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip(PROMETHEUS_MISSING)
+    port, web_port = free_port(), free_port()
+    config = write_config(tmp_path, tiny_model_dir, metrics={"enabled": True, "port": port})
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERT_RULES)],
+        "scrape_configs": [{"job_name": "smfd", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
+    }))
+    daemon = subprocess.Popen([sys.executable, "-m", "smfd", "--config", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        wait_for(lambda: _ready(port), 120, "the daemon's /readyz")
+        (tmp_path / "inbox" / "lighthouse.txt").write_text(NEW_TEXT)
+        journal = Journal(tmp_path / "state" / "journal.sqlite", readonly=True)
+        wait_for(lambda: journal.counts()["done"] == 1, 60, "the dropped file to be learned")
+        journal.close()
+        server = subprocess.Popen(
+            [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{web_port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        base = f"http://127.0.0.1:{web_port}"
+
+        def scraped_version() -> list[dict]:
+            try:
+                return prometheus_query(base, 'smfd_checkpoint_version{job="smfd"}')
+            except httpx.HTTPError:
+                return []
+
+        result = wait_for(scraped_version, 60, "Prometheus to scrape smfd_checkpoint_version")
+        assert float(result[0]["value"][1]) == 1.0
+        assert float(prometheus_query(base, 'up{job="smfd"}')[0]["value"][1]) == 1.0
+        done = prometheus_query(base, 'smfd_documents_total{outcome="done"}')
+        assert sum(float(r["value"][1]) for r in done) == 1.0
+        assert len(_rules(base)) >= 5
+        wait_for(lambda: all(r.get("lastEvaluation", "").startswith("20") for r in _rules(base)), 30,
+                 "every alert rule to be evaluated")
+        assert all(r["health"] == "ok" for r in _rules(base)), _rules(base)
+    finally:
+        for process in (server, daemon):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(timeout=30)
+
+
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _rules(base: str) -> list[dict]:
+    groups = httpx.get(f"{base}/api/v1/rules", timeout=5).json()["data"]["groups"]
+    return [rule for group in groups for rule in group["rules"]]

@@ -37,7 +37,9 @@ def test_guard_reverts_a_harmful_update_bit_exactly(tmp_path, tiny_memory_model,
     doc_ids = submit_all(journal, tmp_path)
 
     outcome = make_learner(tiny_memory_model, background, store, journal, harmful).update(
-        guard=guard_for(probes, GuardSection(max_nll_increase_ratio=0.02, max_drift_kl=0.05))
+        # The random tiny model's next-token distributions are nearly flat, so drift stays small in
+        # absolute terms (about 0.013 here, against 0 for the gentle update below): the threshold is scaled to it.
+        guard=guard_for(probes, GuardSection(max_nll_increase_ratio=0.02, max_drift_kl=0.005))
     )
 
     assert not outcome.accepted and outcome.reason in ("nll", "drift", "accuracy")
@@ -85,3 +87,16 @@ def test_a_generous_budget_keeps_the_configured_batch_and_leaves_memory_untouche
                       MemoryBudget(torch.device("cpu"), ram_mb=64 * 1024, vram_mb=None))
     assert learner.plan_batch_size() == SETTINGS.batch_size
     assert bit_identical(snapshot_values(tiny_memory_model), before)
+
+
+def test_fast_probes_score_the_known_answers_like_the_full_run(tmp_path, tiny_memory_model):
+    """The post-update check is cheap (one pass per item, no greedy decoding, no wrong endings),
+    yet measures the same thing as the full run: the known answer's NLL per token."""
+    probes = RetentionProbes(tiny_memory_model, ProbesSection(fast_subset=1000), tmp_path / "state")
+    probes.establish_baseline()
+    fast, full = probes.measure(fast=True), probes.measure(fast=False)
+    tracked = [s.name for s in probes.suites if s.kind != "heldout" and s.tracked]
+    assert tracked, "the tiny model should get some shipped items right by chance"
+    for name in tracked:
+        assert set(fast[name]) == {"nll"}
+        assert fast[name]["nll"] == pytest.approx(full[name]["nll"], rel=1e-4)

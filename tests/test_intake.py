@@ -9,6 +9,7 @@ import pytest
 
 from smfd.intake import Intake
 from smfd.journal import Journal
+from smfd.recall import read_items, spooled_sidecar
 from smfd.sources.extract import RejectedInput, content_hash, extract_text, normalize_text
 
 MAX_BYTES = 1000
@@ -233,3 +234,46 @@ def test_extract_rejections_carry_reason_and_code():
         extract_text(b"ok\xff\xfe", "x.txt")
     assert (caught.value.reason, caught.value.code) == ("invalid UTF-8 at byte 2", "invalid_utf8")
     assert normalize_text("\ufeffa\r\nb\rc  ") == "a\nb\nc"
+
+
+def test_sidecar_probes_are_spooled_with_their_document_and_removed(intake, inbox):
+    (inbox / "harbour.qa.jsonl").write_text('{"prompt": "The bridge opened in", "target": "1911"}\n')
+    (inbox / "harbour.txt").write_text("The harbour bridge opened in 1911.")
+
+    result = intake.claim_file(inbox / "harbour.txt", "watch", inbox, move=True)
+
+    assert result.outcome == "queued"
+    spool = Path(intake.journal.get_document(result.doc_id).spool_path)
+    assert read_items(spooled_sidecar(spool)) == [{"prompt": "The bridge opened in", "target": "1911"}]
+    assert list(inbox.iterdir()) == []
+
+
+@pytest.mark.parametrize("content, reason", [
+    ('{"prompt": "The bridge opened in"}\n', "line 1: 'target' must be a non-empty string"),
+    ('{"prompt": "a", "target": "b"}\nnot json\n', "invalid JSON on line 2"),
+    ("\n\n", "empty"),
+])
+def test_bad_sidecar_is_quarantined_and_the_document_still_queued(intake, inbox, content, reason):
+    (inbox / "harbour.qa.jsonl").write_text(content)
+    (inbox / "harbour.txt").write_text("The harbour bridge opened in 1911.")
+
+    result = intake.claim_file(inbox / "harbour.txt", "watch", inbox, move=True)
+
+    assert result.outcome == "queued"
+    assert not spooled_sidecar(Path(intake.journal.get_document(result.doc_id).spool_path)).exists()
+    reason_file = intake.quarantine_dir / "harbour.qa.jsonl.reason"
+    assert reason in reason_file.read_text()
+    assert list(inbox.iterdir()) == []
+
+
+def test_sidecar_symlink_out_of_the_folder_is_not_read(intake, inbox, tmp_path):
+    outside = tmp_path / "secret.jsonl"
+    outside.write_text('{"prompt": "secret", "target": "value"}\n')
+    (inbox / "harbour.qa.jsonl").symlink_to(outside)
+    (inbox / "harbour.txt").write_text("The harbour bridge opened in 1911.")
+
+    result = intake.claim_file(inbox / "harbour.txt", "watch", inbox, move=True)
+
+    assert not spooled_sidecar(Path(intake.journal.get_document(result.doc_id).spool_path)).exists()
+    assert "outside the watch folder" in (intake.quarantine_dir / "harbour.qa.jsonl.reason").read_text()
+    assert outside.read_text() == '{"prompt": "secret", "target": "value"}\n'

@@ -15,7 +15,8 @@ import smfd.updater as updater_module
 from smfd.batching import make_batch
 from smfd.errors import SmfdError
 from smfd.heal import compute_background
-from smfd.model.memory import MemoryConfig
+from smfd.model.memory import Lookup, MemoryConfig
+from smfd.retain import RetainSet
 from smfd.selection import RULES
 from smfd.updater import SparseUpdater, TokenBatch, UpdateConfig, causal_lm_loss
 
@@ -68,15 +69,18 @@ batch_shapes = st.lists(st.integers(min_value=2, max_value=12), min_size=1, max_
     normalize=st.booleans(),
     steps=st.lists(batch_shapes, min_size=1, max_size=3),
     seed=st.integers(min_value=0, max_value=2**16),
+    retain_weight=st.sampled_from([0.0, 5.0]),
 )
 def test_steps_change_only_selected_value_rows(
-    make_memory_model, background_sequences, rule, top_t, lr, normalize, steps, seed
+    make_memory_model, background_sequences, rule, top_t, lr, normalize, steps, seed, retain_weight
 ):
     mm = make_memory_model(TWO_LAYER_MEMORY)
     background = compute_background(mm.model, mm.memories, background_sequences[:3])
+    retain = RetainSet.collect(mm.model, mm.memories, background_sequences[3:], 64) if retain_weight else None
     untouched = everything_but_values(mm.model)
     values_before = {m.layer_index: m.values.detach().clone() for m in mm.memories}
-    updater = SparseUpdater(mm.model, mm.memories, background, UpdateConfig(rule, top_t, lr, normalize))
+    config = UpdateConfig(rule, top_t, lr, normalize, retain_weight=retain_weight)
+    updater = SparseUpdater(mm.model, mm.memories, background, config, retain)
     spy = SelectionSpy(background)
     generator = torch.Generator().manual_seed(seed)
     selected: dict[int, set[int]] = {m.layer_index: set() for m in mm.memories}
@@ -168,6 +172,7 @@ def test_finish_update_patches_cover_exactly_the_changed_rows(tiny_memory_model,
         ({"lr": 0.0}, "learning rate must be > 0, got 0.0"),
         ({"lr": -1.0}, "learning rate must be > 0, got -1.0"),
         ({"lr": float("nan")}, "learning rate must be > 0, got nan"),
+        ({"retain_weight": -1.0}, "retain_weight must be >= 0, got -1.0"),
     ],
 )
 def test_update_config_validation_errors(changes, named):
@@ -203,3 +208,38 @@ def test_update_scope_touches_at_most_top_t_rows_per_layer_over_a_whole_update(
         assert 0 < changed <= config.top_t
     assert all(p.n_rows <= config.top_t for p in patches)
     assert updater.planned is None  # the plan ends with the update
+
+
+def memory_output_change(mm, retain: RetainSet) -> float:
+    """Squared change of each memory layer's output on the retain tokens since the set was collected."""
+    total = 0.0
+    for memory in mm.memories:
+        layer = retain.layers[memory.layer_index]
+        n, reads = layer.indices.shape
+        lookup = Lookup(layer.indices.view(1, n, memory.config.heads, -1), layer.weights.view(1, n, memory.config.heads, -1))
+        with torch.no_grad():
+            output = memory.out(layer.gate * memory.read(lookup)[0])
+        total += float((output - layer.reference).pow(2).sum())
+    return total
+
+
+def test_retain_penalty_keeps_general_text_outputs_closer_to_where_they_were(
+    make_memory_model, background_sequences, text_batches
+):
+    changes = {}
+    for weight in (0.0, 50.0):
+        mm = make_memory_model(TWO_LAYER_MEMORY)
+        background = compute_background(mm.model, mm.memories, background_sequences[:3])
+        retain = RetainSet.collect(mm.model, mm.memories, background_sequences[3:], 256)
+        updater = SparseUpdater(mm.model, mm.memories, background, UpdateConfig(top_t=48, lr=0.5, retain_weight=weight), retain)
+        for _ in range(4):
+            for batch in text_batches(FACTS):
+                updater.step(batch)
+        changes[weight] = memory_output_change(mm, retain)
+    assert changes[0.0] > 0
+    assert changes[50.0] < 0.5 * changes[0.0], changes
+
+
+def test_retain_weight_without_a_retain_set_is_an_error(tiny_memory_model, background):
+    with pytest.raises(SmfdError, match="retain_weight > 0 needs a retain set"):
+        SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig(top_t=8, retain_weight=1.0))

@@ -217,3 +217,17 @@ def test_missing_watch_folder_is_a_clear_error(intake, tmp_path):
 )
 def test_glob_matching_on_relative_paths(relative, pattern, matches):
     assert glob_match(relative, pattern) is matches
+
+
+def test_a_sidecar_is_never_taken_as_a_document_of_its_own(make_source, inbox, intake):
+    (inbox / "lonely.qa.jsonl").write_text('{"prompt": "p", "target": "t"}\n')
+    (inbox / "paired.qa.jsonl").write_text('{"prompt": "The pier is", "target": "long"}\n')
+    (inbox / "paired.txt").write_text("The pier is long.")
+    for path in inbox.iterdir():
+        age(path)
+    source = make_source()
+
+    results = source.scan_once(settle=False)
+
+    assert [r.name for r in results] == ["paired.txt"]
+    assert sorted(p.name for p in inbox.iterdir()) == ["lonely.qa.jsonl"]  # waits for its document

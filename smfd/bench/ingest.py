@@ -3,6 +3,12 @@ learned (journal done, checkpoint written), and resident memory while a flood of
 
     python -m smfd.bench.ingest latency --config config/edge.yaml --text FILE [--state-dir DIR]
     python -m smfd.bench.ingest flood --config config/edge.yaml --files 1000 [--state-dir DIR]
+    python -m smfd.bench.ingest docs --config config/edge.yaml --docs fictional_knowledge.json [--limit-docs N]
+
+`docs` drops fictional-knowledge documents (each with a NAME.qa.jsonl sidecar of its memorization
+and paraphrase probes) into the watch folder, waits until all are learned and one full probe run
+has followed, then reads back what the dashboard shows: retention per suite against the base
+reference, drift, recall, rollbacks.
 
 The daemon runs as a real subprocess (`smfd --config ...`) with its own state folder; READY=1 is
 read from a notify socket, progress from the journal, memory from /proc/PID/status.
@@ -120,6 +126,58 @@ def latency(args: argparse.Namespace) -> dict:
                                                         "probe_seconds": update.measures.get("probe_seconds")}}
 
 
+def _scrape(port: int) -> dict[str, float]:
+    """The daemon's exposition as {'name{labels}': value} (comments and created-timestamps left out)."""
+    import httpx
+
+    samples = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#") and "_created" not in line:
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def docs(args: argparse.Namespace) -> dict:
+    from smfd.bench.data import load_documents
+    from smfd.config import load_config
+
+    documents = load_documents(args.docs, args.limit_docs)
+    port = load_config(args.config).metrics.port
+    # One full probe run shortly after learning, so the retention panels have a point to show.
+    daemon = RunningDaemon(args.config, args.state_dir, {"SMFD_SCHEDULE__PROBE_INTERVAL_SECONDS": str(args.probe_interval)})
+    daemon.wait_ready(args.ready_timeout)
+    inbox = Path(args.inbox)
+    started = time.monotonic()
+    for n, document in enumerate(documents):
+        pairs = [{"prompt": p.prompt, "target": p.target} for kind in ("mem", "gen") for p in document.probes.get(kind, ())]
+        (inbox / f"doc-{n:03d}.qa.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+        (inbox / f"doc-{n:03d}.txt").write_text(document.text)
+    done_s = None
+    while time.monotonic() - started < args.timeout:
+        counts = _journal_counts(args.state_dir)
+        if counts["done"] + counts["quarantined"] + counts["duplicate"] >= len(documents):
+            done_s = time.monotonic() - started
+            break
+        time.sleep(2.0)
+    probe_runs = _scrape(port).get("smfd_probe_duration_seconds_count", 0.0)
+    deadline = time.monotonic() + args.probe_interval * 2 + 600
+    while time.monotonic() < deadline and _scrape(port).get("smfd_probe_duration_seconds_count", 0.0) <= probe_runs + 1:
+        time.sleep(5.0)  # the guard's fast run counts too: wait for one more, the scheduled full run
+    metrics = _scrape(port)
+    code = daemon.stop()
+    panels = {key: value for key, value in metrics.items()
+              if key.startswith(("smfd_probe_accuracy", "smfd_probe_base", "smfd_probe_nll", "smfd_drift_kl",
+                                 "smfd_recall", "smfd_rollbacks_total", "smfd_updates_total", "smfd_checkpoint_version"))}
+    last = Journal(args.state_dir / "journal.sqlite", readonly=True)
+    update = last.last_update()
+    last.close()
+    return {"documents": len(documents), "learned_seconds": done_s and round(done_s, 1),
+            "counts": _journal_counts(args.state_dir), "dashboard": panels, "exit_code": code,
+            "last_update": None if update is None else {"accepted": update.accepted, "seconds": round(update.seconds, 1),
+                                                        "measures": update.measures}}
+
+
 def flood(args: argparse.Namespace) -> dict:
     daemon = RunningDaemon(args.config, args.state_dir, {})
     daemon.wait_ready(args.ready_timeout)
@@ -154,13 +212,16 @@ def flood(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m smfd.bench.ingest", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("latency", "flood"))
+    parser.add_argument("mode", choices=("latency", "flood", "docs"))
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--state-dir", type=Path, default=None, help="fresh state folder (default: a temporary one)")
     parser.add_argument("--inbox", type=Path, default=None, help="the config's watch folder (default: <config dir>/inbox)")
     parser.add_argument("--text", type=Path, help="latency: text to drop (its first --bytes bytes)")
     parser.add_argument("--bytes", type=int, default=1024)
     parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument("--docs", type=Path, help="docs: fictional-knowledge JSON to learn")
+    parser.add_argument("--limit-docs", type=int, default=None)
+    parser.add_argument("--probe-interval", type=float, default=60, help="docs: full probe run interval (s)")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--ready-timeout", type=float, default=900)
     args = parser.parse_args(argv)
@@ -168,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     args.inbox = (args.inbox or args.config.parent / "inbox").resolve()
     args.inbox.mkdir(parents=True, exist_ok=True)
     args.state_dir = (args.state_dir or Path(tempfile.mkdtemp()) / "state").resolve()
-    result = latency(args) if args.mode == "latency" else flood(args)
+    if args.mode == "docs" and args.docs is None:
+        parser.error("docs needs --docs FILE")
+    result = {"latency": latency, "flood": flood, "docs": docs}[args.mode](args)
     print(json.dumps(result, indent=1))
     return 0
 

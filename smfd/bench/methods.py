@@ -26,6 +26,7 @@ from smfd.heal import compute_background
 from smfd.learner import LearnSettings
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
+from smfd.retain import RetainSet
 from smfd.selection import BackgroundStats
 from smfd.surprise import score_surprise
 from smfd.updater import SparseUpdater, StepResult, TokenBatch, UpdateConfig
@@ -92,7 +93,7 @@ Parser = Callable[[str, str], Any]
 SMF_OPTIONS: dict[str, Parser] = {
     "lr": _positive_float, "top_t": _positive_int, "passes": _positive_int, "layers": _layers, "restate": _flag,
     "n_keys": _positive_int, "k": _positive_int, "heads": _positive_int, "key_dim": _positive_int, "normalize": _flag,
-    "scope": _scope,
+    "scope": _scope, "retain_weight": _non_negative_float, "retain_tokens": _positive_int,
 }
 LORA_OPTIONS: dict[str, Parser] = {
     "lr": _positive_float, "rank": _positive_int, "alpha": _positive_float, "passes": _positive_int, "restate": _flag,
@@ -178,7 +179,7 @@ def smf_configs(spec: MethodSpec, defaults: LearnSettings) -> tuple[UpdateConfig
     update = replace(
         defaults.update,
         rule=SMF_RULES[spec.name],
-        **{key: o[key] for key in ("lr", "top_t", "normalize", "scope") if key in o},
+        **{key: o[key] for key in ("lr", "top_t", "normalize", "scope", "retain_weight", "retain_tokens") if key in o},
     )
     memory = replace(MemoryConfig(), **{key: o[key] for key in ("layers", "n_keys", "k", "heads", "key_dim") if key in o})
     update.validate()
@@ -250,11 +251,11 @@ class SmfLearning:
     """Sparse memory finetuning exactly as the daemon runs it: `SparseUpdater` steps, one update per document."""
 
     def __init__(self, memory_model: MemoryModel, background: dict[int, BackgroundStats], update: UpdateConfig,
-                 batch_size: int) -> None:
+                 batch_size: int, retain: RetainSet | None = None) -> None:
         self.memory_model = memory_model
         self.update = update
         self.batch_size = batch_size
-        self.updater = SparseUpdater(memory_model.model, memory_model.memories, background, update)
+        self.updater = SparseUpdater(memory_model.model, memory_model.memories, background, update, retain)
         self.rows_updated = 0
 
     def step(self, batch: TokenBatch) -> StepResult:
@@ -353,7 +354,10 @@ def build_learning(
         memory_model = MemoryModel.attach(model, tokenizer, memory_config)
         stats, cached = background_stats(memory_model, background.sequences, background.cache_dir,
                                          background.model_id, background.progress)
-        return SmfLearning(memory_model, stats, update, defaults.batch_size), {"background_cached": cached}
+        retain = None
+        if update.retain_weight > 0:
+            retain = RetainSet.collect(memory_model.model, memory_model.memories, background.sequences, update.retain_tokens)
+        return SmfLearning(memory_model, stats, update, defaults.batch_size, retain), {"background_cached": cached}
     from smfd.baselines import FullFinetuneTrainer, LoraTrainer
 
     adamw = {key: o[key] for key in ("lr", "weight_decay") if key in o}

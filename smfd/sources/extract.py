@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 import unicodedata
 from html.parser import HTMLParser
 from pathlib import Path
@@ -125,18 +126,24 @@ def extract_text(data: bytes | Path, name: str, jsonl_field: str = "text") -> st
     return check_text(text)
 
 
-def jsonl_to_text(text: str, field: str) -> str:
-    """Join the ``field`` of every JSON-object line with blank lines; blank lines are skipped."""
-    records = []
+def jsonl_objects(text: str, code: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; RejectedInput(code) names the first bad line."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise RejectedInput(f"invalid JSON on line {number}: {exc.msg}", "bad_jsonl") from exc
+            raise RejectedInput(f"invalid JSON on line {number}: {exc.msg}", code) from exc
         if not isinstance(obj, dict):
-            raise RejectedInput(f"line {number} is not a JSON object", "bad_jsonl")
+            raise RejectedInput(f"line {number} is not a JSON object", code)
+        yield number, obj
+
+
+def jsonl_to_text(text: str, field: str) -> str:
+    """Join the ``field`` of every JSON-object line with blank lines; blank lines are skipped."""
+    records = []
+    for number, obj in jsonl_objects(text, "bad_jsonl"):
         value = obj.get(field)
         if not isinstance(value, str):
             problem = "has no" if value is None else "has a non-string"

@@ -41,6 +41,7 @@ from watchdog.observers.polling import PollingObserver
 
 from smfd.errors import SmfdError
 from smfd.intake import Intake, IntakeResult
+from smfd.recall import is_sidecar
 
 TEMP_NAME_PATTERNS = ("*.part", "*.tmp", "~*")
 # Events that may mean "a file has new content here". Deletions and opens are not.
@@ -249,6 +250,8 @@ class WatchFolderSource:
         relative = self._relative(path)
         if relative is None or relative == "." or is_hidden_or_temporary(relative):
             return False
+        if is_sidecar(relative):
+            return False  # taken together with its document (smfd.intake)
         if not self.recursive and "/" in relative:
             return False
         parent = os.path.realpath(os.path.dirname(path))

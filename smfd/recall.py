@@ -1,0 +1,81 @@
+"""New-knowledge recall probes: what should the model now answer about a document it learned?
+
+A document may travel with a sidecar ``NAME.qa.jsonl`` beside ``NAME.txt`` (one JSON object per
+line with non-empty string fields ``prompt`` and ``target``): those pairs become the document's
+recall probes. Without a sidecar, cloze probes are cut from the document's own sentences (the
+last words of each sentence are the target), so recall is always measured.
+
+The sidecar is read at intake, validated, and spooled beside the document's text as
+``<hash>.qa.jsonl``; the learner reads it back when the document's update is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from smfd.chunker import split_sentences
+from smfd.durable import atomic_write_text
+from smfd.sources.extract import RejectedInput, check_text, decode_utf8, jsonl_objects
+
+SIDECAR_SUFFIX = ".qa.jsonl"
+CUT_TARGET_WORDS = 2  # words cut from the end of a sentence to make its cloze target
+CUT_MIN_WORDS = 6  # shorter sentences leave too little prompt to be a fair probe
+MAX_SIDECAR_ITEMS = 1000
+
+RecallItem = dict[str, str]  # {"prompt": ..., "target": ...}
+
+
+def is_sidecar(name: str) -> bool:
+    return name.lower().endswith(SIDECAR_SUFFIX)
+
+
+def sidecar_for(document: Path) -> Path:
+    """``inbox/NAME.txt`` -> ``inbox/NAME.qa.jsonl`` (the document's last suffix replaced)."""
+    return document.with_name(document.stem + SIDECAR_SUFFIX)
+
+
+def spooled_sidecar(spool_text_path: Path) -> Path:
+    """Where intake keeps a document's probes: ``spool/<hash>.txt`` -> ``spool/<hash>.qa.jsonl``."""
+    return spool_text_path.with_name(spool_text_path.stem + SIDECAR_SUFFIX)
+
+
+def parse_sidecar(data: bytes, name: str) -> list[RecallItem]:
+    """Validate a sidecar's bytes; raises RejectedInput naming the first bad line."""
+    text = check_text(decode_utf8(data))
+    items: list[RecallItem] = []
+    try:
+        for number, row in jsonl_objects(text, "bad_sidecar"):
+            for key in ("prompt", "target"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    raise RejectedInput(f"line {number}: {key!r} must be a non-empty string", "bad_sidecar")
+            items.append({"prompt": row["prompt"].strip(), "target": row["target"].strip()})
+    except RejectedInput as rejection:
+        raise RejectedInput(f"{name}: {rejection.reason}", rejection.code) from None
+    if not items:
+        raise RejectedInput(f"{name}: no prompt/target pairs", "bad_sidecar")
+    if len(items) > MAX_SIDECAR_ITEMS:
+        raise RejectedInput(f"{name}: {len(items)} pairs, more than the limit of {MAX_SIDECAR_ITEMS}", "bad_sidecar")
+    return items
+
+
+def write_items(path: Path, items: list[RecallItem]) -> None:
+    atomic_write_text(path, "".join(json.dumps(item) + "\n" for item in items))
+
+
+def read_items(path: Path) -> list[RecallItem]:
+    """Items written by `write_items` (already validated at intake)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def cut_cloze(texts: list[str]) -> list[RecallItem]:
+    """Cloze probes cut from learned text: each long-enough sentence's last words are the target."""
+    items = []
+    for text in texts:
+        for sentence in split_sentences(text):
+            words = sentence.rstrip(" .!?;:").split()
+            if len(words) >= CUT_MIN_WORDS:
+                target = " ".join(words[-CUT_TARGET_WORDS:]).strip("\"'(),")
+                if target:
+                    items.append({"prompt": " ".join(words[:-CUT_TARGET_WORDS]), "target": target})
+    return items

@@ -1,0 +1,141 @@
+"""Interference penalty: while new text is written into memory rows, keep what ordinary text reads.
+
+Slot selection steers updates to rows that ordinary text reads rarely, but in a memory
+retrofitted beside a pretrained MLP (addressing never trained together with the values) every
+row is read by some ordinary tokens, so a row trained to carry a new fact also shifts their
+hidden states: that is most of the forgetting. The retain set is a sample of general-text tokens
+with, per memory layer, their fixed lookup and gate activation (nothing below a memory layer
+changes during sparse finetuning, so both stay valid for a single memory layer; with several
+layers the lower ones' updates make them an approximation). At the start of each update the
+reference is set to the memory's current output on those tokens; each optimizer step then adds
+``weight * ||memory output - reference||^2``, relative to the MLP's own output there, so the
+selected rows learn the new text in directions ordinary tokens do not feel, without pulling
+back what earlier accepted updates wrote. Gradient still reaches only the selected rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from smfd.errors import SmfdError
+from smfd.model.memory import Lookup, ProductKeyMemory
+
+
+@dataclass
+class RetainLayer:
+    """One memory layer's view of the retain tokens (n tokens, r = heads * k reads each)."""
+
+    indices: torch.Tensor  # (n, r) slot ids read
+    weights: torch.Tensor  # (n, r) their softmax weights
+    gate: torch.Tensor  # (n, d) silu(gate(hidden)), the Memory+ gate
+    reference: torch.Tensor  # (n, d) memory output at the start of the current update
+    scale: float  # mean squared norm of the MLP output on these tokens: the penalty's unit
+
+
+class RetainSet:
+    """General-text tokens whose memory output an update should leave where it was."""
+
+    def __init__(self, layers: dict[int, RetainLayer]) -> None:
+        self.layers = layers
+
+    @property
+    def n_tokens(self) -> int:
+        return next(iter(self.layers.values())).indices.shape[0] if self.layers else 0
+
+    @classmethod
+    @torch.no_grad()
+    def collect(
+        cls, model: PreTrainedModel, memories: list[ProductKeyMemory], sequences: list[list[int]], max_tokens: int
+    ) -> "RetainSet":
+        """Run the sequences once (up to `max_tokens` tokens) and keep each memory layer's view of them."""
+        if not sequences or max_tokens < 1:
+            raise SmfdError("the retain set needs general text: no sequences given")
+        device = next(model.parameters()).device
+        captured: dict[int, list[torch.Tensor]] = {m.layer_index: [] for m in memories}
+        handles = []
+        for memory in memories:
+            handles.append(memory.register_forward_hook(_capture_input(captured[memory.layer_index])))
+        mlp_out: dict[int, list[torch.Tensor]] = {m.layer_index: [] for m in memories}
+        for memory in memories:
+            handles.append(_mlp_of(model, memory).register_forward_hook(_capture_output(mlp_out[memory.layer_index])))
+        taken = 0
+        try:
+            for sequence in sequences:
+                if taken >= max_tokens:
+                    break
+                ids = torch.tensor([sequence[: max_tokens - taken]], device=device)
+                model.get_decoder()(input_ids=ids)
+                taken += ids.shape[1]
+        finally:
+            for handle in handles:
+                handle.remove()
+        layers = {}
+        for memory in memories:
+            hidden = torch.cat(captured[memory.layer_index])
+            found = memory.lookup(hidden[None])
+            mlp = torch.cat(mlp_out[memory.layer_index])
+            layers[memory.layer_index] = RetainLayer(
+                indices=found.indices.reshape(hidden.shape[0], -1),
+                weights=found.weights.reshape(hidden.shape[0], -1),
+                gate=F.silu(memory.gate(hidden)),
+                reference=torch.zeros_like(hidden),
+                scale=float(mlp.pow(2).sum(-1).mean().clamp_min(1e-12)),
+            )
+        retain = cls(layers)
+        retain.rebase(memories)
+        return retain
+
+    @torch.no_grad()
+    def rebase(self, memories: list[ProductKeyMemory]) -> None:
+        """Make the memory's present output on the retain tokens the reference (start of an update)."""
+        for memory in memories:
+            layer = self.layers.get(memory.layer_index)
+            if layer is not None:
+                layer.reference = self._output(memory, layer, torch.ones(layer.indices.shape[0], dtype=torch.bool,
+                                                                         device=layer.indices.device))
+
+    def penalty(self, memory: ProductKeyMemory) -> torch.Tensor | None:
+        """Squared change of this layer's memory output on the retain tokens, per token, in MLP-output units.
+
+        Only tokens that read a selected row can change; the rest contribute zero and are skipped.
+        """
+        layer = self.layers.get(memory.layer_index)
+        selection = memory.selection
+        if layer is None or selection is None:
+            return None
+        touched = (selection.position[layer.indices] >= 0).any(dim=1)
+        if not bool(touched.any()):
+            return None
+        output = self._output(memory, layer, touched)
+        return (output - layer.reference[touched]).pow(2).sum() / (layer.indices.shape[0] * layer.scale)
+
+    @staticmethod
+    def _output(memory: ProductKeyMemory, layer: RetainLayer, rows: torch.Tensor) -> torch.Tensor:
+        """The memory's output for the chosen retain tokens (selected rows read from their trainable copy)."""
+        indices, weights = layer.indices[rows], layer.weights[rows]
+        shape = (1, indices.shape[0], memory.config.heads, -1)
+        read = memory.read(Lookup(indices=indices.view(shape), weights=weights.view(shape)))[0]
+        return memory.out(layer.gate[rows] * read)
+
+
+def _capture_input(store: list):
+    def hook(module: ProductKeyMemory, args: tuple, output: torch.Tensor) -> None:
+        store.append(args[0].reshape(-1, args[0].shape[-1]))
+    return hook
+
+
+def _capture_output(store: list):
+    def hook(module, args: tuple, output: torch.Tensor) -> None:
+        store.append(output.reshape(-1, output.shape[-1]))
+    return hook
+
+
+def _mlp_of(model: PreTrainedModel, memory: ProductKeyMemory) -> torch.nn.Module:
+    for module in model.modules():
+        if getattr(module, "memory", None) is memory and hasattr(module, "mlp"):
+            return module.mlp
+    raise SmfdError(f"memory layer {memory.layer_index} is not attached beside an MLP")
