@@ -56,6 +56,7 @@ class MemorySection(BaseModel):
     k: int = Field(32, ge=1)
     key_dim: int = Field(128, ge=1)
     value_init: Literal["zero"] = "zero"
+    query_norm: bool = True  # standardise queries with general-text statistics (spreads slot usage)
     # General text for background slot statistics; None samples text from the frozen model itself.
     background_text: Path | None = None
     background_sequences: int = Field(256, ge=8)
@@ -77,6 +78,7 @@ class TrainSection(BaseModel):
     top_t: int = Field(1000, ge=1)
     lr: float = Field(10.0, gt=0)
     normalize: bool = True  # lr is the RMS change per element of the selected rows per step
+    normalize_once: bool = False  # divide by the update's first gradient RMS only: later steps shrink
     scope: Literal["step", "update"] = "step"  # top_t chosen per optimizer step, or once per update
     retain_weight: float = Field(0.0, ge=0)  # interference penalty on general text (smfd.retain); 0 = off
     retain_tokens: int = Field(4096, ge=1)  # general-text tokens the penalty watches

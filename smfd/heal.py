@@ -18,6 +18,40 @@ from smfd.selection import BackgroundStats
 
 
 @torch.no_grad()
+def calibrate_queries(model: PreTrainedModel, memories: list[ProductKeyMemory], sequences: list[list[int]]) -> None:
+    """Set each memory's query standardisation (per-dimension mean and 1/std) from general text.
+
+    Done once, before any update and before the background statistics (which depend on it); with
+    zero value rows the model's output is unchanged, so the attach stays function-preserving.
+    """
+    wanted = [m for m in memories if m.config.query_norm]
+    if not wanted:
+        return
+    if not sequences:
+        raise SmfdError("query calibration needs general text: the corpus is empty")
+    device = next(model.parameters()).device
+    queries: dict[int, list[torch.Tensor]] = {m.layer_index: [] for m in wanted}
+    handles = [m.register_forward_hook(_collect_queries(queries[m.layer_index])) for m in wanted]
+    try:
+        for seq in sequences:
+            model.get_decoder()(input_ids=torch.tensor([seq], device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for memory in wanted:
+        q = torch.cat(queries[memory.layer_index]).double()
+        memory.query_shift.copy_(q.mean(0).to(memory.query_shift.dtype))
+        memory.query_scale.copy_((1.0 / q.std(0).clamp_min(1e-6)).to(memory.query_scale.dtype))
+
+
+def _collect_queries(store: list[torch.Tensor]):
+    def hook(memory: ProductKeyMemory, args: tuple, output: torch.Tensor) -> None:
+        hidden = args[0]
+        store.append(memory.query(hidden.reshape(-1, hidden.shape[-1])))
+    return hook
+
+
+@torch.no_grad()
 def compute_background(
     model: PreTrainedModel,
     memories: list[ProductKeyMemory],

@@ -12,7 +12,7 @@ from smfd.batching import encode
 from smfd.checkpoint import CheckpointStore
 from smfd.config import SmfdConfig
 from smfd.errors import SmfdError
-from smfd.heal import compute_background, sample_general_text
+from smfd.heal import calibrate_queries, compute_background, sample_general_text
 from smfd.learner import LearnSettings
 from smfd.retention import builtin_file, read_prompts
 from smfd.model.memory import MemoryConfig
@@ -27,13 +27,15 @@ log = structlog.get_logger("smfd.runtime")
 
 def memory_config(cfg: SmfdConfig) -> MemoryConfig:
     m = cfg.memory
-    return MemoryConfig(layers=tuple(m.layers), n_keys=m.n_keys, heads=m.heads, k=m.k, key_dim=m.key_dim)
+    return MemoryConfig(layers=tuple(m.layers), n_keys=m.n_keys, heads=m.heads, k=m.k, key_dim=m.key_dim,
+                        query_norm=m.query_norm)
 
 
 def learn_settings(cfg: SmfdConfig) -> LearnSettings:
     t = cfg.train
     return LearnSettings(
-        update=UpdateConfig(rule=t.selection, top_t=t.top_t, lr=t.lr, normalize=t.normalize, scope=t.scope,
+        update=UpdateConfig(rule=t.selection, top_t=t.top_t, lr=t.lr, normalize=t.normalize,
+                            normalize_once=t.normalize_once, scope=t.scope,
                             retain_weight=t.retain_weight, retain_tokens=t.retain_tokens),
         passes=t.passes,
         batch_size=t.batch_size,
@@ -100,6 +102,7 @@ def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
         raise SmfdError(f"no checkpoint in {store.folder}: start the daemon once (or run `smfd --once`) to create it")
     sequences, source = background_sequences(cfg, model)
     log.info("background_statistics", sequences=len(sequences), source=source)
+    calibrate_queries(model.model, model.memories, sequences)
     background = compute_background(model.model, model.memories, sequences)
     store.initialise(model, background, {"background": source, "background_sequences": len(sequences)})
     store.save_general_text(sequences)

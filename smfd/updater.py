@@ -30,6 +30,9 @@ class UpdateConfig:
     top_t: int = 1000
     lr: float = 10.0
     normalize: bool = True
+    # With normalize: divide by the RMS of the update's first gradient (per layer) instead of each
+    # step's own, so steps shrink as the loss falls instead of staying lr-sized forever.
+    normalize_once: bool = False
     # "step": top-t chosen afresh for every optimizer step (Lin et al.); "update": chosen once from all
     # of an update's training text, so one update (one document batch) touches at most top_t rows per layer.
     scope: str = "step"
@@ -123,10 +126,12 @@ class SparseUpdater:
         self.retain = retain if config.retain_weight > 0 else None
         self.recorder = PatchRecorder()
         self.planned: dict[int, torch.Tensor] | None = None
+        self.grad_scale: dict[int, torch.Tensor] = {}  # normalize_once: 1 / RMS of the update's first gradient
 
     @torch.no_grad()
     def plan_update(self, batches: list[TokenBatch]) -> None:
         """Start an update: rebase the retain set; with scope "update", rank slots once over all its batches."""
+        self.grad_scale = {}
         if self.retain is not None:
             self.retain.rebase(self.memories)
         if self.config.scope != "update":
@@ -176,16 +181,22 @@ class SparseUpdater:
                 total = total + penalty
         return self.config.retain_weight * total
 
-    def _step_direction(self, grad: torch.Tensor) -> torch.Tensor:
-        """The SGD direction, optionally divided by its RMS over this layer's selected rows.
+    def _step_direction(self, layer: int, grad: torch.Tensor) -> torch.Tensor:
+        """The SGD direction, optionally divided by a gradient RMS over this layer's selected rows.
 
         Normalising makes `lr` the RMS change per element whatever the gradient scale: the raw
         gradient of a value row is tiny (each read carries a softmax weight of about 1/k), which
-        otherwise forces learning rates in the thousands that depend on the model.
+        otherwise forces learning rates in the thousands that depend on the model. With
+        `normalize_once` the divisor is fixed at the update's first step, so later steps are
+        plain SGD and shrink as the text is learned.
         """
         if not self.config.normalize:
             return grad
-        return grad / grad.pow(2).mean().sqrt().clamp_min(1e-12)
+        if not self.config.normalize_once:
+            return grad / grad.pow(2).mean().sqrt().clamp_min(1e-12)
+        if layer not in self.grad_scale:
+            self.grad_scale[layer] = 1.0 / grad.pow(2).mean().sqrt().clamp_min(1e-12)
+        return grad * self.grad_scale[layer]
 
     def step(self, batch: TokenBatch) -> StepResult:
         """One forward/backward/SGD step on `batch`; returns the loss before the step."""
@@ -211,7 +222,7 @@ class SparseUpdater:
                 if selection is None or selection.rows.grad is None:
                     memory.selection = None
                     continue
-                selection.rows.sub_(self._step_direction(selection.rows.grad), alpha=self.config.lr)
+                selection.rows.sub_(self._step_direction(memory.layer_index, selection.rows.grad), alpha=self.config.lr)
                 self.recorder.record(memory, selection.slot_ids)
                 rows_selected[memory.layer_index] = memory.commit_selection()
         return StepResult(float(loss.detach()), rows_selected, batch.n_tokens, time.perf_counter() - started)
@@ -219,6 +230,7 @@ class SparseUpdater:
     def finish_update(self) -> list[LayerPatch]:
         """Close the current update: the patches that revert or replay everything since the last call."""
         self.planned = None
+        self.grad_scale = {}
         return self.recorder.finish(self.memories)
 
     def run(self, batches: Iterable[TokenBatch], should_stop: Callable[[], bool] = lambda: False) -> list[StepResult]:

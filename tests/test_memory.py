@@ -10,6 +10,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from smfd.errors import SmfdError
+from smfd.heal import calibrate_queries
 from smfd.model.memory import MemoryConfig, ProductKeyMemory
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import attach_memory, find_memories
@@ -122,7 +123,8 @@ def test_memory_state_round_trips_and_refuses_a_state_from_other_layers(make_mem
     with torch.no_grad():
         source.memories[0].values.uniform_(-1, 1)
     state = source.memory_state()
-    assert set(state) == {"1.query.weight", "1.keys", "1.values", "1.gate.weight", "1.out.weight"}
+    assert set(state) == {"1.query.weight", "1.keys", "1.values", "1.gate.weight", "1.out.weight",
+                          "1.query_shift", "1.query_scale"}
 
     target = make_memory_model()
     target.load_memory_state(state)
@@ -143,3 +145,32 @@ def test_memory_layer_is_deterministic_for_a_seed():
     config = MemoryConfig(layers=(0,), n_keys=16, heads=2, k=4, key_dim=16, seed=3)
     first, second = ProductKeyMemory(32, config, 0), ProductKeyMemory(32, config, 0)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_query_calibration_standardises_queries_and_keeps_logits_bit_identical(
+    make_base_model, tokenizer, memory_config, input_ids, background_sequences
+):
+    base = logits(make_base_model(), input_ids)
+    model = MemoryModel.attach(make_base_model(), tokenizer, memory_config)
+    memory = model.memories[0]
+    hidden = []
+    handle = memory.register_forward_hook(lambda module, args, output: hidden.append(args[0].reshape(-1, args[0].shape[-1])))
+
+    calibrate_queries(model.model, model.memories, background_sequences)
+    with torch.no_grad():
+        for seq in background_sequences:
+            model.model.get_decoder()(input_ids=torch.tensor([seq]))
+    handle.remove()
+
+    with torch.no_grad():
+        queries = (memory.query(torch.cat(hidden)) - memory.query_shift) * memory.query_scale
+    assert queries.mean(0).abs().max() < 1e-3
+    assert torch.allclose(queries.std(0), torch.ones(queries.shape[1]), atol=1e-3)
+    assert torch.equal(logits(model.model, input_ids), base)  # values are still zero: the model is unchanged
+
+
+def test_query_calibration_can_be_turned_off(make_base_model, tokenizer, memory_config, background_sequences):
+    model = MemoryModel.attach(make_base_model(), tokenizer, dataclasses.replace(memory_config, query_norm=False))
+    calibrate_queries(model.model, model.memories, background_sequences)
+    assert torch.equal(model.memories[0].query_shift, torch.zeros_like(model.memories[0].query_shift))
+    assert torch.equal(model.memories[0].query_scale, torch.ones_like(model.memories[0].query_scale))

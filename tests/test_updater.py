@@ -243,3 +243,20 @@ def test_retain_penalty_keeps_general_text_outputs_closer_to_where_they_were(
 def test_retain_weight_without_a_retain_set_is_an_error(tiny_memory_model, background):
     with pytest.raises(SmfdError, match="retain_weight > 0 needs a retain set"):
         SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig(top_t=8, retain_weight=1.0))
+
+
+def test_normalize_once_makes_the_first_step_lr_sized_and_later_steps_shrink(tiny_memory_model, background, text_batches):
+    config = UpdateConfig(top_t=48, lr=0.5, scope="update", normalize_once=True)
+    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, config)
+    batch = text_batches(FACTS, batch_size=2)[0]
+    memory = tiny_memory_model.memories[0]
+    updater.plan_update([batch])
+    step_rms = []
+    for _ in range(12):
+        before = memory.values.detach().clone()
+        updater.step(batch)
+        changed = (memory.values.detach() != before).any(dim=1)
+        step_rms.append(float((memory.values.detach() - before)[changed].pow(2).mean().sqrt()))
+    updater.finish_update()
+    assert step_rms[0] == pytest.approx(0.5, rel=1e-4)
+    assert step_rms[-1] < 0.5 * step_rms[0], step_rms

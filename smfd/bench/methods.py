@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from smfd.batching import make_batch
 from smfd.durable import atomic_write
 from smfd.errors import SmfdError
-from smfd.heal import compute_background
+from smfd.heal import calibrate_queries, compute_background
 from smfd.learner import LearnSettings
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
@@ -93,7 +93,7 @@ Parser = Callable[[str, str], Any]
 SMF_OPTIONS: dict[str, Parser] = {
     "lr": _positive_float, "top_t": _positive_int, "passes": _positive_int, "layers": _layers, "restate": _flag,
     "n_keys": _positive_int, "k": _positive_int, "heads": _positive_int, "key_dim": _positive_int, "normalize": _flag,
-    "scope": _scope, "retain_weight": _non_negative_float, "retain_tokens": _positive_int,
+    "scope": _scope, "normalize_once": _flag, "retain_weight": _non_negative_float, "retain_tokens": _positive_int,
 }
 LORA_OPTIONS: dict[str, Parser] = {
     "lr": _positive_float, "rank": _positive_int, "alpha": _positive_float, "passes": _positive_int, "restate": _flag,
@@ -179,7 +179,7 @@ def smf_configs(spec: MethodSpec, defaults: LearnSettings) -> tuple[UpdateConfig
     update = replace(
         defaults.update,
         rule=SMF_RULES[spec.name],
-        **{key: o[key] for key in ("lr", "top_t", "normalize", "scope", "retain_weight", "retain_tokens") if key in o},
+        **{key: o[key] for key in ("lr", "top_t", "normalize", "normalize_once", "scope", "retain_weight", "retain_tokens") if key in o},
     )
     memory = replace(MemoryConfig(), **{key: o[key] for key in ("layers", "n_keys", "k", "heads", "key_dim") if key in o})
     update.validate()
@@ -189,6 +189,9 @@ def smf_configs(spec: MethodSpec, defaults: LearnSettings) -> tuple[UpdateConfig
 # ---------------------------------------------------------------- background statistics (cached)
 
 
+CALIBRATION = ("query_shift", "query_scale")  # memory buffers set from the same general text
+
+
 def _background_key(memory_config: MemoryConfig, model_id: str, sequences: list[list[int]]) -> str:
     digest = hashlib.sha256(json.dumps({"memory": asdict(memory_config), "model": model_id}, sort_keys=True).encode())
     for seq in sequences:
@@ -196,8 +199,9 @@ def _background_key(memory_config: MemoryConfig, model_id: str, sequences: list[
     return digest.hexdigest()[:20]
 
 
-def _save_background(path: Path, stats: dict[int, BackgroundStats]) -> None:
-    tensors = {}
+def _save_background(path: Path, stats: dict[int, BackgroundStats], memory_model: MemoryModel) -> None:
+    """Background statistics with the query calibration they were counted under."""
+    tensors = {key: t for key, t in memory_model.memory_state().items() if key.endswith(CALIBRATION)}
     for layer, s in stats.items():
         tensors[f"bg.{layer}.counts"] = s.counts.contiguous()
         tensors[f"bg.{layer}.doc_freq"] = s.doc_freq.contiguous()
@@ -205,8 +209,12 @@ def _save_background(path: Path, stats: dict[int, BackgroundStats]) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
-def _load_background(path: Path, layers: list[int]) -> dict[int, BackgroundStats]:
+def _load_background(path: Path, memory_model: MemoryModel) -> dict[int, BackgroundStats]:
     tensors = load_file(str(path))
+    layers = [m.layer_index for m in memory_model.memories]
+    for memory in memory_model.memories:
+        for name in CALIBRATION:
+            getattr(memory, name).copy_(tensors[f"{memory.layer_index}.{name}"])
     return {
         layer: BackgroundStats(
             tensors[f"bg.{layer}.counts"], tensors[f"bg.{layer}.doc_freq"], int(tensors[f"bg.{layer}.n_batches"].item())
@@ -220,11 +228,11 @@ def background_stats(
 ) -> tuple[dict[int, BackgroundStats], bool]:
     """Background read counts for this memory, reused across specs that share the memory shape; (stats, from_cache)."""
     cache = cache_dir / f"background-{_background_key(memory_model.memory_config, model_id, sequences)}.safetensors"
-    layers = [m.layer_index for m in memory_model.memories]
     if cache.is_file():
-        return _load_background(cache, layers), True
+        return _load_background(cache, memory_model), True
+    calibrate_queries(memory_model.model, memory_model.memories, sequences)
     stats = compute_background(memory_model.model, memory_model.memories, sequences, progress=progress)
-    _save_background(cache, stats)
+    _save_background(cache, stats, memory_model)
     return stats, False
 
 

@@ -32,6 +32,10 @@ class MemoryConfig:
     k: int = 32
     key_dim: int = 128
     seed: int = 0
+    # Standardise each query dimension with statistics of general text (smfd.heal.calibrate_queries):
+    # a pretrained model's hidden states share a large common direction, so raw queries all land on
+    # the same popular slots, and a row trained for new text is then read by most ordinary tokens.
+    query_norm: bool = True
 
     @property
     def n_slots(self) -> int:
@@ -95,6 +99,9 @@ class ProductKeyMemory(nn.Module):
         keys = torch.randn(config.heads, 2, config.n_keys, half, generator=generator) * half**-0.5
         self.keys = nn.Parameter(keys)
         self.values = nn.Parameter(torch.zeros(config.n_slots, hidden_size))
+        # Identity until calibrated on general text; saved with the memory like any parameter.
+        self.register_buffer("query_shift", torch.zeros(config.heads * config.key_dim))
+        self.register_buffer("query_scale", torch.ones(config.heads * config.key_dim))
         self.gate = nn.Linear(hidden_size, hidden_size, bias=False)
         nn.init.normal_(self.gate.weight, std=hidden_size**-0.5, generator=generator)
         self.out = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -111,7 +118,7 @@ class ProductKeyMemory(nn.Module):
         cfg = self.config
         batch, seq, _ = hidden.shape
         half = cfg.key_dim // 2
-        query = self.query(hidden).view(batch, seq, cfg.heads, 2, half)
+        query = ((self.query(hidden) - self.query_shift) * self.query_scale).view(batch, seq, cfg.heads, 2, half)
         query = F.layer_norm(query, (half,))
         scores = torch.einsum("bthsd,hsnd->bthsn", query, self.keys)
         top_scores, top_idx = scores.topk(cfg.k, dim=-1)
