@@ -76,10 +76,10 @@ class TrainSection(BaseModel):
 
     selection: Literal["kl", "tfidf", "surprise-kl"] = "kl"
     top_t: int = Field(1000, ge=1)
-    lr: float = Field(10.0, gt=0)
+    lr: float = Field(5.0, gt=0)
     normalize: bool = True  # lr is the RMS change per element of the selected rows per step
     normalize_once: bool = False  # divide by the update's first gradient RMS only: later steps shrink
-    scope: Literal["step", "update"] = "step"  # top_t chosen per optimizer step, or once per update
+    scope: Literal["step", "update"] = "update"  # top_t chosen once per update, or afresh per optimizer step
     retain_weight: float = Field(0.0, ge=0)  # interference penalty on general text (smfd.retain); 0 = off
     retain_tokens: int = Field(4096, ge=1)  # general-text tokens the penalty watches
     passes: int = Field(8, ge=1)

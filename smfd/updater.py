@@ -28,14 +28,14 @@ from smfd.selection import RULES, BackgroundStats, batch_reads, select_slots, to
 class UpdateConfig:
     rule: str = "kl"
     top_t: int = 1000
-    lr: float = 10.0
+    lr: float = 5.0
     normalize: bool = True
     # With normalize: divide by the RMS of the update's first gradient (per layer) instead of each
     # step's own, so steps shrink as the loss falls instead of staying lr-sized forever.
     normalize_once: bool = False
     # "step": top-t chosen afresh for every optimizer step (Lin et al.); "update": chosen once from all
     # of an update's training text, so one update (one document batch) touches at most top_t rows per layer.
-    scope: str = "step"
+    scope: str = "update"
     # Weight of the interference penalty (smfd.retain): squared change of the memory's output on
     # general-text tokens, relative to the MLP's output; 0 turns it off.
     retain_weight: float = 0.0

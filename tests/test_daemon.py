@@ -134,7 +134,7 @@ def test_once_learns_good_files_and_quarantines_bad_ones(tmp_path, tiny_model_di
 
 
 def test_probe_rollback_and_ask_after_learning(tmp_path, tiny_model_dir, capsys):
-    config = write_config(tmp_path, tiny_model_dir, train={"passes": 6, "lr": 3.0})
+    config = write_config(tmp_path, tiny_model_dir, train={"passes": 6, "lr": 3.0, "top_t": 64})
     (tmp_path / "inbox" / "lighthouse.txt").write_text(NEW_TEXT)
     os.utime(tmp_path / "inbox" / "lighthouse.txt", (time.time() - 60,) * 2)
     assert run_cli(["--config", str(config), "--once"], capsys)[0] == 0
