@@ -55,8 +55,19 @@ def continuation_nll(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], batch_size: int = 16
 ) -> list[tuple[float, int]]:
     """For each (context, continuation): summed NLL of the continuation's tokens and their count."""
+    return [(total, n) for total, n, _ in continuation_scores(model, tokenizer, pairs, batch_size)]
+
+
+@torch.no_grad()
+def continuation_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], batch_size: int = 16
+) -> list[tuple[float, int, bool]]:
+    """(summed NLL, token count, every continuation token is the argmax) for each (context, continuation).
+
+    The last is teacher-forced greedy: true exactly when greedy decoding would begin with the continuation.
+    """
     device = next(model.parameters()).device
-    results: list[tuple[float, int]] = []
+    results: list[tuple[float, int, bool]] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         sequences, spans = [], []
@@ -74,7 +85,8 @@ def continuation_nll(
         logits = model.get_output_embeddings()(hidden[rows, cols]).float()
         token_lp = -F.cross_entropy(logits, ids[rows, cols + 1], reduction="none")
         totals = torch.zeros(len(spans), device=device).index_add_(0, rows, token_lp)
-        results.extend((float(-totals[r]), hi - lo) for r, (lo, hi) in enumerate(spans))
+        misses = torch.zeros(len(spans), device=device).index_add_(0, rows, (logits.argmax(-1) != ids[rows, cols + 1]).float())
+        results.extend((float(-totals[r]), hi - lo, bool(misses[r] == 0)) for r, (lo, hi) in enumerate(spans))
     return results
 
 

@@ -22,7 +22,7 @@ import torch
 from smfd.config import GuardSection, ProbesSection, ProbeSuite
 from smfd.durable import atomic_write_json, atomic_write_text
 from smfd.errors import SmfdError
-from smfd.evaluation import continuation_nll, drift_kl, heldout_nll, next_token_logprobs, score_choice, score_cloze, text_windows
+from smfd.evaluation import continuation_scores, drift_kl, heldout_nll, next_token_logprobs, score_choice, score_cloze, text_windows
 from smfd.model.memory_model import MemoryModel
 from smfd.probes import ProbeItem, load_items
 from smfd.recall import RecallItem
@@ -138,7 +138,7 @@ class RetentionProbes:
             if not items:
                 continue
             if fast:
-                out[suite.name] = {"nll": self._known_answer_nll(suite.kind, items)}
+                out[suite.name] = self._known_answer_scores(suite.kind, items)
             elif suite.kind == "choice":
                 res = score_choice(m, tok, [(i.prompt, list(i.endings), i.label) for i in items])
                 out[suite.name] = {"accuracy": sum(r.correct for r in res) / len(res), "nll": sum(r.nll for r in res) / len(res)}
@@ -151,18 +151,23 @@ class RetentionProbes:
             out["drift"] = {"kl": drift_kl(self.base_drift_logprobs[:count], current)}
         return out
 
-    def _known_answer_nll(self, kind: str, items: list[ProbeItem]) -> float:
+    def _known_answer_scores(self, kind: str, items: list[ProbeItem]) -> dict[str, float]:
         """Mean per-token NLL of the known answer (a cloze target, or a choice item's right ending).
 
         One forward pass per item, where greedy decoding or scoring every ending would take
-        several: this is what keeps the post-update check cheap next to the update itself.
+        several: this is what keeps the post-update check cheap next to the update itself. Cloze
+        suites also get a fast accuracy: the share of answers still produced token by token as the
+        argmax (teacher-forced greedy), so the guard's accuracy threshold still applies.
         """
         if kind == "choice":
             pairs = [(i.prompt, " " + i.endings[i.label].strip()) for i in items]
         else:
             pairs = [(i.prompt, " " + i.target.strip()) for i in items]
-        scored = continuation_nll(self.model.model, self.model.tokenizer, pairs)
-        return sum(total / max(n, 1) for total, n in scored) / len(scored)
+        scored = continuation_scores(self.model.model, self.model.tokenizer, pairs)
+        out = {"nll": sum(total / max(n, 1) for total, n, _ in scored) / len(scored)}
+        if kind == "cloze":
+            out["accuracy"] = sum(match for _, _, match in scored) / len(scored)
+        return out
 
     # ---- new-knowledge recall -------------------------------------------------------------
     def add_recall(self, items: list[RecallItem]) -> int:
