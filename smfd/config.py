@@ -221,7 +221,7 @@ class ProbesSection(BaseModel):
 
     builtin: bool = True  # also run the probe set shipped with smfd
     suites: list[ProbeSuite] = Field(default_factory=list)
-    fast_subset: int = Field(32, ge=0)
+    fast_subset: int = Field(8, ge=0)
     drift_prompts: Path | None = None
 
     @field_validator("suites")
