@@ -50,21 +50,22 @@ def _positive_int(key: str, raw: str) -> int:
     return value
 
 
-def _positive_float(key: str, raw: str) -> float:
+def _number(key: str, raw: str) -> float:
     try:
-        value = float(raw)
+        return float(raw)
     except ValueError:
         raise SmfdError(f"option {key}={raw!r} must be a number") from None
+
+
+def _positive_float(key: str, raw: str) -> float:
+    value = _number(key, raw)
     if not value > 0 or value != value or value == float("inf"):
         raise SmfdError(f"option {key}={raw!r} must be a finite number > 0")
     return value
 
 
 def _non_negative_float(key: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SmfdError(f"option {key}={raw!r} must be a number") from None
+    value = _number(key, raw)
     if not 0 <= value < float("inf"):
         raise SmfdError(f"option {key}={raw!r} must be a finite number >= 0")
     return value
