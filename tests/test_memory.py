@@ -64,6 +64,7 @@ def test_attached_memory_is_frozen_and_only_values_start_at_zero(tiny_memory_mod
         ({"k": 17}, "k=17 must be between 1 and memory.n_keys=16"),
         ({"k": 0}, "k=0"),
         ({"heads": 0}, "heads must be >= 1"),
+        ({"read_temperature": 0.0}, "read_temperature must be > 0"),
     ],
 )
 def test_bad_memory_config_raises_smfd_error_naming_the_problem(make_base_model, tokenizer, memory_config, changes, named):
@@ -135,10 +136,31 @@ def test_memory_state_round_trips_and_refuses_a_state_from_other_layers(make_mem
         other.load_memory_state(state)
 
 
+def test_memory_state_without_calibration_buffers_names_the_cause(make_memory_model):
+    state = make_memory_model().memory_state()
+    del state["1.query_shift"], state["1.query_scale"]
+    with pytest.raises(SmfdError, match="saved without query calibration"):
+        make_memory_model().load_memory_state(state)
+
+
 def test_memory_state_with_wrong_shape_is_refused(make_memory_model, memory_config):
     small = make_memory_model(dataclasses.replace(memory_config, n_keys=8, k=4))
     with pytest.raises(SmfdError, match=r"1\.keys has shape \(2, 2, 8, 8\), expected \(2, 2, 16, 8\)"):
         make_memory_model().load_memory_state(small.memory_state())
+
+
+def test_lower_read_temperature_reads_the_same_slots_with_weight_on_the_best():
+    config = MemoryConfig(layers=(0,), n_keys=16, heads=2, k=4, key_dim=16, seed=3)
+    soft = ProductKeyMemory(32, config, 0)
+    sharp = ProductKeyMemory(32, dataclasses.replace(config, read_temperature=0.25), 0)
+    hidden = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+
+    a, b = soft.lookup(hidden), sharp.lookup(hidden)
+
+    assert torch.equal(a.indices, b.indices)
+    assert torch.allclose(b.weights.sum(-1), torch.ones(2, 5, 2))
+    # Sorted best-first, so the first weight is the best slot's: sharper means more of the read lands there.
+    assert bool((b.weights[..., 0] > a.weights[..., 0]).all())
 
 
 def test_memory_layer_is_deterministic_for_a_seed():
