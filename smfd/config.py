@@ -57,6 +57,7 @@ class MemorySection(BaseModel):
     key_dim: int = Field(128, ge=1)
     value_init: Literal["zero"] = "zero"
     query_norm: bool = True  # standardise queries with general-text statistics (spreads slot usage)
+    read_temperature: float = Field(0.3, gt=0)  # softmax temperature of each token's read over its k slots
     # General text for background slot statistics; None samples text from the frozen model itself.
     background_text: Path | None = None
     background_sequences: int = Field(256, ge=8)
@@ -74,9 +75,9 @@ class TrainSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    selection: Literal["kl", "tfidf", "surprise-kl"] = "kl"
+    selection: Literal["kl", "tfidf", "surprise-kl"] = "surprise-kl"
     top_t: int = Field(1000, ge=1)
-    lr: float = Field(5.0, gt=0)
+    lr: float = Field(3.0, gt=0)
     normalize: bool = True  # lr is the RMS change per element of the selected rows per step
     normalize_once: bool = False  # divide by the update's first gradient RMS only: later steps shrink
     scope: Literal["step", "update"] = "update"  # top_t chosen once per update, or afresh per optimizer step
@@ -86,7 +87,7 @@ class TrainSection(BaseModel):
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(128, ge=8)
     restate: bool = True
-    max_documents: int = Field(64, ge=1)  # documents claimed per update
+    max_documents: int = Field(1, ge=1)  # documents claimed per update
 
 
 class ChunkingSection(BaseModel):

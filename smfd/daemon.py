@@ -252,15 +252,22 @@ class Daemon:
         return self.journal.counts()["queued"] + self.journal.pending_chunk_count()
 
     def run_update(self) -> UpdateOutcome | None:
-        """One learning update (learner thread only)."""
+        """Learn what is pending, one update (up to train.max_documents documents) after another (learner thread only).
+
+        Draining here, rather than one update per scheduler tick, keeps small updates (one document
+        each, so the guard can reject a harmful document alone) from idling between ticks.
+        """
         assert self.learner is not None
         self.heartbeats.busy.add("learner")
         try:
-            if not self._pending_work():
-                return None
-            systemd_notify.status("learning")
-            outcome = self.learner.update(self.stop_event.is_set, guard=self.guard)
-            self._record(outcome)
+            outcome = None
+            while self._pending_work() and not self.stop_event.is_set():
+                systemd_notify.status("learning")
+                outcome = self.learner.update(self.stop_event.is_set, guard=self.guard)
+                self._record(outcome)
+                self.heartbeats.beat("learner")
+                if not (outcome.chunks_learned or outcome.chunks_known or outcome.documents):
+                    break
             return outcome
         except Exception as exc:  # noqa: BLE001 - the learner thread must survive; the batch is retried, then quarantined
             log.exception("update_failed", reason=str(exc))
@@ -304,10 +311,7 @@ class Daemon:
         """Take everything pending, learn it, checkpoint, exit."""
         self.start()
         self.poll_sources(settle=False)
-        while self._pending_work() and not self.stop_event.is_set():
-            outcome = self.run_update()
-            if outcome is None or (not outcome.chunks_learned and not outcome.chunks_known and not outcome.documents):
-                break
+        self.run_update()
         self.run_probes()
         self.shutdown()
         return 0

@@ -50,7 +50,7 @@ class LearnSettings:
     chunk_tokens: int = 96
     title_context: bool = True
     skip_below_nats: float = 0.5
-    max_documents: int = 64
+    max_documents: int = 1
 
 
 @dataclass

@@ -119,7 +119,7 @@ def test_once_learns_good_files_and_quarantines_bad_ones(tmp_path, tiny_model_di
     reasons = sorted(p.name for p in (tmp_path / "state" / "quarantine").rglob("*.reason"))
     assert len(reasons) == 6
     assert outside.read_text() == "a secret outside the watch folder"  # never followed, never moved
-    assert CheckpointStore(tmp_path / "state" / "memory").version == 1
+    assert CheckpointStore(tmp_path / "state" / "memory").version == 2  # one update per document by default
     assert list((tmp_path / "inbox").iterdir()) == []  # the sidecar left with its document
     recall = [json.loads(line) for line in (tmp_path / "state" / "probes" / "recall.jsonl").read_text().splitlines()]
     assert [r for r in recall if r in sidecar_pairs] == sidecar_pairs  # the orchard's probes are its sidecar's
@@ -129,7 +129,7 @@ def test_once_learns_good_files_and_quarantines_bad_ones(tmp_path, tiny_model_di
     code, out, _ = run_cli(["status", "--config", str(config), "--json"], capsys)
     status = json.loads(out)
     assert code == 0
-    assert status["documents"]["done"] == 2 and status["checkpoint_version"] == 1
+    assert status["documents"]["done"] == 2 and status["checkpoint_version"] == 2
     assert status["pending_chunks"] == 0 and status["last_update"]["accepted"] is True
 
 

@@ -67,9 +67,17 @@ def test_judge_names_the_measure_that_failed():
     before = {"facts": {"accuracy": 0.9, "nll": 2.0}, "drift": {"kl": 0.01}}
     section = GuardSection(max_accuracy_drop=0.02, max_nll_increase_ratio=0.02, max_drift_kl=0.05)
     assert judge(before, {"facts": {"accuracy": 0.85, "nll": 2.0}}, section) == (False, "accuracy")
-    assert judge(before, {"facts": {"accuracy": 0.9, "nll": 2.1}}, section) == (False, "nll")
+    assert judge({"heldout": {"nll": 2.0}}, {"heldout": {"nll": 2.1}}, section) == (False, "nll")
     assert judge(before, {"drift": {"kl": 0.07}}, section) == (False, "drift")
     assert judge(before, {"facts": {"accuracy": 0.89, "nll": 2.03}, "drift": {"kl": 0.05}}, section) == (True, "")
+
+
+def test_judge_takes_a_fact_suites_accuracy_over_its_answer_nll():
+    section = GuardSection(max_accuracy_drop=0.02, max_nll_increase_ratio=0.02)
+    before = {"facts": {"accuracy": 1.0, "nll": 0.60}}
+    # A 15% rise of a small answer NLL with every answer still right is not a loss of the facts.
+    assert judge(before, {"facts": {"accuracy": 1.0, "nll": 0.69}}, section) == (True, "")
+    assert judge(before, {"facts": {"accuracy": 0.875, "nll": 0.61}}, section) == (False, "accuracy")
 
 
 def test_a_budget_that_cannot_fit_one_sequence_is_a_clear_error(tiny_memory_model, background, store, journal):

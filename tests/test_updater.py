@@ -231,7 +231,7 @@ def test_retain_penalty_keeps_general_text_outputs_closer_to_where_they_were(
         mm = make_memory_model(TWO_LAYER_MEMORY)
         background = compute_background(mm.model, mm.memories, background_sequences[:3])
         retain = RetainSet.collect(mm.model, mm.memories, background_sequences[3:], 256)
-        updater = SparseUpdater(mm.model, mm.memories, background, UpdateConfig(top_t=48, lr=0.5, retain_weight=weight), retain)
+        updater = SparseUpdater(mm.model, mm.memories, background, UpdateConfig(rule="kl", top_t=48, lr=0.5, retain_weight=weight), retain)
         for _ in range(4):
             for batch in text_batches(FACTS):
                 updater.step(batch)
@@ -246,7 +246,7 @@ def test_retain_weight_without_a_retain_set_is_an_error(tiny_memory_model, backg
 
 
 def test_normalize_once_makes_the_first_step_lr_sized_and_later_steps_shrink(tiny_memory_model, background, text_batches):
-    config = UpdateConfig(top_t=48, lr=0.5, scope="update", normalize_once=True)
+    config = UpdateConfig(rule="kl", top_t=48, lr=0.5, scope="update", normalize_once=True)
     updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, config)
     batch = text_batches(FACTS, batch_size=2)[0]
     memory = tiny_memory_model.memories[0]

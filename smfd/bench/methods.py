@@ -95,6 +95,7 @@ SMF_OPTIONS: dict[str, Parser] = {
     "lr": _positive_float, "top_t": _positive_int, "passes": _positive_int, "layers": _layers, "restate": _flag,
     "n_keys": _positive_int, "k": _positive_int, "heads": _positive_int, "key_dim": _positive_int, "normalize": _flag,
     "scope": _scope, "normalize_once": _flag, "retain_weight": _non_negative_float, "retain_tokens": _positive_int,
+    "read_temperature": _positive_float,
 }
 LORA_OPTIONS: dict[str, Parser] = {
     "lr": _positive_float, "rank": _positive_int, "alpha": _positive_float, "passes": _positive_int, "restate": _flag,
@@ -182,7 +183,7 @@ def smf_configs(spec: MethodSpec, defaults: LearnSettings) -> tuple[UpdateConfig
         rule=SMF_RULES[spec.name],
         **{key: o[key] for key in ("lr", "top_t", "normalize", "normalize_once", "scope", "retain_weight", "retain_tokens") if key in o},
     )
-    memory = replace(MemoryConfig(), **{key: o[key] for key in ("layers", "n_keys", "k", "heads", "key_dim") if key in o})
+    memory = replace(MemoryConfig(), **{key: o[key] for key in ("layers", "n_keys", "k", "heads", "key_dim", "read_temperature") if key in o})
     update.validate()
     return update, memory
 

@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
               (';' would end the command). A spec's text is its key in results.json.
               names:  {', '.join(METHOD_NAMES)}
               SMF:    lr, top_t, passes, layers (decoder layers joined by '+', e.g. 12+20), restate (0/1),
-                      n_keys, k, heads, key_dim, normalize (0/1)
+                      n_keys, k, heads, key_dim, read_temperature, normalize (0/1)
               lora:   lr, rank, alpha, passes, restate, weight_decay
               full:   lr, passes, restate, weight_decay
               Unset keys take the engine defaults: SMF the daemon's learn settings and memory config;

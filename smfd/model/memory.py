@@ -36,6 +36,10 @@ class MemoryConfig:
     # a pretrained model's hidden states share a large common direction, so raw queries all land on
     # the same popular slots, and a row trained for new text is then read by most ordinary tokens.
     query_norm: bool = True
+    # Softmax temperature over the k slot scores of each head. Below 1 a token's read concentrates on
+    # its best-matching slots: an update then trains the rows its text really addresses, and ordinary
+    # text that merely has such a row somewhere in its top-k reads it with a small weight.
+    read_temperature: float = 0.3
 
     @property
     def n_slots(self) -> int:
@@ -55,6 +59,8 @@ class MemoryConfig:
             raise SmfdError(f"memory.k={self.k} must be between 1 and memory.n_keys={self.n_keys}")
         if self.heads < 1:
             raise SmfdError(f"memory.heads must be >= 1, got {self.heads}")
+        if not self.read_temperature > 0:
+            raise SmfdError(f"memory.read_temperature must be > 0, got {self.read_temperature}")
 
 
 @dataclass
@@ -126,7 +132,7 @@ class ProductKeyMemory(nn.Module):
         best, flat = combined.flatten(-2).topk(cfg.k, dim=-1)
         idx_a = top_idx[..., 0, :].gather(-1, flat // cfg.k)
         idx_b = top_idx[..., 1, :].gather(-1, flat % cfg.k)
-        return Lookup(indices=idx_a * cfg.n_keys + idx_b, weights=best.softmax(dim=-1))
+        return Lookup(indices=idx_a * cfg.n_keys + idx_b, weights=(best / cfg.read_temperature).softmax(dim=-1))
 
     def read(self, lookup: Lookup) -> torch.Tensor:
         """Weighted sum of value rows over k slots and all heads; selected rows come from the trainable copy."""
