@@ -296,8 +296,8 @@ class Daemon:
             self.metrics.set_checkpoint(outcome.version or 0, time.time())
             if self.probes is not None:
                 self.probes.add_recall(outcome.recall_items)
-        for source in outcome.documents_done:
-            self.metrics.document(source if source in ("watch", "feed") else "watch", "done")
+        for source, settled in outcome.documents_done:
+            self.metrics.document(source if source in ("watch", "feed") else "watch", settled)
         self.metrics.set_queue(self.journal.pending_chunk_count(), self.journal.pending_token_count())
         self._report_memory()
 

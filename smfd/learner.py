@@ -64,7 +64,8 @@ class UpdateOutcome:
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
-    documents_done: list[str] = field(default_factory=list)  # sources of the documents marked done
+    # (source, "done" | "rejected") of each document this update settled; rejected: its chunks were rolled back
+    documents_done: list[tuple[str, str]] = field(default_factory=list)
     recall_items: list[RecallItem] = field(default_factory=list)  # probes for what this update learned
     accepted: bool = False
     stopped: bool = False
@@ -265,13 +266,21 @@ class Learner:
                 items.extend(cut_cloze(texts))
         return items
 
-    def _finish_documents(self, version: int | None) -> list[str]:
+    def _finish_documents(self, version: int | None) -> list[tuple[str, str]]:
         """Mark done every processing document whose chunks are all settled; the checkpoint is already on disk.
 
-        Returns the sources of the documents marked done.
+        Returns (source, outcome) per document: "rejected" when the guard rolled back the chunks it
+        had to learn (none of them learned), else "done". Rejected documents are not retried: the
+        same text would make the same update.
         """
         done = self.journal.finished_processing_ids()
         if not done:
             return []
         self.journal.mark_done(done, self.store.version if version is None else version)
-        return [row.source for row in (self.journal.get_document(i) for i in done) if row is not None]
+        settled = []
+        for doc_id in done:
+            row = self.journal.get_document(doc_id)
+            if row is not None:
+                states = {chunk.state for chunk in self.journal.chunks_for(doc_id)}
+                settled.append((row.source, "rejected" if "rejected" in states and "learned" not in states else "done"))
+        return settled
