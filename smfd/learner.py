@@ -111,9 +111,12 @@ class Learner:
         """Measure one step and fit the micro-batch into the memory budget (the step is undone)."""
         ids = self.model.tokenizer("The quick brown fox jumps over the lazy dog. " * 64, add_special_tokens=False).input_ids
         sequence = ids[: self.settings.seq_len]
+        # The surprise-weighted rule ranks slots by each token's surprise: the measured step needs it too.
+        surprise = self._sequence_surprise([sequence]) if self.settings.update.rule == "surprise-kl" else None
 
         def measure(n: int) -> None:
-            self.updater.step(make_batch([sequence] * n, self.model.tokenizer.pad_token_id).to(self.model.device))
+            batch = make_batch([sequence] * n, self.model.tokenizer.pad_token_id, None if surprise is None else surprise * n)
+            self.updater.step(batch.to(self.model.device))
             apply_patches(self.model.memories, self.updater.finish_update(), revert=True)
 
         self.batch_size = self.budget.plan_batch_size(self.settings.batch_size, measure)

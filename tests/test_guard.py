@@ -95,6 +95,16 @@ def test_a_generous_budget_keeps_the_configured_batch_and_leaves_memory_untouche
     learner = Learner(tiny_memory_model, background, store, journal, SETTINGS,
                       MemoryBudget(torch.device("cpu"), ram_mb=64 * 1024, vram_mb=None))
     assert learner.plan_batch_size() == SETTINGS.batch_size
+
+
+def test_batch_planning_works_with_the_surprise_weighted_rule(tiny_memory_model, background, store, journal,
+                                                              snapshot_values, bit_identical):
+    settings = dataclasses.replace(SETTINGS, update=dataclasses.replace(SETTINGS.update, rule="surprise-kl"))
+    before = snapshot_values(tiny_memory_model)
+    learner = Learner(tiny_memory_model, background, store, journal, settings,
+                      MemoryBudget(torch.device("cpu"), ram_mb=64 * 1024, vram_mb=None))
+    assert learner.plan_batch_size() == settings.batch_size
+    assert bit_identical(snapshot_values(tiny_memory_model), before)  # the measured step is undone
     assert bit_identical(snapshot_values(tiny_memory_model), before)
 
 
