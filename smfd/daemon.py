@@ -42,6 +42,12 @@ log = structlog.get_logger("smfd.daemon")
 HEARTBEAT_STALE_SECONDS = 600.0
 
 
+def _skip_expected_overlap(record: logging.LogRecord) -> bool:
+    """Drop APScheduler's warning that a tick found its job still running: the learner drains the
+    queue inside one run, so an update tick during a long update is normal, not a warning."""
+    return "maximum number of running instances reached" not in record.getMessage()
+
+
 @dataclass
 class StatePaths:
     root: Path
@@ -111,6 +117,7 @@ class Daemon:
     def start(self) -> None:
         configure_logging(self.cfg.logging.level, self.cfg.logging.json_format)
         logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per 1 s poll is noise
+        logging.getLogger("apscheduler.scheduler").addFilter(_skip_expected_overlap)
         self.paths.create()
         self.journal = Journal(self.paths.journal, max_attempts=self.cfg.sources.max_attempts)
         requeued = self.journal.requeue_processing()
