@@ -148,3 +148,14 @@ def test_console_format_for_humans(log_file):
     assert "started" in line and "hunter2" not in line
     with pytest.raises(json.JSONDecodeError):
         json.loads(line)
+
+
+def test_scheduler_tick_during_a_draining_update_is_not_a_warning_but_other_scheduler_warnings_are():
+    from smfd.daemon import _skip_expected_overlap
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("apscheduler.scheduler", logging.WARNING, __file__, 1, message, (), None)
+
+    overlap = 'Execution of job "Daemon.run_update" skipped: maximum number of running instances reached (1)'
+    assert not _skip_expected_overlap(record(overlap))
+    assert _skip_expected_overlap(record('Run time of job "Daemon.run_probes" was missed by 0:00:05'))
