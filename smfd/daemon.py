@@ -303,7 +303,7 @@ class Daemon:
             self.metrics.set_checkpoint(outcome.version or 0, time.time())
             if self.probes is not None:
                 self.probes.add_recall(outcome.recall_items)
-        for source, settled in outcome.documents_done:
+        for source, settled in outcome.documents_settled:
             self.metrics.document(source if source in ("watch", "feed") else "watch", settled)
         self.metrics.set_queue(self.journal.pending_chunk_count(), self.journal.pending_token_count())
         self._report_memory()

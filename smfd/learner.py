@@ -65,7 +65,7 @@ class UpdateOutcome:
     tokens: int = 0
     seconds: float = 0.0
     # (source, "done" | "rejected") of each document this update settled; rejected: its chunks were rolled back
-    documents_done: list[tuple[str, str]] = field(default_factory=list)
+    documents_settled: list[tuple[str, str]] = field(default_factory=list)
     recall_items: list[RecallItem] = field(default_factory=list)  # probes for what this update learned
     accepted: bool = False
     stopped: bool = False
@@ -172,7 +172,7 @@ class Learner:
         outcome = UpdateOutcome(documents=self.chunk_claimed_documents())
         chunks = self.journal.pending_chunks()
         if not chunks:
-            outcome.documents_done = self._finish_documents(self.store.version)
+            outcome.documents_settled = self._finish_documents(self.store.version)
             return outcome
         learn, known, outcome.surprise = self.split_known(chunks)
         if known:
@@ -186,7 +186,7 @@ class Learner:
             self._accept_or_reject(learn, patches, outcome, guard)
         else:
             outcome.version = self.store.version
-        outcome.documents_done = self._finish_documents(outcome.version)
+        outcome.documents_settled = self._finish_documents(outcome.version)
         if not outcome.seconds:
             outcome.seconds = time.perf_counter() - started
         return outcome

@@ -48,7 +48,7 @@ def test_guard_reverts_a_harmful_update_bit_exactly(tmp_path, tiny_memory_model,
     last = journal.last_update()
     assert last is not None and not last.accepted and "after" in last.measures
     assert {c.state for d in doc_ids for c in journal.chunks_for(d)} == {"rejected"}
-    assert sorted(outcome.documents_done) == [("watch", "rejected")] * len(doc_ids)  # counted as rejected, not done
+    assert sorted(outcome.documents_settled) == [("watch", "rejected")] * len(doc_ids)  # counted as rejected, not done
 
 
 def test_guard_accepts_a_gentle_update(tmp_path, tiny_memory_model, background, store, journal):

@@ -82,7 +82,7 @@ def test_update_learns_queued_documents_and_marks_them_done_with_the_checkpoint_
     assert outcome.steps > 0 and outcome.rows_updated > 0 and outcome.tokens > 0
     assert seen_by_guard == [True], "the guard judges the model with the update applied"
     assert [(d.state, d.checkpoint_version) for d in map(journal.get_document, doc_ids)] == [("done", 1), ("done", 1)]
-    assert outcome.documents_done == [("watch", "done"), ("watch", "done")]
+    assert outcome.documents_settled == [("watch", "done"), ("watch", "done")]
     assert {c.state for c in chunks} == {"learned"}
     update = journal.last_update()
     assert (update.version, update.accepted, update.n_chunks, update.measures) == (1, True, len(chunks), {"drift": 0.01})
