@@ -70,6 +70,16 @@ class MemorySection(BaseModel):
         return self
 
 
+class HealSection(BaseModel):
+    """Training of the memory's addressing on the general text, once, when the state is created."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(300, ge=0)  # 0 = off
+    lr: float = Field(1e-3, gt=0)
+    tokens_per_step: int = Field(1024, ge=2)
+
+
 class TrainSection(BaseModel):
     """How memory slots are chosen and updated for each batch of new text."""
 
@@ -77,7 +87,7 @@ class TrainSection(BaseModel):
 
     selection: Literal["kl", "tfidf", "surprise-kl"] = "surprise-kl"
     top_t: int = Field(1000, ge=1)
-    lr: float = Field(3.0, gt=0)
+    lr: float = Field(5.0, gt=0)
     normalize: bool = True  # lr is the RMS change per element of the selected rows per step
     normalize_once: bool = False  # divide by the update's first gradient RMS only: later steps shrink
     scope: Literal["step", "update"] = "update"  # top_t chosen once per update, or afresh per optimizer step
@@ -255,6 +265,7 @@ class SmfdConfig(BaseModel):
 
     model: ModelSection = Field(default_factory=ModelSection)
     memory: MemorySection = Field(default_factory=MemorySection)
+    heal: HealSection = Field(default_factory=HealSection)
     train: TrainSection = Field(default_factory=TrainSection)
     chunking: ChunkingSection = Field(default_factory=ChunkingSection)
     surprise: SurpriseSection = Field(default_factory=SurpriseSection)

@@ -1,11 +1,16 @@
 """Healing and background statistics for freshly attached memory layers.
 
+Query calibration standardises the memory's queries on general text; healing then trains the
+addressing (query projection and keys) so that general text spreads evenly over the slots.
 Background statistics record how often general text reads each slot; slot selection then
-prefers slots that new facts read and ordinary text does not. Healing (optional) trains the
-memory's own parameters on general text so that addressing becomes meaningful.
+prefers slots that new facts read and ordinary text does not. None of it changes the model's
+output: value rows stay zero until the first update.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -13,8 +18,35 @@ from tqdm import tqdm
 
 from smfd.errors import SmfdError
 from smfd.evaluation import left_padded
-from smfd.model.memory import ProductKeyMemory
+from smfd.model.memory import Lookup, ProductKeyMemory
 from smfd.selection import BackgroundStats
+
+
+@torch.no_grad()
+def memory_inputs(model: PreTrainedModel, memories: list[ProductKeyMemory], sequences: list[list[int]]) -> dict[int, torch.Tensor]:
+    """The hidden states entering each memory layer over general text, (tokens, hidden) per layer.
+
+    Run while every value row is zero (before any update): the model is then the base model, so
+    these are exactly the base model's hidden states and stay valid while the addressing is tuned.
+    """
+    if not sequences:
+        raise SmfdError("query calibration and healing need general text: the corpus is empty")
+    device = next(model.parameters()).device
+    captured: dict[int, list[torch.Tensor]] = {m.layer_index: [] for m in memories}
+    handles = [m.register_forward_hook(_collect_inputs(captured[m.layer_index])) for m in memories]
+    try:
+        for seq in sequences:
+            model.get_decoder()(input_ids=torch.tensor([seq], device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: torch.cat(parts) for layer, parts in captured.items()}
+
+
+def _collect_inputs(store: list[torch.Tensor]):
+    def hook(memory: ProductKeyMemory, args: tuple, output: torch.Tensor) -> None:
+        store.append(args[0].reshape(-1, args[0].shape[-1]))
+    return hook
 
 
 @torch.no_grad()
@@ -25,30 +57,128 @@ def calibrate_queries(model: PreTrainedModel, memories: list[ProductKeyMemory], 
     zero value rows the model's output is unchanged, so the attach stays function-preserving.
     """
     wanted = [m for m in memories if m.config.query_norm]
-    if not wanted:
-        return
-    if not sequences:
-        raise SmfdError("query calibration needs general text: the corpus is empty")
-    device = next(model.parameters()).device
-    queries: dict[int, list[torch.Tensor]] = {m.layer_index: [] for m in wanted}
-    handles = [m.register_forward_hook(_collect_queries(queries[m.layer_index])) for m in wanted]
-    try:
-        for seq in sequences:
-            model.get_decoder()(input_ids=torch.tensor([seq], device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    for memory in wanted:
-        q = torch.cat(queries[memory.layer_index]).double()
+    if wanted:
+        calibrate_from_inputs(wanted, memory_inputs(model, wanted, sequences))
+
+
+@torch.no_grad()
+def calibrate_from_inputs(memories: list[ProductKeyMemory], inputs: dict[int, torch.Tensor]) -> None:
+    for memory in memories:
+        if not memory.config.query_norm:
+            continue
+        q = memory.query(inputs[memory.layer_index]).double()
         memory.query_shift.copy_(q.mean(0).to(memory.query_shift.dtype))
         memory.query_scale.copy_((1.0 / q.std(0).clamp_min(1e-6)).to(memory.query_scale.dtype))
 
 
-def _collect_queries(store: list[torch.Tensor]):
-    def hook(memory: ProductKeyMemory, args: tuple, output: torch.Tensor) -> None:
-        hidden = args[0]
-        store.append(memory.query(hidden.reshape(-1, hidden.shape[-1])))
-    return hook
+@dataclass(frozen=True)
+class HealConfig:
+    """Training of the memory's addressing (query projection and keys) on general text.
+
+    The loss is KL(read mass per slot || uniform): ordinary text stops crowding onto popular
+    slots, so a row an update trains for new text is read by few ordinary tokens. The optimiser
+    gets there mostly by spreading each token's read over its k slots (higher read entropy);
+    adding the read entropy to the loss, to keep reads sharp (maximising the mutual information
+    of token and slot), forgot more in our measurements. Value rows stay zero, so the model stays
+    exactly the base model. `steps` 0 turns it off.
+    """
+
+    steps: int = 300
+    lr: float = 1e-3
+    tokens_per_step: int = 1024
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise SmfdError(f"heal steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise SmfdError(f"heal lr must be > 0, got {self.lr}")
+        if self.tokens_per_step < 2:
+            raise SmfdError(f"heal tokens_per_step must be >= 2, got {self.tokens_per_step}")
+
+
+@dataclass(frozen=True)
+class HealReport:
+    """What a healing run did, at its first and last step (mean of the last 10), and its cost.
+
+    imbalance: KL(read mass per slot || uniform), nats; read_entropy: mean entropy of one head's read, nats.
+    """
+
+    steps: int
+    first_imbalance: float
+    last_imbalance: float
+    first_read_entropy: float
+    last_read_entropy: float
+    seconds: float
+
+
+def usage_imbalance(memory: ProductKeyMemory, lookup: Lookup) -> torch.Tensor:
+    """KL(read mass per slot || uniform) over the tokens of `lookup`, in nats (0 = perfectly even)."""
+    usage = torch.zeros(memory.config.n_slots, dtype=lookup.weights.dtype, device=lookup.weights.device)
+    usage = usage.index_add(0, lookup.indices.reshape(-1), lookup.weights.reshape(-1))
+    usage = usage / usage.sum().clamp_min(1e-12)
+    read = usage > 0
+    return (usage[read] * (usage[read] * memory.config.n_slots).log()).sum()
+
+
+def read_entropy(lookup: Lookup) -> torch.Tensor:
+    """Mean entropy of one head's read over its k slots, in nats (0 = one slot, log k = even)."""
+    return -(lookup.weights * lookup.weights.clamp_min(1e-30).log()).sum(-1).mean()
+
+
+def heal_addressing(memories: list[ProductKeyMemory], inputs: dict[int, torch.Tensor], config: HealConfig) -> HealReport | None:
+    """Adam on each memory's query projection and keys, minimising the slot-usage imbalance.
+
+    `inputs` are the base model's hidden states at each memory layer (`memory_inputs`): the
+    addressing is all that changes, so one forward pass over the corpus serves every step.
+    """
+    config.validate()
+    if config.steps == 0:
+        return None
+    if any(v.abs().sum() > 0 for m in memories for v in [m.values.detach()]):
+        raise SmfdError("healing must run before any update: a memory already has trained value rows")
+    params = [p for m in memories for p in (m.query.weight, m.keys)]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    imbalances: list[float] = []
+    entropies: list[float] = []
+    started = time.perf_counter()
+    for param in params:
+        param.requires_grad_(True)
+    try:
+        for _ in range(config.steps):
+            optimizer.zero_grad(set_to_none=True)
+            imbalance, entropy = torch.zeros(()), torch.zeros(())
+            for memory in memories:
+                hidden = inputs[memory.layer_index]
+                pick = torch.randint(hidden.shape[0], (min(config.tokens_per_step, hidden.shape[0]),), generator=generator)
+                found = memory.lookup(hidden[pick.to(hidden.device)][None])
+                imbalance = imbalance + usage_imbalance(memory, found) / len(memories)
+                entropy = entropy + read_entropy(found).detach() / len(memories)
+            imbalance.backward()
+            optimizer.step()
+            imbalances.append(float(imbalance.detach()))
+            entropies.append(float(entropy.detach()))
+    finally:
+        for param in params:
+            param.requires_grad_(False)
+            param.grad = None
+    return HealReport(len(imbalances), imbalances[0], _tail_mean(imbalances), entropies[0], _tail_mean(entropies),
+                      time.perf_counter() - started)
+
+
+def _tail_mean(values: list[float]) -> float:
+    tail = values[-10:]
+    return sum(tail) / len(tail)
+
+
+def prepare_addressing(
+    model: PreTrainedModel, memories: list[ProductKeyMemory], sequences: list[list[int]], heal: HealConfig
+) -> HealReport | None:
+    """Query calibration, then healing, from one pass over the general text (before background statistics)."""
+    inputs = memory_inputs(model, memories, sequences)
+    calibrate_from_inputs(memories, inputs)
+    return heal_addressing(memories, inputs, heal)
 
 
 @torch.no_grad()
@@ -115,3 +245,4 @@ def sample_general_text(
     finally:
         torch.random.set_rng_state(generator_state)
     return sequences
+

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import structlog
@@ -12,7 +12,7 @@ from smfd.batching import encode
 from smfd.checkpoint import CheckpointStore
 from smfd.config import SmfdConfig
 from smfd.errors import SmfdError
-from smfd.heal import calibrate_queries, compute_background, sample_general_text
+from smfd.heal import HealConfig, compute_background, prepare_addressing, sample_general_text
 from smfd.learner import LearnSettings
 from smfd.retention import builtin_file, read_prompts
 from smfd.model.memory import MemoryConfig
@@ -29,6 +29,10 @@ def memory_config(cfg: SmfdConfig) -> MemoryConfig:
     m = cfg.memory
     return MemoryConfig(layers=tuple(m.layers), n_keys=m.n_keys, heads=m.heads, k=m.k, key_dim=m.key_dim,
                         query_norm=m.query_norm, read_temperature=m.read_temperature)
+
+
+def heal_config(cfg: SmfdConfig) -> HealConfig:
+    return HealConfig(steps=cfg.heal.steps, lr=cfg.heal.lr, tokens_per_step=cfg.heal.tokens_per_step)
 
 
 def learn_settings(cfg: SmfdConfig) -> LearnSettings:
@@ -102,8 +106,12 @@ def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
         raise SmfdError(f"no checkpoint in {store.folder}: start the daemon once (or run `smfd --once`) to create it")
     sequences, source = background_sequences(cfg, model)
     log.info("background_statistics", sequences=len(sequences), source=source)
-    calibrate_queries(model.model, model.memories, sequences)
+    meta = {"background": source, "background_sequences": len(sequences)}
+    healed = prepare_addressing(model.model, model.memories, sequences, heal_config(cfg))
+    if healed is not None:
+        log.info("memory_healed", **asdict(healed))
+        meta["heal"] = asdict(healed)
     background = compute_background(model.model, model.memories, sequences)
-    store.initialise(model, background, {"background": source, "background_sequences": len(sequences)})
+    store.initialise(model, background, meta)
     store.save_general_text(sequences)
     return Runtime(model, store, background, 0, sequences)

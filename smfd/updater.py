@@ -28,7 +28,7 @@ from smfd.selection import RULES, BackgroundStats, batch_reads, select_slots, to
 class UpdateConfig:
     rule: str = "surprise-kl"
     top_t: int = 1000
-    lr: float = 3.0
+    lr: float = 5.0
     normalize: bool = True
     # With normalize: divide by the RMS of the update's first gradient (per layer) instead of each
     # step's own, so steps shrink as the loss falls instead of staying lr-sized forever.
@@ -115,7 +115,7 @@ class SparseUpdater:
             raise SmfdError("retain_weight > 0 needs a retain set of general-text tokens")
         missing = [m.layer_index for m in memories if m.layer_index not in background]
         if missing:
-            raise SmfdError(f"no background slot statistics for memory layers {missing}; run `smfd heal` first")
+            raise SmfdError(f"no background slot statistics for memory layers {missing} (smfd.heal.compute_background makes them)")
         for memory in memories:
             if config.top_t > memory.config.n_slots:
                 raise SmfdError(f"top_t={config.top_t} exceeds the {memory.config.n_slots} slots of layer {memory.layer_index}")

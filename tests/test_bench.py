@@ -12,9 +12,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from smfd.bench.methods import parse_method_specs, smf_configs
+from smfd.bench.methods import heal_config_of, parse_method_specs, smf_configs
 from smfd.bench.runner import main
 from smfd.errors import SmfdError
+from smfd.heal import HealConfig
 from smfd.learner import LearnSettings
 from smfd.model.memory import MemoryConfig
 
@@ -153,6 +154,7 @@ def test_bench_runs_every_method_on_the_same_data(model_dir: Path, data: dict[st
     # Same memory shape and background text: the statistics are computed once and reused.
     assert [entry["cost"]["background_cached"] for entry in smf] == [False, True, True]
     assert smf[2]["settings"]["update"]["lr"] == 0.5 and smf[0]["settings"]["update"]["lr"] == LearnSettings().update.lr
+    assert smf[0]["settings"]["heal"]["steps"] == HealConfig().steps
     assert results["methods"]["full"]["retain"]["drift_kl"] > 0
 
     ranges = results["data"]["ranges"]
@@ -232,3 +234,12 @@ def test_method_specs_override_only_what_they_name() -> None:
     assert specs[2].options == {"lr": 1e-3, "rank": 8}
     with pytest.raises(SmfdError, match="more than once"):
         parse_method_specs(["lora,lora"])
+
+
+def test_heal_options_of_a_spec() -> None:
+    changed, unhealed, plain = parse_method_specs(["smf-kl:heal_steps=50;heal_lr=3e-3", "smf-kl:heal_steps=0", "smf-kl"])
+    assert heal_config_of(changed) == HealConfig(steps=50, lr=3e-3)
+    assert heal_config_of(unhealed).steps == 0
+    assert heal_config_of(plain) == HealConfig()  # the engine's default healing
+    with pytest.raises(SmfdError, match="heal_steps='-1' must be >= 0"):
+        parse_method_specs(["smf-kl:heal_steps=-1"])

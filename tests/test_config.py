@@ -9,6 +9,8 @@ import pytest
 
 from smfd.config import SmfdConfig, describe, load_config, validate_model_path
 from smfd.errors import ConfigError
+from smfd.heal import HealConfig
+from smfd.runtime import heal_config
 
 EDGE_YAML = Path(__file__).resolve().parent.parent / "config" / "edge.yaml"
 
@@ -48,11 +50,16 @@ def test_edge_yaml_states_the_schema_defaults():
     """The shipped file documents the defaults; drifting from them would mislead readers."""
     shipped = load_config(EDGE_YAML, environ={})
     expected = SmfdConfig()
-    sections = ("memory", "train", "chunking", "surprise", "schedule", "budget", "metrics", "logging", "guard")
+    sections = ("memory", "heal", "train", "chunking", "surprise", "schedule", "budget", "metrics", "logging", "guard")
     for section in sections:
         assert getattr(shipped, section) == getattr(expected, section), section
     assert shipped.model.model_copy(update={"cache_dir": None}) == expected.model
     assert shipped.sources.watch[0].model_copy(update={"path": Path("./inbox")}) == expected.sources.watch[0]
+
+
+def test_daemon_heals_like_the_benchmark_by_default():
+    """`smfd bench` measures the engine's HealConfig defaults; the daemon must run the same."""
+    assert heal_config(SmfdConfig()) == HealConfig()
 
 
 def test_relative_paths_resolve_against_config_folder_not_cwd(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 
 from smfd.checkpoint import CheckpointStore
@@ -64,6 +65,9 @@ def write_config(folder: Path, model_dir: Path, **overrides) -> Path:
         "budget": {"ram_mb": None},
         "probes": {"builtin": True, "fast_subset": 4},
         "guard": {"max_nll_increase_ratio": 10.0, "max_accuracy_drop": 1.0, "max_drift_kl": 100.0},
+        # 300 healing steps on 256 background tokens would fit a 256-slot memory to them; the
+        # healing test below turns it on.
+        "heal": {"steps": 0},
     }
     for section, values in overrides.items():
         config[section].update(values)
@@ -71,6 +75,22 @@ def write_config(folder: Path, model_dir: Path, **overrides) -> Path:
     path.write_text(yaml.safe_dump(config))
     (folder / "inbox").mkdir(exist_ok=True)
     return path
+
+
+def test_healing_runs_once_when_the_state_is_created_and_is_kept_in_version_0(tmp_path, tiny_model_dir):
+    from smfd.config import load_config
+    from smfd.runtime import open_runtime
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, heal={"steps": 5}))
+    runtime = open_runtime(cfg)
+    healed_keys = runtime.model.memories[0].keys.detach().clone()
+    history = CheckpointStore(cfg.state_dir / "memory").manifest()["history"]
+
+    assert history[0]["heal"]["steps"] == 5
+    assert history[0]["heal"]["last_imbalance"] >= 0
+    reopened = open_runtime(cfg)  # a restart loads the healed addressing instead of healing again
+    assert torch.equal(reopened.model.memories[0].keys.detach(), healed_keys)
+    assert reopened.version == 0
 
 
 def drop_good_and_bad_files(inbox: Path, outside: Path) -> None:

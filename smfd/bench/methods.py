@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from smfd.batching import make_batch
 from smfd.durable import atomic_write
 from smfd.errors import SmfdError
-from smfd.heal import calibrate_queries, compute_background
+from smfd.heal import HealConfig, compute_background, prepare_addressing
 from smfd.learner import LearnSettings
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
@@ -40,14 +40,22 @@ SMF_RULES = {"smf-kl": "kl", "smf-tfidf": "tfidf", "smf-surprise-kl": "surprise-
 METHOD_NAMES = (*SMF_RULES, "lora", "full")
 
 
-def _positive_int(key: str, raw: str) -> int:
+def _int_at_least(low: int, key: str, raw: str) -> int:
     try:
         value = int(raw)
     except ValueError:
         raise SmfdError(f"option {key}={raw!r} must be a whole number") from None
-    if value < 1:
-        raise SmfdError(f"option {key}={raw!r} must be >= 1")
+    if value < low:
+        raise SmfdError(f"option {key}={raw!r} must be >= {low}")
     return value
+
+
+def _positive_int(key: str, raw: str) -> int:
+    return _int_at_least(1, key, raw)
+
+
+def _non_negative_int(key: str, raw: str) -> int:
+    return _int_at_least(0, key, raw)
 
 
 def _number(key: str, raw: str) -> float:
@@ -95,7 +103,7 @@ SMF_OPTIONS: dict[str, Parser] = {
     "lr": _positive_float, "top_t": _positive_int, "passes": _positive_int, "layers": _layers, "restate": _flag,
     "n_keys": _positive_int, "k": _positive_int, "heads": _positive_int, "key_dim": _positive_int, "normalize": _flag,
     "scope": _scope, "normalize_once": _flag, "retain_weight": _non_negative_float, "retain_tokens": _positive_int,
-    "read_temperature": _positive_float,
+    "read_temperature": _positive_float, "heal_steps": _non_negative_int, "heal_lr": _positive_float,
 }
 LORA_OPTIONS: dict[str, Parser] = {
     "lr": _positive_float, "rank": _positive_int, "alpha": _positive_float, "passes": _positive_int, "restate": _flag,
@@ -188,22 +196,31 @@ def smf_configs(spec: MethodSpec, defaults: LearnSettings) -> tuple[UpdateConfig
     return update, memory
 
 
+def heal_config_of(spec: MethodSpec) -> HealConfig:
+    """Healing settings of an SMF spec: the engine's defaults, then the spec's `heal_steps` / `heal_lr`."""
+    o = spec.options
+    config = replace(HealConfig(), **{field: o[key] for key, field in (("heal_steps", "steps"), ("heal_lr", "lr")) if key in o})
+    config.validate()
+    return config
+
+
 # ---------------------------------------------------------------- background statistics (cached)
 
 
-CALIBRATION = ("query_shift", "query_scale")  # memory buffers set from the same general text
+ADDRESSING = ("query_shift", "query_scale", "query.weight", "keys")  # set from the same general text
 
 
-def _background_key(memory_config: MemoryConfig, model_id: str, sequences: list[list[int]]) -> str:
-    digest = hashlib.sha256(json.dumps({"memory": asdict(memory_config), "model": model_id}, sort_keys=True).encode())
+def _background_key(memory_config: MemoryConfig, heal: HealConfig, model_id: str, sequences: list[list[int]]) -> str:
+    identity = {"memory": asdict(memory_config), "model": model_id, "heal": asdict(heal)}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     for seq in sequences:
         digest.update(json.dumps(seq).encode())
     return digest.hexdigest()[:20]
 
 
 def _save_background(path: Path, stats: dict[int, BackgroundStats], memory_model: MemoryModel) -> None:
-    """Background statistics with the query calibration they were counted under."""
-    tensors = {key: t for key, t in memory_model.memory_state().items() if key.endswith(CALIBRATION)}
+    """Background statistics with the addressing they were counted under (calibration and healed query and keys)."""
+    tensors = {key: t for key, t in memory_model.memory_state().items() if key.endswith(ADDRESSING)}
     for layer, s in stats.items():
         tensors[f"bg.{layer}.counts"] = s.counts.contiguous()
         tensors[f"bg.{layer}.doc_freq"] = s.doc_freq.contiguous()
@@ -214,9 +231,11 @@ def _save_background(path: Path, stats: dict[int, BackgroundStats], memory_model
 def _load_background(path: Path, memory_model: MemoryModel) -> dict[int, BackgroundStats]:
     tensors = load_file(str(path))
     layers = [m.layer_index for m in memory_model.memories]
-    for memory in memory_model.memories:
-        for name in CALIBRATION:
-            getattr(memory, name).copy_(tensors[f"{memory.layer_index}.{name}"])
+    with torch.no_grad():
+        for memory in memory_model.memories:
+            own = memory.state_dict(keep_vars=True)
+            for name in ADDRESSING:
+                own[name].copy_(tensors[f"{memory.layer_index}.{name}"])
     return {
         layer: BackgroundStats(
             tensors[f"bg.{layer}.counts"], tensors[f"bg.{layer}.doc_freq"], int(tensors[f"bg.{layer}.n_batches"].item())
@@ -226,13 +245,16 @@ def _load_background(path: Path, memory_model: MemoryModel) -> dict[int, Backgro
 
 
 def background_stats(
-    memory_model: MemoryModel, sequences: list[list[int]], cache_dir: Path, model_id: str, progress: bool
+    memory_model: MemoryModel, sequences: list[list[int]], cache_dir: Path, model_id: str, progress: bool,
+    heal: HealConfig = HealConfig(),
 ) -> tuple[dict[int, BackgroundStats], bool]:
-    """Background read counts for this memory, reused across specs that share the memory shape; (stats, from_cache)."""
-    cache = cache_dir / f"background-{_background_key(memory_model.memory_config, model_id, sequences)}.safetensors"
+    """Background read counts for this memory after calibration and healing, reused across specs that share
+    the memory shape and healing; (stats, from_cache)."""
+    key = _background_key(memory_model.memory_config, heal, model_id, sequences)
+    cache = cache_dir / f"background-{key}.safetensors"
     if cache.is_file():
         return _load_background(cache, memory_model), True
-    calibrate_queries(memory_model.model, memory_model.memories, sequences)
+    prepare_addressing(memory_model.model, memory_model.memories, sequences, heal)
     stats = compute_background(memory_model.model, memory_model.memories, sequences, progress=progress)
     _save_background(cache, stats, memory_model)
     return stats, False
@@ -261,9 +283,10 @@ class SmfLearning:
     """Sparse memory finetuning exactly as the daemon runs it: `SparseUpdater` steps, one update per document."""
 
     def __init__(self, memory_model: MemoryModel, background: dict[int, BackgroundStats], update: UpdateConfig,
-                 batch_size: int, retain: RetainSet | None = None) -> None:
+                 batch_size: int, retain: RetainSet | None = None, heal: HealConfig = HealConfig()) -> None:
         self.memory_model = memory_model
         self.update = update
+        self.heal = heal
         self.batch_size = batch_size
         self.updater = SparseUpdater(memory_model.model, memory_model.memories, background, update, retain)
         self.rows_updated = 0
@@ -307,6 +330,7 @@ class SmfLearning:
             "method": "smf",
             "rule": self.update.rule,
             "update": asdict(self.update),
+            "heal": asdict(self.heal),
             "memory": info["memory"],
             "memory_parameters": info["memory_parameters"],
             "optimizer": "SGD on the selected value rows only (no momentum, no weight decay)",
@@ -362,12 +386,13 @@ def build_learning(
     if spec.family == "smf":
         update, memory_config = smf_configs(spec, defaults)
         memory_model = MemoryModel.attach(model, tokenizer, memory_config)
+        heal = heal_config_of(spec)
         stats, cached = background_stats(memory_model, background.sequences, background.cache_dir,
-                                         background.model_id, background.progress)
+                                         background.model_id, background.progress, heal)
         retain = None
         if update.retain_weight > 0:
             retain = RetainSet.collect(memory_model.model, memory_model.memories, background.sequences, update.retain_tokens)
-        return SmfLearning(memory_model, stats, update, defaults.batch_size, retain), {"background_cached": cached}
+        return SmfLearning(memory_model, stats, update, defaults.batch_size, retain, heal), {"background_cached": cached}
     from smfd.baselines import FullFinetuneTrainer, LoraTrainer
 
     adamw = {key: o[key] for key in ("lr", "weight_decay") if key in o}

@@ -1,0 +1,87 @@
+"""Healing: training the memory's addressing on general text so that reads spread over the slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smfd.errors import SmfdError
+from smfd.heal import (HealConfig, calibrate_queries, heal_addressing, memory_inputs, prepare_addressing, read_entropy,
+                       usage_imbalance)
+
+
+def imbalance(model, inputs) -> float:
+    with torch.no_grad():
+        memory = model.memories[0]
+        return float(usage_imbalance(memory, memory.lookup(inputs[memory.layer_index][None])))
+
+
+def entropy(model, inputs) -> float:
+    with torch.no_grad():
+        memory = model.memories[0]
+        return float(read_entropy(memory.lookup(inputs[memory.layer_index][None])))
+
+
+def test_healing_spreads_general_text_over_more_slots(make_memory_model, background_sequences):
+    model = make_memory_model()
+    inputs = memory_inputs(model.model, model.memories, background_sequences)
+    calibrated = make_memory_model()
+    prepare_addressing(calibrated.model, calibrated.memories, background_sequences, HealConfig(steps=0))
+    healed = make_memory_model()
+
+    report = prepare_addressing(healed.model, healed.memories, background_sequences, HealConfig(steps=60, lr=1e-2))
+
+    assert report is not None and report.steps == 60
+    assert report.last_imbalance < report.first_imbalance
+    assert imbalance(healed, inputs) < imbalance(calibrated, inputs)  # measured on all the text, not one step's sample
+    assert report.first_read_entropy == pytest.approx(entropy(calibrated, inputs), abs=0.3)  # reported on samples
+
+
+def test_healing_changes_only_the_addressing_and_the_model_stays_the_base_model(
+    make_base_model, make_memory_model, background_sequences, snapshot_memory_state
+):
+    model = make_memory_model()
+    calibrate_queries(model.model, model.memories, background_sequences)
+    before = snapshot_memory_state(model)
+    ids = torch.tensor([background_sequences[0]])
+
+    heal_addressing(model.memories, memory_inputs(model.model, model.memories, background_sequences),
+                    HealConfig(steps=20, lr=1e-2))
+
+    after = model.memory_state()
+    layer = model.memories[0].layer_index
+    changed = {key.split(".", 1)[1] for key in after if not torch.equal(after[key], before[key])}
+    assert changed == {"query.weight", "keys"}
+    with torch.no_grad():
+        assert torch.equal(model.model(input_ids=ids).logits, make_base_model()(input_ids=ids).logits)
+    assert not any(p.requires_grad or p.grad is not None for m in model.memories for p in m.parameters())
+    assert f"{layer}.values" in after
+
+
+def test_zero_steps_is_no_healing(tiny_memory_model, background_sequences, snapshot_memory_state, bit_identical):
+    inputs = memory_inputs(tiny_memory_model.model, tiny_memory_model.memories, background_sequences)
+    before = snapshot_memory_state(tiny_memory_model)
+    assert heal_addressing(tiny_memory_model.memories, inputs, HealConfig(steps=0)) is None
+    assert bit_identical(tiny_memory_model.memory_state(), before)
+
+
+def test_healing_after_an_update_is_refused(tiny_memory_model, background_sequences):
+    inputs = memory_inputs(tiny_memory_model.model, tiny_memory_model.memories, background_sequences)
+    with torch.no_grad():
+        tiny_memory_model.memories[0].values[3] += 1.0
+    with pytest.raises(SmfdError, match="before any update"):
+        heal_addressing(tiny_memory_model.memories, inputs, HealConfig(steps=1))
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (HealConfig(steps=-1), "steps"), (HealConfig(steps=1, lr=0), "lr"), (HealConfig(steps=1, tokens_per_step=1), "tokens_per_step"),
+])
+def test_bad_heal_settings_are_named(tiny_memory_model, background_sequences, config, message):
+    inputs = memory_inputs(tiny_memory_model.model, tiny_memory_model.memories, background_sequences)
+    with pytest.raises(SmfdError, match=message):
+        heal_addressing(tiny_memory_model.memories, inputs, config)
+
+
+def test_healing_without_text_is_an_error(tiny_memory_model):
+    with pytest.raises(SmfdError, match="general text"):
+        prepare_addressing(tiny_memory_model.model, tiny_memory_model.memories, [], HealConfig())
