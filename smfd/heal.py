@@ -135,7 +135,7 @@ def heal_addressing(memories: list[ProductKeyMemory], inputs: dict[int, torch.Te
     config.validate()
     if config.steps == 0:
         return None
-    if any(v.abs().sum() > 0 for m in memories for v in [m.values.detach()]):
+    if any(bool(m.values.detach().any()) for m in memories):
         raise SmfdError("healing must run before any update: a memory already has trained value rows")
     params = [p for m in memories for p in (m.query.weight, m.keys)]
     optimizer = torch.optim.Adam(params, lr=config.lr)
@@ -148,17 +148,18 @@ def heal_addressing(memories: list[ProductKeyMemory], inputs: dict[int, torch.Te
     try:
         for _ in range(config.steps):
             optimizer.zero_grad(set_to_none=True)
-            imbalance, entropy = torch.zeros(()), torch.zeros(())
+            step_imbalance, step_entropy = [], []
             for memory in memories:
                 hidden = inputs[memory.layer_index]
                 pick = torch.randint(hidden.shape[0], (min(config.tokens_per_step, hidden.shape[0]),), generator=generator)
                 found = memory.lookup(hidden[pick.to(hidden.device)][None])
-                imbalance = imbalance + usage_imbalance(memory, found) / len(memories)
-                entropy = entropy + read_entropy(found).detach() / len(memories)
+                step_imbalance.append(usage_imbalance(memory, found))
+                step_entropy.append(float(read_entropy(found).detach()))
+            imbalance = torch.stack(step_imbalance).mean()
             imbalance.backward()
             optimizer.step()
             imbalances.append(float(imbalance.detach()))
-            entropies.append(float(entropy.detach()))
+            entropies.append(sum(step_entropy) / len(step_entropy))
     finally:
         for param in params:
             param.requires_grad_(False)

@@ -236,3 +236,4 @@ def test_describe_mentions_what_would_run(tmp_path):
     assert str(tmp_path / "state") in summary
     assert "https://example.org/feed.xml" in summary
     assert "127.0.0.1:9999" in summary
+    assert "healing: 300 addressing steps" in summary
