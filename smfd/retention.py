@@ -5,7 +5,7 @@ run records the frozen base model's results; for cloze and choice suites only th
 base gets right are tracked, so "accuracy" means "share of what the base knew that is kept".
 
 After each update a fast subset runs (the known answer's NLL on the first `fast_subset` tracked
-items of each suite, one held-out window, drift KL on the first drift prompts); the guard compares it with
+items of each suite, the first held-out windows, drift KL on the first drift prompts); the guard compares it with
 the last accepted state. On a schedule the full set runs, including greedy cloze accuracy.
 """
 
@@ -30,7 +30,7 @@ from smfd.recall import RecallItem
 HELDOUT_WINDOW = 128
 RECALL_KEPT = 500  # recall probes kept on disk (newest)
 RECALL_MEASURED = 64  # newest recall probes scored in a full run
-FAST_HELDOUT_WINDOWS = 1
+FAST_HELDOUT_WINDOWS = 4  # a single window is a noisy judge of held-out NLL for the guard
 FAST_DRIFT_PROMPTS = 16
 FULL_HELDOUT_WINDOWS = 8
 
