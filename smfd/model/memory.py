@@ -139,9 +139,7 @@ class ProductKeyMemory(nn.Module):
         batch, seq, heads, k = lookup.indices.shape
         flat_idx = lookup.indices.reshape(-1, heads * k)
         flat_w = lookup.weights.reshape(-1, heads * k).to(self.values.dtype)
-        # Only healing (smfd.heal) trains the whole table; sparse updates reach rows through `selection`.
-        table = self.values if self.values.requires_grad else self.values.detach()
-        out = F.embedding_bag(flat_idx, table, per_sample_weights=flat_w, mode="sum")
+        out = F.embedding_bag(flat_idx, self.values.detach(), per_sample_weights=flat_w, mode="sum")
         if self.selection is not None:
             position = self.selection.position[flat_idx]
             hit = position >= 0
