@@ -87,7 +87,7 @@ class TrainSection(BaseModel):
 
     selection: Literal["kl", "tfidf", "surprise-kl"] = "surprise-kl"
     top_t: int = Field(1000, ge=1)
-    lr: float = Field(5.0, gt=0)
+    lr: float = Field(8.0, gt=0)
     normalize: bool = True  # lr is the RMS change per element of the selected rows per step
     normalize_once: bool = False  # divide by the update's first gradient RMS only: later steps shrink
     scope: Literal["step", "update"] = "update"  # top_t chosen once per update, or afresh per optimizer step
