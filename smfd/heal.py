@@ -23,14 +23,17 @@ from smfd.selection import BackgroundStats
 
 
 @torch.no_grad()
-def memory_inputs(model: PreTrainedModel, memories: list[ProductKeyMemory], sequences: list[list[int]]) -> dict[int, torch.Tensor]:
-    """The hidden states entering each memory layer over general text, (tokens, hidden) per layer.
+def memory_inputs(
+    model: PreTrainedModel, memories: list[ProductKeyMemory], sequences: list[list[int]]
+) -> dict[int, list[torch.Tensor]]:
+    """The hidden states entering each memory layer, one (tokens, hidden) tensor per sequence.
 
-    Run while every value row is zero (before any update): the model is then the base model, so
-    these are exactly the base model's hidden states and stay valid while the addressing is tuned.
+    Tuning the addressing does not change them (value rows are zero before any update, and a
+    memory's own addressing never affects its input), so one pass serves calibration, every
+    healing step and the background read counts.
     """
     if not sequences:
-        raise SmfdError("query calibration and healing need general text: the corpus is empty")
+        raise SmfdError("query calibration, healing and background statistics need general text: the corpus is empty")
     device = next(model.parameters()).device
     captured: dict[int, list[torch.Tensor]] = {m.layer_index: [] for m in memories}
     handles = [m.register_forward_hook(_collect_inputs(captured[m.layer_index])) for m in memories]
@@ -40,7 +43,7 @@ def memory_inputs(model: PreTrainedModel, memories: list[ProductKeyMemory], sequ
     finally:
         for handle in handles:
             handle.remove()
-    return {layer: torch.cat(parts) for layer, parts in captured.items()}
+    return captured
 
 
 def _collect_inputs(store: list[torch.Tensor]):
@@ -50,23 +53,16 @@ def _collect_inputs(store: list[torch.Tensor]):
 
 
 @torch.no_grad()
-def calibrate_queries(model: PreTrainedModel, memories: list[ProductKeyMemory], sequences: list[list[int]]) -> None:
+def calibrate_from_inputs(memories: list[ProductKeyMemory], inputs: dict[int, list[torch.Tensor]]) -> None:
     """Set each memory's query standardisation (per-dimension mean and 1/std) from general text.
 
     Done once, before any update and before the background statistics (which depend on it); with
     zero value rows the model's output is unchanged, so the attach stays function-preserving.
     """
-    wanted = [m for m in memories if m.config.query_norm]
-    if wanted:
-        calibrate_from_inputs(wanted, memory_inputs(model, wanted, sequences))
-
-
-@torch.no_grad()
-def calibrate_from_inputs(memories: list[ProductKeyMemory], inputs: dict[int, torch.Tensor]) -> None:
     for memory in memories:
         if not memory.config.query_norm:
             continue
-        q = memory.query(inputs[memory.layer_index]).double()
+        q = memory.query(torch.cat(inputs[memory.layer_index])).double()
         memory.query_shift.copy_(q.mean(0).to(memory.query_shift.dtype))
         memory.query_scale.copy_((1.0 / q.std(0).clamp_min(1e-6)).to(memory.query_scale.dtype))
 
@@ -126,7 +122,9 @@ def read_entropy(lookup: Lookup) -> torch.Tensor:
     return -(lookup.weights * lookup.weights.clamp_min(1e-30).log()).sum(-1).mean()
 
 
-def heal_addressing(memories: list[ProductKeyMemory], inputs: dict[int, torch.Tensor], config: HealConfig) -> HealReport | None:
+def heal_addressing(
+    memories: list[ProductKeyMemory], inputs: dict[int, list[torch.Tensor]], config: HealConfig
+) -> HealReport | None:
     """Adam on each memory's query projection and keys, minimising the slot-usage imbalance.
 
     `inputs` are the base model's hidden states at each memory layer (`memory_inputs`): the
@@ -137,6 +135,7 @@ def heal_addressing(memories: list[ProductKeyMemory], inputs: dict[int, torch.Te
         return None
     if any(bool(m.values.detach().any()) for m in memories):
         raise SmfdError("healing must run before any update: a memory already has trained value rows")
+    pools = {layer: torch.cat(parts) for layer, parts in inputs.items()}
     params = [p for m in memories for p in (m.query.weight, m.keys)]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
@@ -150,7 +149,7 @@ def heal_addressing(memories: list[ProductKeyMemory], inputs: dict[int, torch.Te
             optimizer.zero_grad(set_to_none=True)
             step_imbalance, step_entropy = [], []
             for memory in memories:
-                hidden = inputs[memory.layer_index]
+                hidden = pools[memory.layer_index]
                 pick = torch.randint(hidden.shape[0], (min(config.tokens_per_step, hidden.shape[0]),), generator=generator)
                 found = memory.lookup(hidden[pick.to(hidden.device)][None])
                 step_imbalance.append(usage_imbalance(memory, found))
@@ -173,16 +172,17 @@ def _tail_mean(values: list[float]) -> float:
     return sum(tail) / len(tail)
 
 
-def prepare_addressing(
-    model: PreTrainedModel, memories: list[ProductKeyMemory], sequences: list[list[int]], heal: HealConfig
-) -> HealReport | None:
-    """Query calibration, then healing, from one pass over the general text (before background statistics)."""
+def prepare_memory(
+    model: PreTrainedModel, memories: list[ProductKeyMemory], sequences: list[list[int]], heal: HealConfig,
+    progress: bool = False,
+) -> tuple[HealReport | None, dict[int, BackgroundStats]]:
+    """Query calibration, healing, then background statistics, all from one pass over the general text."""
     inputs = memory_inputs(model, memories, sequences)
     calibrate_from_inputs(memories, inputs)
-    return heal_addressing(memories, inputs, heal)
+    report = heal_addressing(memories, inputs, heal)
+    return report, background_from_inputs(memories, inputs, progress)
 
 
-@torch.no_grad()
 def compute_background(
     model: PreTrainedModel,
     memories: list[ProductKeyMemory],
@@ -190,22 +190,18 @@ def compute_background(
     progress: bool = False,
 ) -> dict[int, BackgroundStats]:
     """Read counts per slot over general-text sequences, one sequence per background batch."""
-    if not sequences:
-        raise SmfdError("background statistics need general text: the corpus is empty")
-    device = next(model.parameters()).device
+    return background_from_inputs(memories, memory_inputs(model, memories, sequences), progress)
+
+
+@torch.no_grad()
+def background_from_inputs(
+    memories: list[ProductKeyMemory], inputs: dict[int, list[torch.Tensor]], progress: bool = False
+) -> dict[int, BackgroundStats]:
+    """Read counts per slot from the memories' inputs (`memory_inputs`), one sequence per background batch."""
     stats = {m.layer_index: BackgroundStats.empty(m.config.n_slots) for m in memories}
     for memory in memories:
-        memory.record_lookup = True
-    try:
-        for seq in tqdm(sequences, desc="background", disable=not progress):
-            ids = torch.tensor([seq], device=device)
-            model.get_decoder()(input_ids=ids)  # reads happen inside the decoder; the LM head is not needed
-            for memory in memories:
-                stats[memory.layer_index].add_batch(memory.last_lookup.indices.reshape(-1).cpu())
-    finally:
-        for memory in memories:
-            memory.record_lookup = False
-            memory.last_lookup = None
+        for hidden in tqdm(inputs[memory.layer_index], desc="background", disable=not progress):
+            stats[memory.layer_index].add_batch(memory.lookup(hidden[None]).indices.reshape(-1).cpu())
     return stats
 
 
@@ -246,4 +242,3 @@ def sample_general_text(
     finally:
         torch.random.set_rng_state(generator_state)
     return sequences
-

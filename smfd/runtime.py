@@ -12,7 +12,7 @@ from smfd.batching import encode
 from smfd.checkpoint import CheckpointStore
 from smfd.config import SmfdConfig
 from smfd.errors import SmfdError
-from smfd.heal import HealConfig, compute_background, prepare_addressing, sample_general_text
+from smfd.heal import HealConfig, prepare_memory, sample_general_text
 from smfd.learner import LearnSettings
 from smfd.retention import builtin_file, read_prompts
 from smfd.model.memory import MemoryConfig
@@ -32,7 +32,7 @@ def memory_config(cfg: SmfdConfig) -> MemoryConfig:
 
 
 def heal_config(cfg: SmfdConfig) -> HealConfig:
-    return HealConfig(steps=cfg.heal.steps, lr=cfg.heal.lr, tokens_per_step=cfg.heal.tokens_per_step)
+    return HealConfig(**cfg.heal.model_dump())
 
 
 def learn_settings(cfg: SmfdConfig) -> LearnSettings:
@@ -107,11 +107,10 @@ def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
     sequences, source = background_sequences(cfg, model)
     log.info("background_statistics", sequences=len(sequences), source=source)
     meta = {"background": source, "background_sequences": len(sequences)}
-    healed = prepare_addressing(model.model, model.memories, sequences, heal_config(cfg))
+    healed, background = prepare_memory(model.model, model.memories, sequences, heal_config(cfg))
     if healed is not None:
         log.info("memory_healed", **asdict(healed))
         meta["heal"] = asdict(healed)
-    background = compute_background(model.model, model.memories, sequences)
     store.initialise(model, background, meta)
     store.save_general_text(sequences)
     return Runtime(model, store, background, 0, sequences)

@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from smfd.errors import SmfdError
-from smfd.heal import calibrate_queries
+from smfd.heal import calibrate_from_inputs, memory_inputs
 from smfd.model.memory import MemoryConfig, ProductKeyMemory
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import attach_memory, find_memories
@@ -178,7 +178,7 @@ def test_query_calibration_standardises_queries_and_keeps_logits_bit_identical(
     hidden = []
     handle = memory.register_forward_hook(lambda module, args, output: hidden.append(args[0].reshape(-1, args[0].shape[-1])))
 
-    calibrate_queries(model.model, model.memories, background_sequences)
+    calibrate_from_inputs(model.memories, memory_inputs(model.model, model.memories, background_sequences))
     with torch.no_grad():
         for seq in background_sequences:
             model.model.get_decoder()(input_ids=torch.tensor([seq]))
@@ -193,6 +193,6 @@ def test_query_calibration_standardises_queries_and_keeps_logits_bit_identical(
 
 def test_query_calibration_can_be_turned_off(make_base_model, tokenizer, memory_config, background_sequences):
     model = MemoryModel.attach(make_base_model(), tokenizer, dataclasses.replace(memory_config, query_norm=False))
-    calibrate_queries(model.model, model.memories, background_sequences)
+    calibrate_from_inputs(model.memories, memory_inputs(model.model, model.memories, background_sequences))
     assert torch.equal(model.memories[0].query_shift, torch.zeros_like(model.memories[0].query_shift))
     assert torch.equal(model.memories[0].query_scale, torch.ones_like(model.memories[0].query_scale))

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from smfd.batching import make_batch
 from smfd.durable import atomic_write
 from smfd.errors import SmfdError
-from smfd.heal import HealConfig, compute_background, prepare_addressing
+from smfd.heal import HealConfig, prepare_memory
 from smfd.learner import LearnSettings
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
@@ -254,8 +254,7 @@ def background_stats(
     cache = cache_dir / f"background-{key}.safetensors"
     if cache.is_file():
         return _load_background(cache, memory_model), True
-    prepare_addressing(memory_model.model, memory_model.memories, sequences, heal)
-    stats = compute_background(memory_model.model, memory_model.memories, sequences, progress=progress)
+    _, stats = prepare_memory(memory_model.model, memory_model.memories, sequences, heal, progress)
     _save_background(cache, stats, memory_model)
     return stats, False
 
