@@ -1,7 +1,8 @@
 """Versioned memory checkpoints on disk: a base snapshot plus one patch per update.
 
 Layout of the checkpoint folder:
-    manifest.json            current version, base version, memory config, update history
+    manifest.json            current version, base version, the settings the state was created
+                             with (memory shape, healing, background text, model), update history
     base.safetensors         every memory parameter at `base_version`, plus background statistics
     general_text.safetensors the general-text token ids behind the statistics (the retain set's source)
     current.safetensors      value tables at `version` (a fast-load cache of base + patches)
@@ -61,6 +62,24 @@ class CheckpointStore:
             raise SmfdError(f"checkpoint {self.folder} has format {manifest.get('format')}, expected {FORMAT}")
         return manifest
 
+    def check_settings(self, settings: dict) -> None:
+        """Refuse a config whose creation-time settings differ from the ones this state was made with.
+
+        Memory shape, read temperature, healing and the background text are baked into version 0
+        (healed keys, calibrated queries, slot statistics) and every patch since was learned
+        under them; loading the rows under other settings would read them wrongly without any
+        error. A state from before settings were recorded is checked on its memory shape only.
+        """
+        recorded = dict(self.manifest().get("settings") or {})
+        recorded.setdefault("memory", self.manifest().get("memory"))
+        changed = _changed_settings(recorded, settings)
+        if changed:
+            raise SmfdError(
+                f"the checkpoint in {self.folder} was created with other settings ({'; '.join(changed)}): "
+                "these take effect only in a fresh state: restore the old values, or move the state_dir "
+                "away to start learning again from the base model"
+            )
+
     @property
     def version(self) -> int:
         return int(self.manifest()["version"])
@@ -69,8 +88,15 @@ class CheckpointStore:
         return self.patch_dir / f"{version:08d}.safetensors"
 
     # ---- writing --------------------------------------------------------------
-    def initialise(self, model: MemoryModel, background: dict[int, BackgroundStats], meta: dict | None = None) -> None:
-        """Write version 0: the freshly attached (and possibly healed) memory and its background statistics."""
+    def initialise(
+        self, model: MemoryModel, background: dict[int, BackgroundStats], meta: dict | None = None,
+        settings: dict | None = None,
+    ) -> None:
+        """Write version 0: the freshly attached (and possibly healed) memory and its background statistics.
+
+        `settings` are the choices that shaped version 0 and that a later config cannot change
+        for this state (see `check_settings`).
+        """
         self.patch_dir.mkdir(parents=True, exist_ok=True)
         self._write_base(model.memory_state(), background)
         self._write_current(model, 0)
@@ -81,6 +107,7 @@ class CheckpointStore:
             "memory": asdict(model.memory_config),
             "model": model.source.display_name if model.source else None,
             "created_at": time.time(),
+            "settings": settings or {},
             "history": [{"version": 0, "timestamp": time.time(), **(meta or {})}],
         }
         atomic_write_json(self.manifest_path, manifest)
@@ -189,6 +216,24 @@ class CheckpointStore:
         for v in range(version, target, -1):
             self._patch_path(v).unlink(missing_ok=True)
         return target
+
+
+def _changed_settings(recorded: dict, settings: dict) -> list[str]:
+    """'section.key: state has X, config says Y' for every recorded setting the config changes."""
+    changed = []
+    for section, values in settings.items():
+        old = recorded.get(section)
+        if not isinstance(old, dict):
+            continue
+        for key, value in values.items():
+            if key in old and _normalised(old[key]) != _normalised(value):
+                changed.append(f"{section}.{key}: state has {old[key]!r}, config says {value!r}")
+    return changed
+
+
+def _normalised(value: object) -> object:
+    """Compare JSON-read settings with fresh ones: tuples and lists alike."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _background_from(tensors: dict[str, torch.Tensor]) -> dict[int, BackgroundStats]:

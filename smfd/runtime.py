@@ -73,6 +73,20 @@ def background_sequences(cfg: SmfdConfig, model: MemoryModel) -> tuple[list[list
         return sample_general_text(model.model, model.tokenizer, shipped_prompts(), n), "sampled-from-base"
 
 
+def state_settings(cfg: SmfdConfig, model: MemoryModel) -> dict[str, dict]:
+    """The settings fixed when a state is created (checked again on every later start)."""
+    background_text = cfg.memory.background_text
+    return {
+        "memory": asdict(model.memory_config),
+        "heal": asdict(heal_config(cfg)),
+        "background": {
+            "text": str(background_text) if background_text is not None else None,
+            "sequences": cfg.memory.background_sequences,
+        },
+        "model": {"name": model.source.display_name if model.source else None},
+    }
+
+
 @dataclass
 class Runtime:
     model: MemoryModel
@@ -99,6 +113,7 @@ def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
     model = MemoryModel.load(cfg.model.path, memory_config(cfg), cfg.model.cache_dir, cfg.model.device)
     store = CheckpointStore(cfg.state_dir / "memory", keep=cfg.checkpoint.keep)
     if store.exists():
+        store.check_settings(state_settings(cfg, model))
         version, background = store.load_into(model)
         log.info("checkpoint_loaded", version=version)
         return Runtime(model, store, background, version, store.load_general_text())
@@ -111,6 +126,6 @@ def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
     if healed is not None:
         log.info("memory_healed", **asdict(healed))
         meta["heal"] = asdict(healed)
-    store.initialise(model, background, meta)
+    store.initialise(model, background, meta, state_settings(cfg, model))
     store.save_general_text(sequences)
     return Runtime(model, store, background, 0, sequences)

@@ -20,6 +20,7 @@ import yaml
 
 from smfd.checkpoint import CheckpointStore
 from smfd.cli import main
+from smfd.errors import SmfdError
 from smfd.journal import Journal
 
 from conftest import CORPUS, build_base_model
@@ -91,6 +92,24 @@ def test_healing_runs_once_when_the_state_is_created_and_is_kept_in_version_0(tm
     reopened = open_runtime(cfg)  # a restart loads the healed addressing instead of healing again
     assert torch.equal(reopened.model.memories[0].keys.detach(), healed_keys)
     assert reopened.version == 0
+
+
+@pytest.mark.parametrize("section, change, named", [
+    ("heal", {"steps": 7}, "heal.steps"),
+    ("memory", {"read_temperature": 1.0}, "memory.read_temperature"),
+    ("memory", {"background_sequences": 9}, "background.sequences"),
+])
+def test_a_state_refuses_a_config_that_changes_how_it_was_created(tmp_path, tiny_model_dir, section, change, named):
+    from smfd.config import load_config
+    from smfd.runtime import open_runtime
+
+    open_runtime(load_config(write_config(tmp_path, tiny_model_dir)))
+    changed = load_config(write_config(tmp_path, tiny_model_dir, **{section: change}))
+
+    with pytest.raises(SmfdError, match=named):
+        open_runtime(changed)
+    unchanged = open_runtime(load_config(write_config(tmp_path, tiny_model_dir)))  # the old values still load
+    assert unchanged.version == 0
 
 
 def drop_good_and_bad_files(inbox: Path, outside: Path) -> None:
