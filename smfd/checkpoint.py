@@ -4,7 +4,8 @@ Layout of the checkpoint folder:
     manifest.json            current version, base version, the settings the state was created
                              with (memory shape, healing, background text, model), update history
     base.safetensors         every memory parameter at `base_version`, plus background statistics
-    general_text.safetensors the general-text token ids behind the statistics (the retain set's source)
+    general_text.safetensors the general-text token ids behind the statistics
+    fact_text.safetensors    the model's own statements of fact (the retain penalty's text)
     current.safetensors      value tables at `version` (a fast-load cache of base + patches)
     patches/NNNNNNNN.safetensors   the update that produced version NNNNNNNN
 
@@ -124,17 +125,17 @@ class CheckpointStore:
         self._fold_old_patches()
         return version
 
-    def save_general_text(self, sequences: list[list[int]]) -> None:
-        """Keep the general text the background statistics came from, so a restart needs no resampling."""
+    def save_text(self, name: str, sequences: list[list[int]]) -> None:
+        """Keep token sequences the state was built from (`general_text`, `fact_text`): a restart needs no resampling."""
         ids = torch.tensor([t for seq in sequences for t in seq], dtype=torch.int64)
         lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.int64)
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.folder / "general_text.safetensors",
+        atomic_write(self.folder / f"{name}.safetensors",
                      lambda tmp: save_file({"ids": ids, "lengths": lengths}, str(tmp)))
 
-    def load_general_text(self) -> list[list[int]] | None:
-        """The saved general-text sequences, or None for a checkpoint written before they were kept."""
-        path = self.folder / "general_text.safetensors"
+    def load_text(self, name: str) -> list[list[int]] | None:
+        """The saved sequences, or None for a checkpoint written before they were kept."""
+        path = self.folder / f"{name}.safetensors"
         if not path.is_file():
             return None
         tensors = load_file(str(path))

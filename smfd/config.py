@@ -61,6 +61,9 @@ class MemorySection(BaseModel):
     # General text for background slot statistics; None samples text from the frozen model itself.
     background_text: Path | None = None
     background_sequences: int = Field(256, ge=8)
+    # The model's own statements of fact, sampled once: counted as ordinary text in the slot
+    # statistics and watched by the retain penalty (smfd.retain); 0 = none.
+    fact_sequences: int = Field(256, ge=0)
 
     @model_validator(mode="after")
     def _k_fits_keys(self) -> MemorySection:
@@ -87,12 +90,12 @@ class TrainSection(BaseModel):
 
     selection: Literal["kl", "tfidf", "surprise-kl"] = "surprise-kl"
     top_t: int = Field(1000, ge=1)
-    lr: float = Field(8.0, gt=0)
+    lr: float = Field(10.0, gt=0)
     normalize: bool = True  # lr is the RMS change per element of the selected rows per step
     normalize_once: bool = False  # divide by the update's first gradient RMS only: later steps shrink
     scope: Literal["step", "update"] = "update"  # top_t chosen once per update, or afresh per optimizer step
-    retain_weight: float = Field(0.0, ge=0)  # interference penalty on general text (smfd.retain); 0 = off
-    retain_tokens: int = Field(4096, ge=1)  # general-text tokens the penalty watches
+    retain_weight: float = Field(5.0, ge=0)  # interference penalty (smfd.retain); 0 = off
+    retain_tokens: int = Field(4096, ge=1)  # tokens of the retain text the penalty watches
     passes: int = Field(8, ge=1)
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(128, ge=8)

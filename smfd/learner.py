@@ -42,7 +42,8 @@ log = structlog.get_logger("smfd.learner")
 class LearnSettings:
     """What an update does; built from the config's train/chunking/surprise sections."""
 
-    update: UpdateConfig = UpdateConfig()
+    # The retain penalty on the model's own statements of fact (smfd.retain) is part of the recipe.
+    update: UpdateConfig = UpdateConfig(retain_weight=5.0)
     passes: int = 8
     batch_size: int = 8
     seq_len: int = 128

@@ -11,18 +11,31 @@ reference is set to the memory's current output on those tokens; each optimizer 
 ``weight * ||memory output - reference||^2``, relative to the MLP's own output there, so the
 selected rows learn the new text in directions ordinary tokens do not feel, without pulling
 back what earlier accepted updates wrote. Gradient still reaches only the selected rows.
+
+Which tokens to watch matters most. Known facts are lost where a document's fact sentences
+train rows that the *relation* addresses ("… is affiliated with the religion of"), so the
+default retain text is the frozen model's own statements of fact (`sample_self_facts`):
+continuations of shipped, generic fact-style prompts, i.e. what the model already believes, in
+the contexts where it states it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from smfd.errors import SmfdError
+from smfd.heal import sample_general_text
 from smfd.model.memory import Lookup, ProductKeyMemory
+from smfd.model.retrofit import memory_bypassed
+
+FACT_PROMPTS = "fact_prompts.txt"  # shipped beside the default probes
+FACT_TOKENS = 48  # sampled tokens per statement: one or two sentences
+FACT_SEQUENCES = 256  # statements sampled by default (memory.fact_sequences)
 
 
 @dataclass
@@ -120,6 +133,23 @@ class RetainSet:
         shape = (1, indices.shape[0], memory.config.heads, -1)
         read = memory.read(Lookup(indices=indices.view(shape), weights=weights.view(shape)))[0]
         return memory.out(layer.gate[rows] * read)
+
+
+def fact_prompts() -> list[str]:
+    """The shipped fact-style prompts (generic relation openings written for smfd, no entities from any data set)."""
+    text = (resources.files("smfd") / "probes" / FACT_PROMPTS).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def sample_self_facts(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, memories: list[ProductKeyMemory], n_sequences: int
+) -> list[list[int]]:
+    """The frozen model's own statements of fact: `n_sequences` sampled continuations of `fact_prompts()`.
+
+    The memory is bypassed, so the statements are the base model's. Deterministic (fixed seed).
+    """
+    with memory_bypassed(memories):
+        return sample_general_text(model, tokenizer, fact_prompts(), n_sequences, max_new_tokens=FACT_TOKENS)
 
 
 def _capture_input(store: list):

@@ -18,7 +18,7 @@ from smfd.retention import builtin_file, read_prompts
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import memory_bypassed
-from smfd.retain import RetainSet
+from smfd.retain import RetainSet, sample_self_facts
 from smfd.selection import BackgroundStats
 from smfd.updater import UpdateConfig
 
@@ -82,6 +82,7 @@ def state_settings(cfg: SmfdConfig, model: MemoryModel) -> dict[str, dict]:
         "background": {
             "text": str(background_text) if background_text is not None else None,
             "sequences": cfg.memory.background_sequences,
+            "fact_sequences": cfg.memory.fact_sequences,
         },
         "model": {"name": model.source.display_name if model.source else None},
     }
@@ -93,18 +94,23 @@ class Runtime:
     store: CheckpointStore
     background: dict[int, BackgroundStats]
     version: int
-    general_text: list[list[int]] | None = None  # sequences behind the background statistics
+    general_text: list[list[int]] | None = None  # general-text sequences behind the background statistics
+    fact_text: list[list[int]] | None = None  # the model's own statements of fact (also in the statistics)
 
     def retain_set(self, settings: LearnSettings, cfg: SmfdConfig) -> RetainSet | None:
-        """The interference penalty's general-text tokens, when the config turns it on."""
+        """The interference penalty's tokens: the model's statements of fact, else the general text."""
         update = settings.update
         if update.retain_weight <= 0:
             return None
-        if self.general_text is None:  # a checkpoint from before the text was kept
-            self.general_text, _ = background_sequences(cfg, self.model)
-            self.store.save_general_text(self.general_text)
+        text, source = self.fact_text, "fact_text"
+        if not text:
+            if self.general_text is None:  # a checkpoint from before the text was kept
+                self.general_text, _ = background_sequences(cfg, self.model)
+                self.store.save_text("general_text", self.general_text)
+            text, source = self.general_text, "general_text"
+        log.info("retain_set", source=source, weight=update.retain_weight, tokens=update.retain_tokens)
         with memory_bypassed(self.model.memories):
-            return RetainSet.collect(self.model.model, self.model.memories, self.general_text, update.retain_tokens)
+            return RetainSet.collect(self.model.model, self.model.memories, text, update.retain_tokens)
 
 
 def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
@@ -116,16 +122,18 @@ def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
         store.check_settings(state_settings(cfg, model))
         version, background = store.load_into(model)
         log.info("checkpoint_loaded", version=version)
-        return Runtime(model, store, background, version, store.load_general_text())
+        return Runtime(model, store, background, version, store.load_text("general_text"), store.load_text("fact_text"))
     if not create:
         raise SmfdError(f"no checkpoint in {store.folder}: start the daemon once (or run `smfd --once`) to create it")
     sequences, source = background_sequences(cfg, model)
-    log.info("background_statistics", sequences=len(sequences), source=source)
-    meta = {"background": source, "background_sequences": len(sequences)}
-    healed, background = prepare_memory(model.model, model.memories, sequences, heal_config(cfg))
+    facts = sample_self_facts(model.model, model.tokenizer, model.memories, cfg.memory.fact_sequences)
+    log.info("background_statistics", sequences=len(sequences), source=source, fact_sequences=len(facts))
+    meta = {"background": source, "background_sequences": len(sequences), "fact_sequences": len(facts)}
+    healed, background = prepare_memory(model.model, model.memories, sequences + facts, heal_config(cfg))
     if healed is not None:
         log.info("memory_healed", **asdict(healed))
         meta["heal"] = asdict(healed)
     store.initialise(model, background, meta, state_settings(cfg, model))
-    store.save_general_text(sequences)
-    return Runtime(model, store, background, 0, sequences)
+    store.save_text("general_text", sequences)
+    store.save_text("fact_text", facts)
+    return Runtime(model, store, background, 0, sequences, facts)

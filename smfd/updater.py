@@ -28,7 +28,7 @@ from smfd.selection import RULES, BackgroundStats, batch_reads, select_slots, to
 class UpdateConfig:
     rule: str = "surprise-kl"
     top_t: int = 1000
-    lr: float = 8.0
+    lr: float = 10.0
     normalize: bool = True
     # With normalize: divide by the RMS of the update's first gradient (per layer) instead of each
     # step's own, so steps shrink as the loss falls instead of staying lr-sized forever.
@@ -37,9 +37,10 @@ class UpdateConfig:
     # of an update's training text, so one update (one document batch) touches at most top_t rows per layer.
     scope: str = "update"
     # Weight of the interference penalty (smfd.retain): squared change of the memory's output on
-    # general-text tokens, relative to the MLP's output; 0 turns it off.
+    # the retain tokens, relative to the MLP's output; 0 turns it off. The daemon's and the
+    # benchmark's recipe (LearnSettings) turns it on, with the model's own statements of fact.
     retain_weight: float = 0.0
-    retain_tokens: int = 4096  # general-text tokens in the retain set
+    retain_tokens: int = 4096  # tokens in the retain set
 
     def validate(self) -> None:
         if self.scope not in ("step", "update"):

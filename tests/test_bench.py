@@ -18,6 +18,7 @@ from smfd.errors import SmfdError
 from smfd.heal import HealConfig
 from smfd.learner import LearnSettings
 from smfd.model.memory import MemoryConfig
+from smfd.retain import FACT_SEQUENCES
 
 GENERAL_TEXT = (
     "The river rises in the northern hills and flows south through farmland, small towns and a large forest "
@@ -243,3 +244,12 @@ def test_heal_options_of_a_spec() -> None:
     assert heal_config_of(plain) == HealConfig()  # the engine's default healing
     with pytest.raises(SmfdError, match="heal_steps='-1' must be >= 0"):
         parse_method_specs(["smf-kl:heal_steps=-1"])
+
+
+def test_fact_text_and_retain_options_of_a_spec() -> None:
+    plain, off = parse_method_specs(["smf-kl", "smf-kl:fact_sequences=0;retain_weight=0"])
+    assert plain.options.get("fact_sequences", FACT_SEQUENCES) == FACT_SEQUENCES
+    assert smf_configs(plain, LearnSettings())[0].retain_weight == LearnSettings().update.retain_weight > 0
+    assert off.options["fact_sequences"] == 0 and smf_configs(off, LearnSettings())[0].retain_weight == 0
+    with pytest.raises(SmfdError, match="fact_sequences='x'"):
+        parse_method_specs(["smf-kl:fact_sequences=x"])

@@ -229,9 +229,9 @@ def test_keep_below_one_is_refused(tmp_path):
 
 def test_general_text_is_kept_beside_the_checkpoint(tmp_path):
     store = CheckpointStore(tmp_path / "memory")
-    assert store.load_general_text() is None  # a checkpoint written before the text was kept
+    assert store.load_text("general_text") is None  # a checkpoint written before the text was kept
     sequences = [[5, 6, 7], [8], [9, 10]]
-    store.save_general_text(sequences)
-    assert CheckpointStore(tmp_path / "memory").load_general_text() == sequences
+    store.save_text("general_text", sequences)
+    assert CheckpointStore(tmp_path / "memory").load_text("general_text") == sequences
     with safe_open(str(tmp_path / "memory" / "general_text.safetensors"), "pt") as handle:
         assert sorted(handle.keys()) == ["ids", "lengths"]

@@ -62,6 +62,16 @@ def test_daemon_heals_like_the_benchmark_by_default():
     assert heal_config(SmfdConfig()) == HealConfig()
 
 
+def test_daemon_learns_like_the_benchmark_by_default():
+    """`smfd bench` measures the engine's recipe (LearnSettings, fact text); the daemon must run the same."""
+    from smfd.learner import LearnSettings
+    from smfd.retain import FACT_SEQUENCES
+    from smfd.runtime import learn_settings
+
+    assert learn_settings(SmfdConfig()).update == LearnSettings().update
+    assert SmfdConfig().memory.fact_sequences == FACT_SEQUENCES
+
+
 def test_relative_paths_resolve_against_config_folder_not_cwd(tmp_path, monkeypatch):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "tiny.gguf").write_bytes(b"GGUF")

@@ -54,7 +54,7 @@ def write_config(folder: Path, model_dir: Path, **overrides) -> Path:
     config = {
         "model": {"path": str(model_dir), "threads": 1},
         "memory": {"layers": [1], "n_keys": 16, "heads": 2, "k": 4, "key_dim": 16,
-                   "background_text": "corpus.txt", "background_sequences": 8},
+                   "background_text": "corpus.txt", "background_sequences": 8, "fact_sequences": 6},
         "train": {"top_t": 8, "passes": 2, "batch_size": 4, "seq_len": 32, "lr": 1.0},
         "chunking": {"max_tokens": 32},
         "surprise": {"skip_below_nats": 0.0},
@@ -80,7 +80,7 @@ def write_config(folder: Path, model_dir: Path, **overrides) -> Path:
 
 def test_healing_runs_once_when_the_state_is_created_and_is_kept_in_version_0(tmp_path, tiny_model_dir):
     from smfd.config import load_config
-    from smfd.runtime import open_runtime
+    from smfd.runtime import learn_settings, open_runtime
 
     cfg = load_config(write_config(tmp_path, tiny_model_dir, heal={"steps": 5}))
     runtime = open_runtime(cfg)
@@ -92,6 +92,9 @@ def test_healing_runs_once_when_the_state_is_created_and_is_kept_in_version_0(tm
     reopened = open_runtime(cfg)  # a restart loads the healed addressing instead of healing again
     assert torch.equal(reopened.model.memories[0].keys.detach(), healed_keys)
     assert reopened.version == 0
+    assert len(runtime.fact_text) == 6 and reopened.fact_text == runtime.fact_text  # sampled once, kept
+    retain = reopened.retain_set(learn_settings(cfg), cfg)  # the penalty watches the model's statements of fact
+    assert retain.n_tokens == sum(len(sequence) for sequence in reopened.fact_text)
 
 
 @pytest.mark.parametrize("section, change, named", [

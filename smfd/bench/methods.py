@@ -26,7 +26,7 @@ from smfd.heal import HealConfig, prepare_memory
 from smfd.learner import LearnSettings
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
-from smfd.retain import RetainSet
+from smfd.retain import FACT_SEQUENCES, RetainSet, fact_prompts, sample_self_facts
 from smfd.selection import BackgroundStats
 from smfd.surprise import score_surprise
 from smfd.updater import SparseUpdater, StepResult, TokenBatch, UpdateConfig
@@ -104,6 +104,7 @@ SMF_OPTIONS: dict[str, Parser] = {
     "n_keys": _positive_int, "k": _positive_int, "heads": _positive_int, "key_dim": _positive_int, "normalize": _flag,
     "scope": _scope, "normalize_once": _flag, "retain_weight": _non_negative_float, "retain_tokens": _positive_int,
     "read_temperature": _positive_float, "heal_steps": _non_negative_int, "heal_lr": _positive_float,
+    "fact_sequences": _non_negative_int,
 }
 LORA_OPTIONS: dict[str, Parser] = {
     "lr": _positive_float, "rank": _positive_int, "alpha": _positive_float, "passes": _positive_int, "restate": _flag,
@@ -205,6 +206,21 @@ def heal_config_of(spec: MethodSpec) -> HealConfig:
 
 
 # ---------------------------------------------------------------- background statistics (cached)
+
+
+def self_facts(memory_model: MemoryModel, n_sequences: int, background: "BackgroundSource") -> list[list[int]]:
+    """The base model's own statements of fact (`smfd.retain.sample_self_facts`), cached as JSON token ids."""
+    if n_sequences == 0:
+        return []
+    identity = {"model": background.model_id, "n": n_sequences, "prompts": fact_prompts()}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    cache = background.cache_dir / f"facts-{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    facts = sample_self_facts(memory_model.model, memory_model.tokenizer, memory_model.memories, n_sequences)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cache, lambda tmp: tmp.write_text(json.dumps(facts)))
+    return facts
 
 
 ADDRESSING = ("query_shift", "query_scale", "query.weight", "keys")  # set from the same general text
@@ -386,12 +402,15 @@ def build_learning(
         update, memory_config = smf_configs(spec, defaults)
         memory_model = MemoryModel.attach(model, tokenizer, memory_config)
         heal = heal_config_of(spec)
-        stats, cached = background_stats(memory_model, background.sequences, background.cache_dir,
+        facts = self_facts(memory_model, o.get("fact_sequences", FACT_SEQUENCES), background)
+        stats, cached = background_stats(memory_model, background.sequences + facts, background.cache_dir,
                                          background.model_id, background.progress, heal)
         retain = None
-        if update.retain_weight > 0:
-            retain = RetainSet.collect(memory_model.model, memory_model.memories, background.sequences, update.retain_tokens)
-        return SmfLearning(memory_model, stats, update, defaults.batch_size, retain, heal), {"background_cached": cached}
+        if update.retain_weight > 0:  # the daemon's rule: the model's statements of fact, else the general text
+            retain = RetainSet.collect(memory_model.model, memory_model.memories, facts or background.sequences,
+                                       update.retain_tokens)
+        setup = {"background_cached": cached, "fact_sequences": len(facts)}
+        return SmfLearning(memory_model, stats, update, defaults.batch_size, retain, heal), setup
     from smfd.baselines import FullFinetuneTrainer, LoraTrainer
 
     adamw = {key: o[key] for key in ("lr", "weight_decay") if key in o}
