@@ -547,12 +547,21 @@ def _describe_learning(cfg: SmfdConfig) -> list[str]:
         f"  healing: {cfg.heal.steps} addressing steps when the state is created" if cfg.heal.steps else "  healing: off",
         f"  training: selection {train.selection}, top_t {train.top_t}, lr {train.lr:g}, {train.passes} passes, "
         f"batch {train.batch_size} x {train.seq_len} tokens, restate {_on_off(train.restate)}",
+        _describe_retain(cfg),
         f"  chunking: up to {chunking.max_tokens} tokens, overlap {chunking.overlap_sentences} sentences, "
         f"title context {_on_off(chunking.title_context)}",
         f"  surprise: skip chunks below {cfg.surprise.skip_below_nats:g} nats/token",
         f"  schedule: train every {cfg.schedule.interval_seconds:g}s or at {cfg.schedule.pending_chunks_trigger} "
         f"pending chunks; probes every {cfg.schedule.probe_interval_seconds:g}s",
     ]
+
+
+def _describe_retain(cfg: SmfdConfig) -> str:
+    train, facts = cfg.train, cfg.memory.fact_sequences
+    if train.retain_weight <= 0:
+        return "  retain penalty: off"
+    text = f"{facts} statements of fact sampled from the model" if facts else "the general text"
+    return f"  retain penalty: weight {train.retain_weight:g} on {train.retain_tokens} tokens of {text}"
 
 
 def _describe_operations(cfg: SmfdConfig) -> list[str]:
