@@ -253,3 +253,12 @@ def test_fact_text_and_retain_options_of_a_spec() -> None:
     assert off.options["fact_sequences"] == 0 and smf_configs(off, LearnSettings())[0].retain_weight == 0
     with pytest.raises(SmfdError, match="fact_sequences='x'"):
         parse_method_specs(["smf-kl:fact_sequences=x"])
+
+
+def test_cost_measures_every_method_in_one_process(model_dir: Path, data: dict[str, Path], tmp_path: Path) -> None:
+    from smfd.bench.cost import measure
+
+    rates = measure(bench_args(model_dir, data, tmp_path / "out", f"{SMF_TINY},lora"), rounds=2)
+
+    assert list(rates) == ["".join(SMF_TINY.split()), "lora"]
+    assert all(len(values) == 2 and all(v > 0 for v in values) for values in rates.values())
