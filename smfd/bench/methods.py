@@ -26,7 +26,7 @@ from smfd.heal import HealConfig, prepare_memory
 from smfd.learner import LearnSettings
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
-from smfd.retain import FACT_SEQUENCES, RetainSet, fact_prompts, sample_self_facts
+from smfd.retain import FACT_SEQUENCES, FACT_TOKENS, RetainSet, fact_prompts, sample_self_facts
 from smfd.selection import BackgroundStats
 from smfd.surprise import score_surprise
 from smfd.updater import SparseUpdater, StepResult, TokenBatch, UpdateConfig
@@ -212,7 +212,7 @@ def self_facts(memory_model: MemoryModel, n_sequences: int, background: "Backgro
     """The base model's own statements of fact (`smfd.retain.sample_self_facts`), cached as JSON token ids."""
     if n_sequences == 0:
         return []
-    identity = {"model": background.model_id, "n": n_sequences, "prompts": fact_prompts()}
+    identity = {"model": background.model_id, "n": n_sequences, "tokens": FACT_TOKENS, "prompts": fact_prompts()}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     cache = background.cache_dir / f"facts-{key}.json"
     if cache.is_file():
