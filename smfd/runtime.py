@@ -133,7 +133,7 @@ def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
     if healed is not None:
         log.info("memory_healed", **asdict(healed))
         meta["heal"] = asdict(healed)
-    store.initialise(model, background, meta, state_settings(cfg, model))
-    store.save_text("general_text", sequences)
+    store.save_text("general_text", sequences)  # before the manifest: a state that exists has its texts
     store.save_text("fact_text", facts)
+    store.initialise(model, background, meta, state_settings(cfg, model))
     return Runtime(model, store, background, 0, sequences, facts)
