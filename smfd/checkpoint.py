@@ -71,8 +71,9 @@ class CheckpointStore:
         under them; loading the rows under other settings would read them wrongly without any
         error. A state from before settings were recorded is checked on its memory shape only.
         """
-        recorded = dict(self.manifest().get("settings") or {})
-        recorded.setdefault("memory", self.manifest().get("memory"))
+        manifest = self.manifest()
+        recorded = dict(manifest.get("settings") or {})
+        recorded.setdefault("memory", manifest.get("memory"))
         changed = _changed_settings(recorded, settings)
         if changed:
             raise SmfdError(

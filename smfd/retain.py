@@ -22,7 +22,6 @@ the contexts where it states it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,7 @@ from smfd.errors import SmfdError
 from smfd.heal import sample_general_text
 from smfd.model.memory import Lookup, ProductKeyMemory
 from smfd.model.retrofit import memory_bypassed
+from smfd.retention import builtin_file, read_prompts
 
 FACT_PROMPTS = "fact_prompts.txt"  # shipped beside the default probes
 FACT_TOKENS = 48  # sampled tokens per statement: one or two sentences
@@ -137,8 +137,7 @@ class RetainSet:
 
 def fact_prompts() -> list[str]:
     """The shipped fact-style prompts (generic relation openings written for smfd, no entities from any data set)."""
-    text = (resources.files("smfd") / "probes" / FACT_PROMPTS).read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return read_prompts(builtin_file(FACT_PROMPTS))
 
 
 def sample_self_facts(
