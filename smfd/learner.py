@@ -75,6 +75,8 @@ class UpdateOutcome:
 
 
 GuardCheck = Callable[[], tuple[bool, str, dict]]
+# Per-token surprise (NLL under the frozen base) of each token sequence, keyed by its token ids.
+TokenSurprise = dict[tuple[int, ...], torch.Tensor]
 
 
 class Learner:
@@ -113,7 +115,7 @@ class Learner:
         ids = self.model.tokenizer("The quick brown fox jumps over the lazy dog. " * 64, add_special_tokens=False).input_ids
         sequence = ids[: self.settings.seq_len]
         # The surprise-weighted rule ranks slots by each token's surprise: the measured step needs it too.
-        surprise = self._sequence_surprise([sequence]) if self.settings.update.rule == "surprise-kl" else None
+        surprise = [self._sequence_surprise([sequence])[tuple(sequence)]] if self.settings.update.rule == "surprise-kl" else None
 
         def measure(n: int) -> None:
             batch = make_batch([sequence] * n, self.model.tokenizer.pad_token_id, None if surprise is None else surprise * n)
@@ -144,8 +146,12 @@ class Learner:
         return len(claimed)
 
     # ---- stage 2: surprise ------------------------------------------------------------
-    def split_known(self, chunks: list[ChunkRow]) -> tuple[list[ChunkRow], list[ChunkRow], list[float]]:
-        """Partition chunks into (to learn, already known) by mean token surprise under the frozen base."""
+    def split_known(self, chunks: list[ChunkRow]) -> tuple[list[ChunkRow], list[ChunkRow], list[float], TokenSurprise]:
+        """Partition chunks into (to learn, already known) by mean token surprise under the frozen base.
+
+        Also returns each scored chunk's per-token surprise, so the update's slot selection does
+        not score the same sequences a second time.
+        """
         tokenizer = self.model.tokenizer
         learn, known, means = [], [], []
         scorable = []
@@ -154,18 +160,13 @@ class Learner:
                 known.append(chunk)  # a single token carries no prediction to learn
             else:
                 scorable.append(chunk)
-        chunks = scorable
-        for start in range(0, len(chunks), self.batch_size):
-            group = chunks[start : start + self.batch_size]
-            seqs = [encode(tokenizer, [c.text], self.settings.seq_len)[0] for c in group]
-            batch = make_batch(seqs, tokenizer.pad_token_id).to(self.model.device)
-            nll = score_surprise(self.model.model, self.model.memories, batch.input_ids, batch.attention_mask)
-            for row, chunk in enumerate(group):
-                n = max(int(batch.loss_mask[row].sum()), 1)
-                mean = float(nll[row].sum()) / n
-                means.append(mean)
-                (known if mean < self.settings.skip_below_nats else learn).append(chunk)
-        return learn, known, means
+        sequences = [encode(tokenizer, [c.text], self.settings.seq_len)[0] for c in scorable]
+        scored = self._sequence_surprise(sequences)
+        for chunk, sequence in zip(scorable, sequences):
+            mean = float(scored[tuple(sequence)].sum()) / max(len(sequence) - 1, 1)
+            means.append(mean)
+            (known if mean < self.settings.skip_below_nats else learn).append(chunk)
+        return learn, known, means, scored
 
     # ---- stage 3: the update ----------------------------------------------------------
     def update(self, should_stop: Callable[[], bool] = lambda: False, guard: GuardCheck | None = None) -> UpdateOutcome:
@@ -175,12 +176,12 @@ class Learner:
         if not chunks:
             outcome.documents_settled = self._finish_documents(self.store.version)
             return outcome
-        learn, known, outcome.surprise = self.split_known(chunks)
+        learn, known, outcome.surprise, scored = self.split_known(chunks)
         if known:
             self.journal.set_chunk_state([c.id for c in known], "known")
         outcome.chunks_known = len(known)
         if learn:
-            patches = self._train(learn, outcome, should_stop)
+            patches = self._train(learn, scored, outcome, should_stop)
             if outcome.stopped:
                 return outcome
             outcome.seconds = time.perf_counter() - started
@@ -192,12 +193,17 @@ class Learner:
             outcome.seconds = time.perf_counter() - started
         return outcome
 
-    def _train(self, chunks: list[ChunkRow], outcome: UpdateOutcome, should_stop: Callable[[], bool]) -> list[LayerPatch]:
+    def _train(
+        self, chunks: list[ChunkRow], scored: TokenSurprise, outcome: UpdateOutcome, should_stop: Callable[[], bool]
+    ) -> list[LayerPatch]:
         """Run the optimizer steps; returns the update's patches (already reverted if stopped)."""
         s = self.settings
         texts = training_texts([c.text for c in chunks], s.restate)
         sequences = encode(self.model.tokenizer, texts, s.seq_len)
-        surprise = self._sequence_surprise(sequences) if s.update.rule == "surprise-kl" else None
+        surprise = None
+        if s.update.rule == "surprise-kl":
+            scored = self._sequence_surprise(sequences, scored)
+            surprise = [scored[tuple(seq)] for seq in sequences]
         batches = epoch_batches(sequences, self.batch_size, s.passes, self.model.tokenizer.pad_token_id, surprise=surprise)
         device = self.model.device
         batches = [batch.to(device) for batch in batches]
@@ -224,15 +230,19 @@ class Learner:
         outcome.chunks_learned = len(chunks)
         return patches
 
-    def _sequence_surprise(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        out = []
+    def _sequence_surprise(self, sequences: list[list[int]], scored: TokenSurprise | None = None) -> TokenSurprise:
+        """Per-token surprise of each sequence not already in `scored` (a new dict; `scored` is not changed)."""
+        scored = dict(scored or {})
+        todo = list(dict.fromkeys(tuple(seq) for seq in sequences if tuple(seq) not in scored))
         tokenizer = self.model.tokenizer
-        for start in range(0, len(sequences), self.batch_size):
-            batch = make_batch(sequences[start : start + self.batch_size], tokenizer.pad_token_id)
+        for start in range(0, len(todo), self.batch_size):
+            group = todo[start : start + self.batch_size]
+            batch = make_batch([list(seq) for seq in group], tokenizer.pad_token_id)
             nll = score_surprise(self.model.model, self.model.memories, batch.input_ids.to(self.model.device),
                                  batch.attention_mask.to(self.model.device)).cpu()
-            out.extend(nll)
-        return out
+            for row, seq in enumerate(group):
+                scored[seq] = nll[row, : len(seq)]
+        return scored
 
     def _accept_or_reject(
         self, chunks: list[ChunkRow], patches: list[LayerPatch], outcome: UpdateOutcome, guard: GuardCheck | None

@@ -198,6 +198,29 @@ def test_surprise_weighted_selection_learns_through_the_learner(
     assert {journal.get_document(d).state for d in doc_ids} == {"done"}
 
 
+def test_surprise_weighted_update_scores_each_sequence_under_the_frozen_base_once(
+    tmp_path, tiny_memory_model, background, store, journal
+):
+    """The chunk skip and the slot weights share one scoring pass: no chunk is scored twice."""
+    submit_all(journal, tmp_path)
+    settings = dataclasses.replace(SETTINGS, update=UpdateConfig(rule="surprise-kl", top_t=16, lr=0.05), restate=False)
+    learner = make_learner(tiny_memory_model, background, store, journal, settings)
+    frozen_rows = []
+
+    def count_frozen_rows(module, args, kwargs):
+        if not any(memory.enabled for memory in tiny_memory_model.memories):
+            frozen_rows.append(kwargs["input_ids"].shape[0])
+
+    hook = tiny_memory_model.model.register_forward_pre_hook(count_frozen_rows, with_kwargs=True)
+    try:
+        outcome = learner.update()
+    finally:
+        hook.remove()
+
+    assert outcome.accepted and outcome.chunks_learned > 0
+    assert sum(frozen_rows) == outcome.chunks_learned + outcome.chunks_known
+
+
 def test_one_token_document_does_not_stall_the_learner(tmp_path, tiny_memory_model, background, store, journal, tokenizer):
     assert len(tokenizer("x", add_special_tokens=False).input_ids) == 1
     tiny = submit(journal, tmp_path / "spool", "tiny.txt", "x")
