@@ -23,7 +23,7 @@ from smfd.model.loading import load_base_model
 def measure(argv: list[str], rounds: int) -> dict[str, list[float]]:
     """Tokens/s per round for every method spec, all in this process."""
     cfg = runner.config_from_args(runner.build_parser().parse_args(argv))
-    ctx = runner._open_context(cfg)
+    ctx = runner.open_context(cfg)
     batch = runner.timing_batch(ctx.split, ctx.tokenizer)
     background = BackgroundSource(ctx.split.background, Path(cfg.out) / "cache", ctx.model_id, False)
     learnings = []

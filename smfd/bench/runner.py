@@ -424,7 +424,8 @@ class WorkerContext:
         return [document_training_texts(c, restate) for c in self.chunks]
 
 
-def _open_context(cfg: BenchConfig) -> WorkerContext:
+def open_context(cfg: BenchConfig) -> WorkerContext:
+    """Everything a benchmark process shares between methods: data, base model, device, held-out split, chunks."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     inputs = load_inputs(cfg)
@@ -560,7 +561,7 @@ def worker_main(request_json: str) -> str:
     """Entry point of a worker process: JSON request in, JSON result out."""
     request = json.loads(request_json)
     cfg = BenchConfig.from_json(request["config"])
-    ctx = _open_context(cfg)
+    ctx = open_context(cfg)
     if request["role"] == "base":
         result = run_base(ctx)
     else:
