@@ -51,9 +51,9 @@ class MemorySection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     layers: list[NonNegativeInt] = Field(default_factory=lambda: [20], min_length=1)
-    n_keys: int = Field(256, ge=2)
+    n_keys: int = Field(512, ge=2)
     heads: int = Field(4, ge=1)
-    k: int = Field(32, ge=1)
+    k: int = Field(8, ge=1)
     key_dim: int = Field(128, ge=1)
     value_init: Literal["zero"] = "zero"
     query_norm: bool = True  # standardise queries with general-text statistics (spreads slot usage)
@@ -90,7 +90,7 @@ class TrainSection(BaseModel):
 
     selection: Literal["kl", "tfidf", "surprise-kl"] = "surprise-kl"
     top_t: int = Field(1000, ge=1)
-    lr: float = Field(10.0, gt=0)
+    lr: float = Field(6.0, gt=0)
     normalize: bool = True  # lr is the RMS change per element of the selected rows per step
     normalize_once: bool = False  # divide by the update's first gradient RMS only: later steps shrink
     scope: Literal["step", "update"] = "update"  # top_t chosen once per update, or afresh per optimizer step

@@ -27,9 +27,9 @@ class MemoryConfig:
     """Sizes of every memory layer retrofitted into a model."""
 
     layers: tuple[int, ...] = (20,)
-    n_keys: int = 256
+    n_keys: int = 512
     heads: int = 4
-    k: int = 32
+    k: int = 8
     key_dim: int = 128
     seed: int = 0
     # Standardise each query dimension with statistics of general text (smfd.heal.calibrate_from_inputs):
