@@ -32,7 +32,7 @@ from smfd.recall import RecallItem, cut_cloze, read_items, spooled_sidecar
 from smfd.restate import training_texts
 from smfd.retain import RetainSet
 from smfd.selection import BackgroundStats
-from smfd.surprise import score_surprise
+from smfd.surprise import sequence_surprise
 from smfd.updater import SparseUpdater, UpdateConfig, split_batch
 
 log = structlog.get_logger("smfd.learner")
@@ -234,14 +234,9 @@ class Learner:
         """Per-token surprise of each sequence not already in `scored` (a new dict; `scored` is not changed)."""
         scored = dict(scored or {})
         todo = list(dict.fromkeys(tuple(seq) for seq in sequences if tuple(seq) not in scored))
-        tokenizer = self.model.tokenizer
-        for start in range(0, len(todo), self.batch_size):
-            group = todo[start : start + self.batch_size]
-            batch = make_batch([list(seq) for seq in group], tokenizer.pad_token_id)
-            nll = score_surprise(self.model.model, self.model.memories, batch.input_ids.to(self.model.device),
-                                 batch.attention_mask.to(self.model.device)).cpu()
-            for row, seq in enumerate(group):
-                scored[seq] = nll[row, : len(seq)]
+        nll = sequence_surprise(self.model.model, self.model.memories, [list(seq) for seq in todo],
+                                self.model.tokenizer.pad_token_id, self.batch_size, self.model.device)
+        scored.update(zip(todo, nll))
         return scored
 
     def _accept_or_reject(

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from smfd.batching import make_batch
 from smfd.model.memory import ProductKeyMemory
 from smfd.model.retrofit import memory_bypassed
 
@@ -47,3 +48,21 @@ def score_surprise(
     """Per-token NLL under the frozen base model (memory bypassed), shape (batch, seq)."""
     with memory_bypassed(memories):
         return token_nll(model, input_ids, attention_mask)
+
+
+def sequence_surprise(
+    model: PreTrainedModel,
+    memories: list[ProductKeyMemory],
+    sequences: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device | str,
+) -> list[torch.Tensor]:
+    """Per-token surprise of each token sequence, scored `batch_size` at a time; one CPU tensor per sequence, its length."""
+    out: list[torch.Tensor] = []
+    for start in range(0, len(sequences), batch_size):
+        group = sequences[start : start + batch_size]
+        batch = make_batch(group, pad_id).to(device)
+        nll = score_surprise(model, memories, batch.input_ids, batch.attention_mask).cpu()
+        out.extend(nll[row, : len(seq)] for row, seq in enumerate(group))
+    return out

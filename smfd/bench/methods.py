@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from smfd.batching import make_batch
 from smfd.durable import atomic_write
 from smfd.errors import SmfdError
 from smfd.heal import HealConfig, prepare_memory
@@ -28,7 +27,7 @@ from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
 from smfd.retain import FACT_SEQUENCES, FACT_TOKENS, RetainSet, fact_prompts, sample_self_facts
 from smfd.selection import BackgroundStats
-from smfd.surprise import score_surprise
+from smfd.surprise import sequence_surprise
 from smfd.updater import SparseUpdater, StepResult, TokenBatch, UpdateConfig
 
 if TYPE_CHECKING:  # peft is imported only by workers that train LoRA or full finetuning
@@ -326,14 +325,8 @@ class SmfLearning:
         """Per-token surprise under the frozen base, only for the rule that weights reads by it."""
         if self.update.rule != "surprise-kl":
             return None
-        out: list[torch.Tensor] = []
-        pad_id = self.memory_model.tokenizer.pad_token_id
-        device = self.memory_model.device
-        for start in range(0, len(sequences), self.batch_size):
-            batch = make_batch(sequences[start : start + self.batch_size], pad_id).to(device)
-            nll = score_surprise(self.memory_model.model, self.memory_model.memories, batch.input_ids, batch.attention_mask)
-            out.extend(nll.cpu())
-        return out
+        mm = self.memory_model
+        return sequence_surprise(mm.model, mm.memories, sequences, mm.tokenizer.pad_token_id, self.batch_size, mm.device)
 
     def rows_changed(self) -> int:
         """Value rows that differ from their zero initialisation now: the memory this run actually used."""
