@@ -94,8 +94,15 @@ def read_weights(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
 
     Returned as (mask, surprise) aligned to read positions: the read at position t serves the
     prediction of token t+1, so it is weighted by that token's surprise.
+
+    The first token of each sequence never counts. It is the attention sink: at the memory's
+    depth its hidden state is the same whatever the token, so it reads the same few rows in every
+    text, and the token after it is always surprising. Counting it selects those rows for every
+    update, and a row the sink reads shifts every later position of every prompt.
     """
     mask = F.pad(batch.loss_mask[:, 1:], (0, 1)).float()
+    first = batch.attention_mask.long().argmax(dim=1)
+    mask[torch.arange(mask.shape[0], device=mask.device), first] = 0.0
     surprise = None if batch.surprise is None else F.pad(batch.surprise[:, 1:], (0, 1))
     return mask, surprise
 
@@ -208,7 +215,9 @@ class SparseUpdater:
             memory.select_rows = selector
         try:
             loss = causal_lm_loss(self.model, batch)
-            (loss + self._interference(loss)).backward()
+            total = loss + self._interference(loss)
+            if total.requires_grad:  # else no slot qualified (e.g. every sequence is one trained token long)
+                total.backward()
         except BaseException:
             for memory in self.memories:
                 memory.selection = None
