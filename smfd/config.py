@@ -95,7 +95,7 @@ class TrainSection(BaseModel):
     normalize_once: bool = False  # divide by the update's first gradient RMS only: later steps shrink
     scope: Literal["step", "update"] = "update"  # top_t chosen once per update, or afresh per optimizer step
     retain_weight: float = Field(5.0, ge=0)  # interference penalty (smfd.retain); 0 = off
-    retain_tokens: int = Field(4096, ge=1)  # tokens of the retain text the penalty watches
+    retain_tokens: int = Field(16384, ge=1)  # tokens of the retain text the penalty watches (statements first)
     passes: int = Field(8, ge=1)
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(128, ge=8)
@@ -560,7 +560,7 @@ def _describe_retain(cfg: SmfdConfig) -> str:
     train, facts = cfg.train, cfg.memory.fact_sequences
     if train.retain_weight <= 0:
         return "  retain penalty: off"
-    text = f"{facts} statements of fact sampled from the model" if facts else "the general text"
+    text = f"{facts} statements of fact sampled from the model, then the general text" if facts else "the general text"
     return f"  retain penalty: weight {train.retain_weight:g} on {train.retain_tokens} tokens of {text}"
 
 

@@ -36,6 +36,7 @@ from smfd.retention import builtin_file, read_prompts
 FACT_PROMPTS = "fact_prompts.txt"  # shipped beside the default probes
 FACT_TOKENS = 48  # sampled tokens per statement: one or two sentences
 FACT_SEQUENCES = 256  # statements sampled by default (memory.fact_sequences)
+RETAIN_TOKENS = 16384  # tokens the penalty watches by default: all the statements, then general text
 
 
 @dataclass
@@ -133,6 +134,18 @@ class RetainSet:
         shape = (1, indices.shape[0], memory.config.heads, -1)
         read = memory.read(Lookup(indices=indices.view(shape), weights=weights.view(shape)))[0]
         return memory.out(layer.gate[rows] * read)
+
+
+def retain_text(facts: list[list[int]], general: list[list[int]]) -> list[list[int]]:
+    """The sequences the penalty watches, in the order `RetainSet.collect` takes them: statements of fact first.
+
+    The statements cover the relation contexts where known facts are lost; the general text after
+    them widens the set of rows the penalty sees (an update's rows are read by many kinds of token).
+    """
+    text = facts + general
+    if not text:
+        raise SmfdError("the retain set needs text: no statements of fact and no general text")
+    return text
 
 
 def fact_prompts() -> list[str]:

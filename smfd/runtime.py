@@ -18,7 +18,7 @@ from smfd.retention import builtin_file, read_prompts
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import memory_bypassed
-from smfd.retain import RetainSet, sample_self_facts
+from smfd.retain import RetainSet, retain_text, sample_self_facts
 from smfd.selection import BackgroundStats
 from smfd.updater import UpdateConfig
 
@@ -98,17 +98,16 @@ class Runtime:
     fact_text: list[list[int]] | None = None  # the model's own statements of fact (also in the statistics)
 
     def retain_set(self, settings: LearnSettings, cfg: SmfdConfig) -> RetainSet | None:
-        """The interference penalty's tokens: the model's statements of fact, else the general text."""
+        """The interference penalty's tokens: the model's statements of fact first, then the general text."""
         update = settings.update
         if update.retain_weight <= 0:
             return None
-        text, source = self.fact_text, "fact_text"
-        if not text:
-            if self.general_text is None:  # a checkpoint from before the text was kept
-                self.general_text, _ = background_sequences(cfg, self.model)
-                self.store.save_text("general_text", self.general_text)
-            text, source = self.general_text, "general_text"
-        log.info("retain_set", source=source, weight=update.retain_weight, tokens=update.retain_tokens)
+        if self.general_text is None:  # a checkpoint from before the text was kept
+            self.general_text, _ = background_sequences(cfg, self.model)
+            self.store.save_text("general_text", self.general_text)
+        text = retain_text(self.fact_text or [], self.general_text)
+        log.info("retain_set", fact_sequences=len(self.fact_text or []), general_sequences=len(self.general_text),
+                 weight=update.retain_weight, tokens=update.retain_tokens)
         with memory_bypassed(self.model.memories):
             return RetainSet.collect(self.model.model, self.model.memories, text, update.retain_tokens)
 

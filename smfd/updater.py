@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from smfd.errors import SmfdError
 from smfd.model.memory import Lookup, ProductKeyMemory
-from smfd.retain import RetainSet
+from smfd.retain import RETAIN_TOKENS, RetainSet
 from smfd.patches import LayerPatch, PatchRecorder
 from smfd.selection import RULES, BackgroundStats, batch_reads, select_slots, top_slots
 
@@ -40,7 +40,7 @@ class UpdateConfig:
     # the retain tokens, relative to the MLP's output; 0 turns it off. The daemon's and the
     # benchmark's recipe (LearnSettings) turns it on, with the model's own statements of fact.
     retain_weight: float = 0.0
-    retain_tokens: int = 4096  # tokens in the retain set
+    retain_tokens: int = RETAIN_TOKENS  # tokens in the retain set
 
     def validate(self) -> None:
         if self.scope not in ("step", "update"):

@@ -247,4 +247,4 @@ def test_describe_mentions_what_would_run(tmp_path):
     assert "https://example.org/feed.xml" in summary
     assert "127.0.0.1:9999" in summary
     assert "healing: 300 addressing steps" in summary
-    assert "retain penalty: weight 5 on 4096 tokens of 256 statements of fact" in summary
+    assert "retain penalty: weight 5 on 16384 tokens of 256 statements of fact sampled from the model, then the general text" in summary

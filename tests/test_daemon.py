@@ -93,8 +93,11 @@ def test_healing_runs_once_when_the_state_is_created_and_is_kept_in_version_0(tm
     assert torch.equal(reopened.model.memories[0].keys.detach(), healed_keys)
     assert reopened.version == 0
     assert len(runtime.fact_text) == 6 and reopened.fact_text == runtime.fact_text  # sampled once, kept
-    retain = reopened.retain_set(learn_settings(cfg), cfg)  # the penalty watches the model's statements of fact
-    assert retain.n_tokens == sum(len(sequence) for sequence in reopened.fact_text)
+    settings = learn_settings(cfg)
+    retain = reopened.retain_set(settings, cfg)  # the penalty watches the model's statements, then the general text
+    available = sum(len(sequence) for sequence in reopened.fact_text + reopened.general_text)
+    assert retain.n_tokens == min(settings.update.retain_tokens, available)
+    assert retain.n_tokens > sum(len(sequence) for sequence in reopened.fact_text)
 
 
 @pytest.mark.parametrize("section, change, named", [

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from smfd.retain import RetainSet, fact_prompts, sample_self_facts
+from smfd.errors import SmfdError
+from smfd.retain import RetainSet, fact_prompts, retain_text, sample_self_facts
 
 
 def test_shipped_fact_prompts_are_distinct_lines():
@@ -46,3 +48,14 @@ def test_retain_set_watches_at_most_the_asked_tokens(tiny_memory_model):
     facts = sample_self_facts(mm.model, mm.tokenizer, mm.memories, 4)
     retain = RetainSet.collect(mm.model, mm.memories, facts, 20)
     assert retain.n_tokens == min(20, sum(len(s) for s in facts))
+
+
+def test_retain_text_takes_the_statements_first_then_the_general_text():
+    facts, general = [[5, 6, 7], [8, 9]], [[10, 11, 12, 13]]
+    assert retain_text(facts, general) == [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    assert retain_text([], general) == general
+
+
+def test_retain_text_without_any_text_is_an_error():
+    with pytest.raises(SmfdError, match="no statements of fact and no general text"):
+        retain_text([], [])

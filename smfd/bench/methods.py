@@ -25,7 +25,7 @@ from smfd.heal import HealConfig, prepare_memory
 from smfd.learner import LearnSettings
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
-from smfd.retain import FACT_SEQUENCES, FACT_TOKENS, RetainSet, fact_prompts, sample_self_facts
+from smfd.retain import FACT_SEQUENCES, FACT_TOKENS, RetainSet, fact_prompts, retain_text, sample_self_facts
 from smfd.selection import BackgroundStats
 from smfd.surprise import sequence_surprise
 from smfd.updater import SparseUpdater, StepResult, TokenBatch, UpdateConfig
@@ -399,9 +399,9 @@ def build_learning(
         stats, cached = background_stats(memory_model, background.sequences + facts, background.cache_dir,
                                          background.model_id, background.progress, heal)
         retain = None
-        if update.retain_weight > 0:  # the daemon's rule: the model's statements of fact, else the general text
-            retain = RetainSet.collect(memory_model.model, memory_model.memories, facts or background.sequences,
-                                       update.retain_tokens)
+        if update.retain_weight > 0:  # the daemon's rule: the model's statements of fact, then the general text
+            retain = RetainSet.collect(memory_model.model, memory_model.memories,
+                                       retain_text(facts, background.sequences), update.retain_tokens)
         setup = {"background_cached": cached, "fact_sequences": len(facts)}
         return SmfLearning(memory_model, stats, update, defaults.batch_size, retain, heal), setup
     from smfd.baselines import FullFinetuneTrainer, LoraTrainer
