@@ -232,14 +232,14 @@ def test_retain_penalty_keeps_general_text_outputs_closer_to_where_they_were(
         background = compute_background(mm.model, mm.memories, background_sequences[:3])
         retain = RetainSet.collect(mm.model, mm.memories, background_sequences[3:], 256)
         updater = SparseUpdater(mm.model, mm.memories, background, UpdateConfig(rule="kl", top_t=48, lr=0.5, retain_weight=weight), retain)
-        for _ in range(4):
+        # Normalised steps stay lr-sized, so a dominant penalty still leaves an lr-sized oscillation;
+        # 8 passes let the unpenalised change grow well past it.
+        for _ in range(8):
             for batch in text_batches(FACTS):
                 updater.step(batch)
         changes[weight] = memory_output_change(mm, retain)
     assert changes[0.0] > 0
-    # Normalised steps stay lr-sized, so even a dominant penalty leaves an lr-sized oscillation:
-    # in this tiny table every retain token reads trained rows, and about half the change remains.
-    assert changes[50.0] < 0.6 * changes[0.0], changes
+    assert changes[50.0] < 0.5 * changes[0.0], changes
 
 
 def test_retain_weight_without_a_retain_set_is_an_error(tiny_memory_model, background):
