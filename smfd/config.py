@@ -96,6 +96,7 @@ class TrainSection(BaseModel):
     scope: Literal["step", "update"] = "update"  # top_t chosen once per update, or afresh per optimizer step
     retain_weight: float = Field(5.0, ge=0)  # interference penalty (smfd.retain); 0 = off
     retain_tokens: int = Field(16384, ge=1)  # tokens of the retain text the penalty watches (statements first)
+    prefix_cache_mb: int = Field(256, ge=0)  # hidden states below the memory kept through an update; 0 = off
     passes: int = Field(8, ge=1)
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(128, ge=8)

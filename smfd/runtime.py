@@ -40,7 +40,8 @@ def learn_settings(cfg: SmfdConfig) -> LearnSettings:
     return LearnSettings(
         update=UpdateConfig(rule=t.selection, top_t=t.top_t, lr=t.lr, normalize=t.normalize,
                             normalize_once=t.normalize_once, scope=t.scope,
-                            retain_weight=t.retain_weight, retain_tokens=t.retain_tokens),
+                            retain_weight=t.retain_weight, retain_tokens=t.retain_tokens,
+                            prefix_cache_mb=t.prefix_cache_mb),
         passes=t.passes,
         batch_size=t.batch_size,
         seq_len=t.seq_len,

@@ -19,6 +19,8 @@ from transformers import PreTrainedModel
 
 from smfd.errors import SmfdError
 from smfd.model.memory import Lookup, ProductKeyMemory
+from smfd.model.prefix import PrefixCache
+from smfd.model.retrofit import decoder_layers
 from smfd.retain import RETAIN_TOKENS, RetainSet
 from smfd.patches import LayerPatch, PatchRecorder
 from smfd.selection import RULES, BackgroundStats, batch_reads, select_slots, top_slots
@@ -41,6 +43,9 @@ class UpdateConfig:
     # benchmark's recipe (LearnSettings) turns it on, with the model's own statements of fact.
     retain_weight: float = 0.0
     retain_tokens: int = RETAIN_TOKENS  # tokens in the retain set
+    # MiB for each sequence's hidden state entering the lowest memory layer, kept for the rest of
+    # the update (smfd.model.prefix): same results, later passes skip the blocks below; 0 turns it off.
+    prefix_cache_mb: int = 256
 
     def validate(self) -> None:
         if self.scope not in ("step", "update"):
@@ -53,6 +58,8 @@ class UpdateConfig:
             raise SmfdError(f"learning rate must be > 0, got {self.lr}")
         if not self.retain_weight >= 0:
             raise SmfdError(f"retain_weight must be >= 0, got {self.retain_weight}")
+        if self.prefix_cache_mb < 0:
+            raise SmfdError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
 
 
 @dataclass
@@ -135,11 +142,18 @@ class SparseUpdater:
         self.recorder = PatchRecorder()
         self.planned: dict[int, torch.Tensor] | None = None
         self.grad_scale: dict[int, torch.Tensor] = {}  # normalize_once: 1 / RMS of the update's first gradient
+        first_memory = min(m.layer_index for m in memories)
+        self.prefix = PrefixCache(decoder_layers(model), first_memory, config.prefix_cache_mb * 1024 * 1024)
 
     @torch.no_grad()
     def plan_update(self, batches: list[TokenBatch]) -> None:
-        """Start an update: rebase the retain set; with scope "update", rank slots once over all its batches."""
+        """Start an update: rebase the retain set; with scope "update", rank slots once over all its batches.
+
+        The selection forward also fills the prefix cache, so every step of the update starts at
+        the lowest memory layer.
+        """
         self.grad_scale = {}
+        self.prefix.clear()
         if self.retain is not None:
             self.retain.rebase(self.memories)
         if self.config.scope != "update":
@@ -154,7 +168,8 @@ class SparseUpdater:
                 if rows <= seen:
                     continue  # later passes repeat the same sequences: one forward per sequence is enough
                 seen |= rows
-                self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                with self.prefix.forward_for(batch):
+                    self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                 mask, surprise = read_weights(batch)
                 weights = mask.double() if surprise is None or self.config.rule != "surprise-kl" else mask.double() * surprise.double().clamp_min(0)
                 for memory in self.memories:
@@ -214,7 +229,8 @@ class SparseUpdater:
         for memory in self.memories:
             memory.select_rows = selector
         try:
-            loss = causal_lm_loss(self.model, batch)
+            with self.prefix.forward_for(batch):
+                loss = causal_lm_loss(self.model, batch)
             total = loss + self._interference(loss)
             if total.requires_grad:  # else no slot qualified (e.g. every sequence is one trained token long)
                 total.backward()
@@ -241,6 +257,7 @@ class SparseUpdater:
         """Close the current update: the patches that revert or replay everything since the last call."""
         self.planned = None
         self.grad_scale = {}
+        self.prefix.clear()
         return self.recorder.finish(self.memories)
 
     def run(self, batches: Iterable[TokenBatch], should_stop: Callable[[], bool] = lambda: False) -> list[StepResult]:

@@ -261,4 +261,8 @@ def test_cost_measures_every_method_in_one_process(model_dir: Path, data: dict[s
     rates = measure(bench_args(model_dir, data, tmp_path / "out", f"{SMF_TINY},lora"), rounds=2)
 
     assert list(rates) == ["".join(SMF_TINY.split()), "lora"]
-    assert all(len(values) == 2 and all(v > 0 for v in values) for values in rates.values())
+    for kinds in rates.values():
+        assert list(kinds) == ["step", "update"]
+        assert all(len(values) == 2 and all(v > 0 for v in values) for values in kinds.values())
+        # the update rate charges the planning forward to the passes: never above the step rate
+        assert all(update <= step for step, update in zip(kinds["step"], kinds["update"]))

@@ -20,8 +20,9 @@ from smfd.errors import SmfdError
 from smfd.model.loading import load_base_model
 
 
-def measure(argv: list[str], rounds: int) -> dict[str, list[float]]:
-    """Tokens/s per round for every method spec, all in this process."""
+def measure(argv: list[str], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Tokens/s per round for every method spec, all in this process: per step, and per update
+    (the update's planning forward charged to --passes passes over the batch)."""
     cfg = runner.config_from_args(runner.build_parser().parse_args(argv))
     ctx = runner.open_context(cfg)
     batch = runner.timing_batch(ctx.split, ctx.tokenizer)
@@ -31,11 +32,12 @@ def measure(argv: list[str], rounds: int) -> dict[str, list[float]]:
         model, tokenizer, _ = load_base_model(cfg.model, Path(cfg.cache_dir))
         learning, _ = build_learning(spec, model.to(ctx.device), tokenizer, cfg.learn_settings(), background)
         learnings.append((spec.label, learning))
-    rates: dict[str, list[float]] = {label: [] for label, _ in learnings}
+    rates: dict[str, dict[str, list[float]]] = {label: {"step": [], "update": []} for label, _ in learnings}
     for _ in range(rounds):  # methods interleaved, so drift of the machine reaches each alike
         for label, learning in learnings:
-            speed = runner.same_batch_speed(learning, batch, cfg.timing_steps, ctx.device)
-            rates[label].append(speed["step_tokens_per_second_same_batch"])
+            speed = runner.same_batch_speed(learning, batch, cfg.timing_steps, ctx.device, cfg.passes)
+            rates[label]["step"].append(speed["step_tokens_per_second_same_batch"])
+            rates[label]["update"].append(speed["update_tokens_per_second_same_batch"])
     return rates
 
 
@@ -45,9 +47,10 @@ def main(argv: list[str]) -> int:
     known, rest = parser.parse_known_args(argv)
     if known.rounds < 1:
         raise SmfdError(f"--rounds must be >= 1, got {known.rounds}")
-    for label, values in measure(rest, known.rounds).items():
-        print(f"{label}: same-batch tok/s per round {', '.join(f'{v:.0f}' for v in values)}; "
-              f"median {sorted(values)[len(values) // 2]:.0f}")
+    for label, kinds in measure(rest, known.rounds).items():
+        for kind, values in kinds.items():
+            print(f"{label}: same-batch {kind} tok/s per round {', '.join(f'{v:.0f}' for v in values)}; "
+                  f"median {sorted(values)[len(values) // 2]:.0f}")
     return 0
 
 

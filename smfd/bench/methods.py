@@ -102,6 +102,7 @@ SMF_OPTIONS: dict[str, Parser] = {
     "lr": _positive_float, "top_t": _positive_int, "passes": _positive_int, "layers": _layers, "restate": _flag,
     "n_keys": _positive_int, "k": _positive_int, "heads": _positive_int, "key_dim": _positive_int, "normalize": _flag,
     "scope": _scope, "normalize_once": _flag, "retain_weight": _non_negative_float, "retain_tokens": _positive_int,
+    "prefix_cache_mb": _non_negative_int,
     "read_temperature": _positive_float, "heal_steps": _non_negative_int, "heal_lr": _positive_float,
     "fact_sequences": _non_negative_int,
 }
@@ -189,7 +190,8 @@ def smf_configs(spec: MethodSpec, defaults: LearnSettings) -> tuple[UpdateConfig
     update = replace(
         defaults.update,
         rule=SMF_RULES[spec.name],
-        **{key: o[key] for key in ("lr", "top_t", "normalize", "normalize_once", "scope", "retain_weight", "retain_tokens") if key in o},
+        **{key: o[key] for key in ("lr", "top_t", "normalize", "normalize_once", "scope", "retain_weight", "retain_tokens",
+                                 "prefix_cache_mb") if key in o},
     )
     memory = replace(MemoryConfig(), **{key: o[key] for key in ("layers", "n_keys", "k", "heads", "key_dim", "read_temperature") if key in o})
     update.validate()

@@ -52,8 +52,11 @@ from smfd.bench.data import (
     texts_digest,
 )
 from smfd.bench.methods import (
+    FULL_OPTIONS,
+    LORA_OPTIONS,
     METHOD_NAMES,
     OPTION_SEPARATOR,
+    SMF_OPTIONS,
     SPEC_SEPARATOR,
     BackgroundSource,
     Learning,
@@ -141,6 +144,11 @@ class BenchConfig:
 # ---------------------------------------------------------------- command line
 
 
+def _wrapped(names: object, indent: int) -> str:
+    """Comma-separated names wrapped for the help epilog, continuation lines indented."""
+    return textwrap.fill(", ".join(names), width=84, subsequent_indent=" " * indent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = LearnSettings()
     parser = argparse.ArgumentParser(
@@ -157,10 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
               NAME[:key=value{OPTION_SEPARATOR}key=value], several joined by '{SPEC_SEPARATOR}'. Quote the whole list in a shell
               (';' would end the command). A spec's text is its key in results.json.
               names:  {', '.join(METHOD_NAMES)}
-              SMF:    lr, top_t, passes, layers (decoder layers joined by '+', e.g. 12+20), restate (0/1),
-                      n_keys, k, heads, key_dim, read_temperature, normalize (0/1)
-              lora:   lr, rank, alpha, passes, restate, weight_decay
-              full:   lr, passes, restate, weight_decay
+              SMF:    {_wrapped(SMF_OPTIONS, 22)}
+              lora:   {', '.join(LORA_OPTIONS)}
+              full:   {', '.join(FULL_OPTIONS)}
+              layers are decoder layers joined by '+' (e.g. 12+20); flags are 0/1.
               Unset keys take the engine defaults: SMF the daemon's learn settings and memory config;
               lora rank 16 on all linear layers with AdamW; full AdamW over every weight. passes and
               restate default to --passes and --restate, the same for every method.
@@ -370,12 +378,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def same_batch_speed(learning: Learning, batch: TokenBatch, steps: int, device: torch.device) -> dict[str, Any]:
-    """Like-for-like step speed: one warm-up, then `steps` timed steps of this method on one fixed batch."""
+def same_batch_speed(learning: Learning, batch: TokenBatch, steps: int, device: torch.device, passes: int) -> dict[str, Any]:
+    """Like-for-like step speed on one fixed batch, each method as its update runs it.
+
+    The update is opened as in training (`begin_document`: SMF plans its slots there, and that
+    forward fills its frozen-prefix cache), then one warm-up and `steps` timed steps. The
+    planning time is reported, and `update_tokens_per_second_same_batch` charges it to an
+    update of `passes` passes over the batch, so the prefix cache's saving is not counted free.
+    """
     surprise = learning.surprise(batch.input_ids.tolist())
     if surprise is not None:
         batch = TokenBatch(batch.input_ids, batch.attention_mask, batch.loss_mask, torch.stack(surprise))
     batch = batch.to(device)
+    _sync(device)
+    started = time.perf_counter()
+    learning.begin_document([batch])
+    _sync(device)
+    plan_seconds = time.perf_counter() - started
     learning.step(batch)
     seconds = 0.0
     for _ in range(steps):
@@ -385,9 +404,12 @@ def same_batch_speed(learning: Learning, batch: TokenBatch, steps: int, device: 
         _sync(device)
         seconds += time.perf_counter() - started
     learning.end_document()
+    step_seconds = seconds / steps
     return {
-        "step_tokens_per_second_same_batch": steps * batch.n_tokens / seconds,
-        "step_seconds_same_batch": seconds / steps,
+        "step_tokens_per_second_same_batch": batch.n_tokens / step_seconds,
+        "step_seconds_same_batch": step_seconds,
+        "plan_seconds_same_batch": plan_seconds,
+        "update_tokens_per_second_same_batch": passes * batch.n_tokens / (plan_seconds + passes * step_seconds),
         "same_batch_shape": list(batch.input_ids.shape),
     }
 
@@ -551,7 +573,7 @@ def run_method(ctx: WorkerContext, spec: MethodSpec, known_correct: list[int]) -
             **trained, **peak_memory(ctx.device, "peak_memory_eval"), **setup}
     settings = {"spec": spec.label, "name": spec.name, "options": spec.options, **learning.describe()}
     # After evaluation, so the timing steps cannot change what was measured.
-    cost.update(same_batch_speed(learning, timing_batch(ctx.split, ctx.tokenizer), ctx.cfg.timing_steps, ctx.device))
+    cost.update(same_batch_speed(learning, timing_batch(ctx.split, ctx.tokenizer), ctx.cfg.timing_steps, ctx.device, passes))
     return {"learn": learn, "retain": retain, "cost": cost, "settings": settings,
             "budget": {**_budget(ctx, texts, passes, restate), "steps": train_cost["steps"],
                        "tokens_trained": train_cost["tokens_trained"]}}
