@@ -59,10 +59,11 @@ class MemoryBudget:
             return torch.cuda.max_memory_allocated(self.device)
         return peak_resident_bytes()
 
-    def plan_batch_size(self, wanted: int, measure_step: Callable[[int], None]) -> int:
+    def plan_batch_size(self, wanted: int, measure_step: Callable[[int], None], reserved_bytes: int = 0) -> int:
         """Largest batch size <= `wanted` whose estimated peak fits the budget.
 
         `measure_step(batch_size)` runs one representative step (its effect is undone by the caller).
+        `reserved_bytes` is memory an update may hold beside its steps (the frozen-prefix cache's limit).
         """
         limit = self.limit_bytes
         if limit is None:
@@ -70,15 +71,16 @@ class MemoryBudget:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         before = self.current_bytes()
-        if before >= limit:
+        if before + reserved_bytes >= limit:
+            reserved = f" plus {reserved_bytes // MIB} MiB reserved for the prefix cache (train.prefix_cache_mb)" if reserved_bytes else ""
             raise SmfdError(
                 f"memory budget of {limit // MIB} MiB ({self.device_label}) is already used by the model itself "
-                f"({before // MIB} MiB): raise budget.{'vram_mb' if self.device.type == 'cuda' else 'ram_mb'}"
+                f"({before // MIB} MiB){reserved}: raise budget.{'vram_mb' if self.device.type == 'cuda' else 'ram_mb'}"
             )
         measure_step(1)
         after = max(self.peak_bytes() if self.device.type == "cuda" else self.current_bytes(), before + 1)
         per_sequence = after - before
-        fits = (limit - before) // per_sequence
+        fits = (limit - before - reserved_bytes) // per_sequence
         if fits < 1:
             raise SmfdError(
                 f"memory budget of {limit // MIB} MiB ({self.device_label}) cannot fit one training sequence: "

@@ -20,7 +20,7 @@ from pathlib import Path
 import structlog
 import torch
 
-from smfd.budget import MemoryBudget
+from smfd.budget import MIB, MemoryBudget
 from smfd.batching import encode, epoch_batches, make_batch
 from smfd.checkpoint import CheckpointStore
 from smfd.chunker import chunk_text
@@ -122,7 +122,8 @@ class Learner:
             self.updater.step(batch.to(self.model.device))
             apply_patches(self.model.memories, self.updater.finish_update(), revert=True)
 
-        self.batch_size = self.budget.plan_batch_size(self.settings.batch_size, measure)
+        cache_bytes = self.settings.update.prefix_cache_mb * MIB
+        self.batch_size = self.budget.plan_batch_size(self.settings.batch_size, measure, reserved_bytes=cache_bytes)
         log.info("batch_planned", batch_size=self.batch_size, budget_bytes=self.budget.limit_bytes,
                  device=self.budget.device_label)
         return self.batch_size

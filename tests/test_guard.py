@@ -95,6 +95,17 @@ def test_a_generous_budget_keeps_the_configured_batch_and_leaves_memory_untouche
     learner = Learner(tiny_memory_model, background, store, journal, SETTINGS,
                       MemoryBudget(torch.device("cpu"), ram_mb=64 * 1024, vram_mb=None))
     assert learner.plan_batch_size() == SETTINGS.batch_size
+    assert bit_identical(snapshot_values(tiny_memory_model), before)  # the measured step is undone
+
+
+def test_the_budget_keeps_room_for_the_prefix_cache():
+    """Memory an update holds beside its steps is taken off the budget before any batch is planned."""
+    from smfd.budget import MIB, resident_bytes
+
+    budget = MemoryBudget(torch.device("cpu"), ram_mb=resident_bytes() // MIB + 100, vram_mb=None)
+    assert budget.plan_batch_size(4, lambda n: None, reserved_bytes=0) == 4
+    with pytest.raises(SmfdError, match="reserved for the prefix cache"):
+        budget.plan_batch_size(4, lambda n: None, reserved_bytes=200 * MIB)
 
 
 def test_batch_planning_works_with_the_surprise_weighted_rule(tiny_memory_model, background, store, journal,
