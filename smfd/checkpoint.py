@@ -220,6 +220,10 @@ class CheckpointStore:
         return target
 
 
+# Settings added after states were first recorded: a state without the key was made with this value.
+_BEFORE_RECORDED = {("memory", "min_read_weight"): 0.0}
+
+
 def _changed_settings(recorded: dict, settings: dict) -> list[str]:
     """'section.key: state has X, config says Y' for every recorded setting the config changes."""
     changed = []
@@ -227,6 +231,7 @@ def _changed_settings(recorded: dict, settings: dict) -> list[str]:
         old = recorded.get(section)
         if not isinstance(old, dict):
             continue
+        old = {**{key: value for (name, key), value in _BEFORE_RECORDED.items() if name == section}, **old}
         for key, value in values.items():
             if key in old and _normalised(old[key]) != _normalised(value):
                 changed.append(f"{section}.{key}: state has {old[key]!r}, config says {value!r}")

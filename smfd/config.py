@@ -58,6 +58,7 @@ class MemorySection(BaseModel):
     value_init: Literal["zero"] = "zero"
     query_norm: bool = True  # standardise queries with general-text statistics (spreads slot usage)
     read_temperature: float = Field(0.3, gt=0)  # softmax temperature of each token's read over its k slots
+    min_read_weight: float = Field(0.2, ge=0, lt=1)  # reads at or below this weight count for nothing
     # General text for background slot statistics; None samples text from the frozen model itself.
     background_text: Path | None = None
     background_sequences: int = Field(256, ge=8)
@@ -90,7 +91,7 @@ class TrainSection(BaseModel):
 
     selection: Literal["kl", "tfidf", "surprise-kl"] = "surprise-kl"
     top_t: int = Field(1000, ge=1)
-    lr: float = Field(6.0, gt=0)
+    lr: float = Field(8.0, gt=0)
     normalize: bool = True  # lr is the RMS change per element of the selected rows per step
     normalize_once: bool = False  # divide by the update's first gradient RMS only: later steps shrink
     scope: Literal["step", "update"] = "update"  # top_t chosen once per update, or afresh per optimizer step

@@ -151,7 +151,7 @@ def heal_addressing(
             for memory in memories:
                 hidden = pools[memory.layer_index]
                 pick = torch.randint(hidden.shape[0], (min(config.tokens_per_step, hidden.shape[0]),), generator=generator)
-                found = memory.lookup(hidden[pick.to(hidden.device)][None])
+                found = memory.lookup(hidden[pick.to(hidden.device)][None], dense=True)
                 step_imbalance.append(usage_imbalance(memory, found))
                 step_entropy.append(float(read_entropy(found).detach()))
             imbalance = torch.stack(step_imbalance).mean()
@@ -201,7 +201,8 @@ def background_from_inputs(
     stats = {m.layer_index: BackgroundStats.empty(m.config.n_slots) for m in memories}
     for memory in memories:
         for hidden in tqdm(inputs[memory.layer_index], desc="background", disable=not progress):
-            stats[memory.layer_index].add_batch(memory.lookup(hidden[None]).indices.reshape(-1).cpu())
+            found = memory.lookup(hidden[None])
+            stats[memory.layer_index].add_batch(found.indices[found.weights > 0].cpu())
     return stats
 
 

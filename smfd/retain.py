@@ -121,7 +121,7 @@ class RetainSet:
         selection = memory.selection
         if layer is None or selection is None:
             return None
-        touched = (selection.position[layer.indices] >= 0).any(dim=1)
+        touched = ((selection.position[layer.indices] >= 0) & (layer.weights > 0)).any(dim=1)
         if not bool(touched.any()):
             return None
         output = self._output(memory, layer, touched)

@@ -28,7 +28,8 @@ log = structlog.get_logger("smfd.runtime")
 def memory_config(cfg: SmfdConfig) -> MemoryConfig:
     m = cfg.memory
     return MemoryConfig(layers=tuple(m.layers), n_keys=m.n_keys, heads=m.heads, k=m.k, key_dim=m.key_dim,
-                        query_norm=m.query_norm, read_temperature=m.read_temperature)
+                        query_norm=m.query_norm, read_temperature=m.read_temperature,
+                        min_read_weight=m.min_read_weight)
 
 
 def heal_config(cfg: SmfdConfig) -> HealConfig:

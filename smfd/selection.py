@@ -39,11 +39,14 @@ class BackgroundStats:
 
 
 def batch_reads(lookup: Lookup, token_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slot ids read in this batch and the weight of each read; `token_weights` (batch, seq) is 0 for padding and masked positions."""
+    """Slot ids read in this batch and the weight of each read; `token_weights` (batch, seq) is 0 for padding and masked positions.
+
+    A read whose own softmax weight is zero (cut by `min_read_weight`) is not a read.
+    """
     n_reads = lookup.indices.shape[-2] * lookup.indices.shape[-1]
     weights = token_weights.to(torch.float64).unsqueeze(-1).expand(*token_weights.shape, n_reads)
     flat_idx = lookup.indices.reshape(*token_weights.shape, n_reads)
-    keep = weights > 0
+    keep = (weights > 0) & (lookup.weights.reshape(*token_weights.shape, n_reads) > 0)
     return flat_idx[keep], weights[keep]
 
 

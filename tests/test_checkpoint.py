@@ -235,3 +235,13 @@ def test_general_text_is_kept_beside_the_checkpoint(tmp_path):
     assert CheckpointStore(tmp_path / "memory").load_text("general_text") == sequences
     with safe_open(str(tmp_path / "memory" / "general_text.safetensors"), "pt") as handle:
         assert sorted(handle.keys()) == ["ids", "lengths"]
+
+
+def test_a_state_recorded_before_min_read_weight_existed_was_made_without_it(tmp_path, tiny_memory_model, background):
+    """States from before the setting read every slot in full: the new default must not load them silently."""
+    created = CheckpointStore(tmp_path / "old", keep=3)
+    created.initialise(tiny_memory_model, background, settings={"memory": {"n_keys": 16}})
+
+    with pytest.raises(SmfdError, match=r"memory\.min_read_weight: state has 0\.0, config says 0\.15"):
+        created.check_settings({"memory": {"n_keys": 16, "min_read_weight": 0.15}})
+    created.check_settings({"memory": {"n_keys": 16, "min_read_weight": 0.0}})  # the old behaviour still loads

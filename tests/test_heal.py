@@ -13,13 +13,13 @@ from smfd.heal import (HealConfig, calibrate_from_inputs, compute_background, he
 def imbalance(model, inputs) -> float:
     with torch.no_grad():
         memory = model.memories[0]
-        return float(usage_imbalance(memory, memory.lookup(torch.cat(inputs[memory.layer_index])[None])))
+        return float(usage_imbalance(memory, memory.lookup(torch.cat(inputs[memory.layer_index])[None], dense=True)))
 
 
 def entropy(model, inputs) -> float:
     with torch.no_grad():
         memory = model.memories[0]
-        return float(read_entropy(memory.lookup(torch.cat(inputs[memory.layer_index])[None])))
+        return float(read_entropy(memory.lookup(torch.cat(inputs[memory.layer_index])[None], dense=True)))
 
 
 def test_healing_spreads_general_text_over_more_slots(make_memory_model, background_sequences):

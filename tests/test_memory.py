@@ -150,7 +150,7 @@ def test_memory_state_with_wrong_shape_is_refused(make_memory_model, memory_conf
 
 
 def test_lower_read_temperature_reads_the_same_slots_with_weight_on_the_best():
-    config = MemoryConfig(layers=(0,), n_keys=16, heads=2, k=4, key_dim=16, seed=3)
+    config = MemoryConfig(layers=(0,), n_keys=16, heads=2, k=4, key_dim=16, seed=3, min_read_weight=0.0)
     soft = ProductKeyMemory(32, config, 0)
     sharp = ProductKeyMemory(32, dataclasses.replace(config, read_temperature=0.25), 0)
     hidden = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
@@ -196,3 +196,34 @@ def test_query_calibration_can_be_turned_off(make_base_model, tokenizer, memory_
     calibrate_from_inputs(model.memories, memory_inputs(model.model, model.memories, background_sequences))
     assert torch.equal(model.memories[0].query_shift, torch.zeros_like(model.memories[0].query_shift))
     assert torch.equal(model.memories[0].query_scale, torch.ones_like(model.memories[0].query_scale))
+
+
+def test_reads_at_or_below_min_read_weight_count_for_nothing():
+    """A row a token reads only weakly can change without changing that token's output."""
+    config = MemoryConfig(layers=(0,), n_keys=16, heads=2, k=4, key_dim=16, seed=3, min_read_weight=0.3)
+    memory = ProductKeyMemory(32, config, 0)
+    hidden = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(1))
+    dense, cut = memory.lookup(hidden, dense=True), memory.lookup(hidden)
+    assert torch.equal(dense.indices, cut.indices)
+    assert torch.equal(cut.weights, torch.where(dense.weights > 0.3, dense.weights, torch.zeros_like(dense.weights)))
+
+    weak = (dense.weights > 0) & (dense.weights <= 0.3)
+    strong = cut.weights > 0
+    slot = int(next(s for s in dense.indices[weak].tolist() if s not in set(dense.indices[strong].tolist())))
+    readers = (dense.indices == slot).any(-1).any(-1)[0]  # tokens that have the slot among their candidates
+    before = memory(hidden).detach()
+    with torch.no_grad():
+        memory.values[slot] = torch.randn(32, generator=torch.Generator().manual_seed(2)) * 10
+
+    after = memory(hidden).detach()
+    assert bool(readers.any())
+    assert torch.equal(after, before)  # every reader of the slot read it weakly: nothing moved
+
+    with torch.no_grad():
+        memory.values[int(dense.indices[strong][0])] = 10.0
+    assert not torch.equal(memory(hidden).detach(), before)
+
+
+def test_min_read_weight_must_be_a_fraction():
+    with pytest.raises(SmfdError, match="min_read_weight must be in"):
+        MemoryConfig(layers=(0,), min_read_weight=1.0).validate(2)

@@ -156,3 +156,12 @@ def test_surprise_weights_shift_selection_toward_surprising_tokens():
 def test_surprise_kl_without_surprise_raises(wide_background):
     with pytest.raises(SmfdError, match="surprise-kl.*needs per-token surprise"):
         select_slots("surprise-kl", lookup_of(PADDED_LOOKUP), PADDED_MASK, None, wide_background, top_t=4)
+
+
+def test_reads_cut_by_min_read_weight_are_not_counted():
+    """A slot a batch reads only weakly is not this batch's slot: it is neither counted nor selectable."""
+    indices = torch.tensor([[[[3, 5], [7, 9]]]])  # (batch 1, seq 1, heads 2, k 2)
+    weights = torch.tensor([[[[0.8, 0.0], [0.6, 0.0]]]])  # slots 5 and 9 were read below the cut
+    reads, read_weights = batch_reads(Lookup(indices, weights), torch.ones(1, 1))
+    assert sorted(reads.tolist()) == [3, 7]
+    assert read_weights.tolist() == [1.0, 1.0]

@@ -103,7 +103,7 @@ SMF_OPTIONS: dict[str, Parser] = {
     "n_keys": _positive_int, "k": _positive_int, "heads": _positive_int, "key_dim": _positive_int, "normalize": _flag,
     "scope": _scope, "normalize_once": _flag, "retain_weight": _non_negative_float, "retain_tokens": _positive_int,
     "prefix_cache_mb": _non_negative_int,
-    "read_temperature": _positive_float, "heal_steps": _non_negative_int, "heal_lr": _positive_float,
+    "read_temperature": _positive_float, "min_read_weight": _non_negative_float, "heal_steps": _non_negative_int, "heal_lr": _positive_float,
     "fact_sequences": _non_negative_int,
 }
 LORA_OPTIONS: dict[str, Parser] = {
@@ -193,7 +193,8 @@ def smf_configs(spec: MethodSpec, defaults: LearnSettings) -> tuple[UpdateConfig
         **{key: o[key] for key in ("lr", "top_t", "normalize", "normalize_once", "scope", "retain_weight", "retain_tokens",
                                  "prefix_cache_mb") if key in o},
     )
-    memory = replace(MemoryConfig(), **{key: o[key] for key in ("layers", "n_keys", "k", "heads", "key_dim", "read_temperature") if key in o})
+    memory = replace(MemoryConfig(), **{key: o[key] for key in ("layers", "n_keys", "k", "heads", "key_dim", "read_temperature",
+                                                            "min_read_weight") if key in o})
     update.validate()
     return update, memory
 

@@ -40,6 +40,11 @@ class MemoryConfig:
     # its best-matching slots: an update then trains the rows its text really addresses, and ordinary
     # text that merely has such a row somewhere in its top-k reads it with a small weight.
     read_temperature: float = 0.3
+    # Reads whose softmax weight (within the head) is at most this count for nothing: neither in
+    # the output nor in slot statistics and selection. A row trained for new text then changes
+    # only the tokens that address it squarely, not the many that have it among their weak
+    # candidates, which is where most known facts were lost. 0 turns it off.
+    min_read_weight: float = 0.2
 
     @property
     def n_slots(self) -> int:
@@ -61,6 +66,8 @@ class MemoryConfig:
             raise SmfdError(f"memory.heads must be >= 1, got {self.heads}")
         if not self.read_temperature > 0:
             raise SmfdError(f"memory.read_temperature must be > 0, got {self.read_temperature}")
+        if not 0 <= self.min_read_weight < 1:
+            raise SmfdError(f"memory.min_read_weight must be in [0, 1), got {self.min_read_weight}")
 
 
 @dataclass
@@ -119,8 +126,11 @@ class ProductKeyMemory(nn.Module):
         self.last_lookup: Lookup | None = None
         self.record_lookup = False
 
-    def lookup(self, hidden: torch.Tensor) -> Lookup:
-        """Address the memory: top-k slots per head for every token."""
+    def lookup(self, hidden: torch.Tensor, dense: bool = False) -> Lookup:
+        """Address the memory: top-k slots per head for every token.
+
+        Weights at or below `min_read_weight` are zero unless `dense` (healing balances the whole softmax).
+        """
         cfg = self.config
         batch, seq, _ = hidden.shape
         half = cfg.key_dim // 2
@@ -132,7 +142,10 @@ class ProductKeyMemory(nn.Module):
         best, flat = combined.flatten(-2).topk(cfg.k, dim=-1)
         idx_a = top_idx[..., 0, :].gather(-1, flat // cfg.k)
         idx_b = top_idx[..., 1, :].gather(-1, flat % cfg.k)
-        return Lookup(indices=idx_a * cfg.n_keys + idx_b, weights=(best / cfg.read_temperature).softmax(dim=-1))
+        weights = (best / cfg.read_temperature).softmax(dim=-1)
+        if cfg.min_read_weight > 0 and not dense:
+            weights = weights * (weights > cfg.min_read_weight)
+        return Lookup(indices=idx_a * cfg.n_keys + idx_b, weights=weights)
 
     def read(self, lookup: Lookup) -> torch.Tensor:
         """Weighted sum of value rows over k slots and all heads; selected rows come from the trainable copy."""
