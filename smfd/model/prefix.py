@@ -1,9 +1,10 @@
-"""Frozen prefix: the decoder blocks below the lowest memory layer, run once per batch per update.
+"""Frozen prefix: the decoder blocks below the lowest memory layer, run once per sequence per update.
 
 Sparse finetuning changes only memory value rows, so the hidden state entering the lowest
-memory layer's block depends on nothing that trains: for a given batch it is the same in every
-pass of an update. `PrefixCache` keeps it from the first forward over a batch (the update's
-selection forward, or its first step) and later forwards start from it, skipping those blocks.
+memory layer's block depends on nothing that trains: for a given sequence it is the same in
+every pass of an update. `PrefixCache` keeps it from the first forward over the sequence (the
+update's selection forward, or its first step) and later forwards start from it, skipping those
+blocks.
 With the default memory at layer 20 of 30 that is two thirds of the blocks' forward work in
 every step after the first look at a batch.
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-
 from typing import TYPE_CHECKING
 
 import torch
