@@ -75,6 +75,10 @@ class TokenBatch:
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def sequences(self) -> list[tuple[int, ...]]:
+        """Each row's real tokens: the identity of a sequence whatever batch (and padding) it lands in."""
+        return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(self.input_ids, self.attention_mask)]
+
     def to(self, device: torch.device) -> "TokenBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return TokenBatch(move(self.input_ids), move(self.attention_mask), move(self.loss_mask), move(self.surprise))
@@ -164,7 +168,7 @@ class SparseUpdater:
             memory.record_lookup = True
         try:
             for batch in batches:
-                rows = {tuple(ids[m.bool()].tolist()) for ids, m in zip(batch.input_ids, batch.attention_mask)}
+                rows = set(batch.sequences())
                 if rows <= seen:
                     continue  # later passes repeat the same sequences: one forward per sequence is enough
                 seen |= rows

@@ -35,11 +35,6 @@ class _PassThrough(nn.Module):
         return hidden_states
 
 
-def _rows(batch: TokenBatch) -> list[tuple[int, ...]]:
-    """Each row's real tokens: the identity of a sequence whatever batch it lands in."""
-    return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch.input_ids, batch.attention_mask)]
-
-
 def _right_padded(batch: TokenBatch) -> bool:
     """True when every row's real tokens come first: their positions, hence hidden states, do not depend on the batch."""
     mask = batch.attention_mask.long()
@@ -76,7 +71,7 @@ class PrefixCache:
         if self.first_layer == 0 or self.max_bytes == 0 or not _right_padded(batch):
             yield  # nothing below the first memory block, or positions that depend on the batch
             return
-        rows = _rows(batch)
+        rows = batch.sequences()
         if all(row in self._hidden for row in rows):
             with self._skip(self._assemble(batch, rows)):
                 yield
