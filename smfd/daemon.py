@@ -29,7 +29,7 @@ from smfd.errors import ConfigError, SmfdError
 from smfd.http_server import MetricsServer
 from smfd.intake import Intake, IntakeResult
 from smfd.journal import Journal
-from smfd.learner import Learner, UpdateOutcome
+from smfd.learner import LearnSettings, Learner, UpdateOutcome
 from smfd.logs import configure_logging
 from smfd.metrics import DOCUMENT_OUTCOMES, Metrics
 from smfd.retention import RetentionProbes, judge
@@ -386,7 +386,7 @@ class Daemon:
         self.cfg = self.cfg.model_copy(update={k: getattr(cfg, k) for k in ("sources", "schedule", "train", "chunking",
                                                                              "surprise", "guard", "probes", "logging")})
         assert self.learner is not None and self.scheduler is not None
-        self.scheduler.add_job(lambda: self.learner.reconfigure(learn_settings(self.cfg)), executor="learner")
+        self.scheduler.add_job(self._reconfigure_learner, args=[learn_settings(self.cfg)], executor="learner")
         self.scheduler.get_job("sources").pause()
         self._build_sources()
         self._start_watchers()
@@ -395,6 +395,14 @@ class Daemon:
         self.scheduler.reschedule_job("probes", trigger="interval", seconds=self.cfg.schedule.probe_interval_seconds)
         log.info("config_reloaded", config=str(self.config_path))
         systemd_notify.ready()
+
+    def _reconfigure_learner(self, settings: LearnSettings) -> None:
+        """On the learner thread, between updates: a reload the memory budget cannot fit keeps the old settings."""
+        assert self.learner is not None
+        try:
+            self.learner.reconfigure(settings)
+        except SmfdError as exc:
+            log.error("reload_rejected", reason=str(exc))
 
     def shutdown(self) -> None:
         systemd_notify.stopping()

@@ -54,6 +54,11 @@ class LearnSettings:
     max_documents: int = 1
 
 
+def _step_footprint(settings: LearnSettings) -> tuple:
+    """The settings that decide how much memory one update step holds."""
+    return settings.batch_size, settings.seq_len, settings.update.prefix_cache_mb, settings.update.rule
+
+
 @dataclass
 class UpdateOutcome:
     version: int | None = None
@@ -103,30 +108,39 @@ class Learner:
     def reconfigure(self, settings: LearnSettings) -> None:
         """Apply new learning settings (SIGHUP reload) between updates; a bad one leaves the old in force.
 
+        A change to what a step holds in memory (batch size, sequence length, the prefix cache, the
+        rule) plans the batch again, so a reload cannot take the learner past its memory budget.
         Turning the retain penalty on needs a restart (its general-text tokens are collected at start).
         """
         updater = SparseUpdater(self.model.model, self.model.memories, self.background, settings.update, self.retain)
+        batch_size = min(self.batch_size, settings.batch_size)
+        if _step_footprint(settings) != _step_footprint(self.settings):
+            batch_size = self._planned_batch_size(settings, updater)
         self.settings = settings
-        self.batch_size = min(self.batch_size, settings.batch_size)
         self.updater = updater
+        self.batch_size = batch_size
 
     def plan_batch_size(self) -> int:
         """Measure one step and fit the micro-batch into the memory budget (the step is undone)."""
+        self.batch_size = self._planned_batch_size(self.settings, self.updater)
+        return self.batch_size
+
+    def _planned_batch_size(self, settings: LearnSettings, updater: SparseUpdater) -> int:
         ids = self.model.tokenizer("The quick brown fox jumps over the lazy dog. " * 64, add_special_tokens=False).input_ids
-        sequence = ids[: self.settings.seq_len]
+        sequence = ids[: settings.seq_len]
         # The surprise-weighted rule ranks slots by each token's surprise: the measured step needs it too.
-        surprise = [self._sequence_surprise([sequence])[tuple(sequence)]] if self.settings.update.rule == "surprise-kl" else None
+        surprise = [self._sequence_surprise([sequence])[tuple(sequence)]] if settings.update.rule == "surprise-kl" else None
 
         def measure(n: int) -> None:
             batch = make_batch([sequence] * n, self.model.tokenizer.pad_token_id, None if surprise is None else surprise * n)
-            self.updater.step(batch.to(self.model.device))
-            apply_patches(self.model.memories, self.updater.finish_update(), revert=True)
+            updater.step(batch.to(self.model.device))
+            apply_patches(self.model.memories, updater.finish_update(), revert=True)
 
-        cache_bytes = self.settings.update.prefix_cache_mb * MIB
-        self.batch_size = self.budget.plan_batch_size(self.settings.batch_size, measure, reserved_bytes=cache_bytes)
-        log.info("batch_planned", batch_size=self.batch_size, budget_bytes=self.budget.limit_bytes,
+        cache_bytes = settings.update.prefix_cache_mb * MIB
+        batch_size = self.budget.plan_batch_size(settings.batch_size, measure, reserved_bytes=cache_bytes)
+        log.info("batch_planned", batch_size=batch_size, budget_bytes=self.budget.limit_bytes,
                  device=self.budget.device_label)
-        return self.batch_size
+        return batch_size
 
     def count_tokens(self, text: str) -> int:
         return len(self.model.tokenizer(text, add_special_tokens=False).input_ids)
