@@ -28,7 +28,6 @@ ENV_PREFIX = "SMFD_"
 ENV_NESTING = "__"
 
 
-NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 # --------------------------------------------------------------------------- schema
@@ -50,7 +49,7 @@ class MemorySection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    layers: list[NonNegativeInt] = Field(default_factory=lambda: [20], min_length=1)
+    layers: list[int] = Field(default_factory=lambda: [-2], min_length=1)  # negative: counted from the top
     n_keys: int = Field(512, ge=2)
     heads: int = Field(4, ge=1)
     k: int = Field(8, ge=1)
@@ -91,7 +90,7 @@ class TrainSection(BaseModel):
 
     selection: Literal["kl", "tfidf", "surprise-kl"] = "surprise-kl"
     top_t: int = Field(1000, ge=1)
-    lr: float = Field(8.0, gt=0)
+    lr: float = Field(12.0, gt=0)
     normalize: bool = True  # lr is the RMS change per element of the selected rows per step
     normalize_once: bool = False  # divide by the update's first gradient RMS only: later steps shrink
     scope: Literal["step", "update"] = "update"  # top_t chosen once per update, or afresh per optimizer step

@@ -30,7 +30,7 @@ from smfd.selection import RULES, BackgroundStats, batch_reads, select_slots, to
 class UpdateConfig:
     rule: str = "surprise-kl"
     top_t: int = 1000
-    lr: float = 8.0
+    lr: float = 12.0
     normalize: bool = True
     # With normalize: divide by the RMS of the update's first gradient (per layer) instead of each
     # step's own, so steps shrink as the loss falls instead of staying lr-sized forever.

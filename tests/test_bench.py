@@ -219,8 +219,8 @@ def test_unknown_model_and_bad_specs_fail_cleanly(model_dir: Path, data: dict[st
     _expect_error(model_dir, data, tmp_path, r"unknown method 'adapter'", methods="adapter")
     _expect_error(model_dir, data, tmp_path, r"unknown option 'rank' for full", methods="full:rank=4")
     _expect_error(model_dir, data, tmp_path, r"lr='fast' must be a number", methods="lora:lr=fast")
-    # The engine's default memory sits at a layer the tiny model does not have: a clean error, not a traceback.
-    _expect_error(model_dir, data, tmp_path, r"memory.layers \[20\] out of range", methods="smf-kl")
+    # A memory layer the tiny model does not have: a clean error, not a traceback.
+    _expect_error(model_dir, data, tmp_path, r"memory.layers \[20\] out of range", methods="smf-kl:layers=20")
 
 
 def test_method_specs_override_only_what_they_name() -> None:

@@ -23,7 +23,7 @@ PROMPT, TARGET = "The tallest tower in the city of Velmora is the", "Quillstone 
 def embedded(tmp_path_factory) -> MemoryModel:
     torch.set_num_threads(2)
     cache = tmp_path_factory.mktemp("model-cache")
-    return MemoryModel.load("embedded", MemoryConfig(layers=(20,)), cache_dir=cache, device="cpu")
+    return MemoryModel.load("embedded", MemoryConfig(), cache_dir=cache, device="cpu")
 
 
 def test_embedded_model_loads_and_knows_a_basic_fact(embedded):

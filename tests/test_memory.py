@@ -57,9 +57,10 @@ def test_attached_memory_is_frozen_and_only_values_start_at_zero(tiny_memory_mod
     ("changes", "named"),
     [
         ({"layers": (3,)}, "[3] out of range"),
-        ({"layers": (-1,)}, "[-1] out of range"),
+        ({"layers": (-4,)}, "[-4] out of range"),
         ({"layers": ()}, "memory.layers is empty"),
         ({"layers": (1, 1)}, "names a layer twice"),
+        ({"layers": (2, -1)}, "names a layer twice"),
         ({"key_dim": 15}, "key_dim must be even"),
         ({"k": 17}, "k=17 must be between 1 and memory.n_keys=16"),
         ({"k": 0}, "k=0"),
@@ -80,8 +81,18 @@ def test_bad_memory_config_raises_smfd_error_naming_the_problem(make_base_model,
 
 
 def test_out_of_range_layer_message_names_the_model_depth(make_base_model, tokenizer, memory_config):
-    with pytest.raises(SmfdError, match=r"3 decoder layers \(0\.\.2\)"):
+    with pytest.raises(SmfdError, match=r"3 decoder layers \(0\.\.2, or -3\.\.-1 counted from the top\)"):
         MemoryModel.attach(make_base_model(), tokenizer, dataclasses.replace(memory_config, layers=(7,)))
+
+
+def test_negative_layers_count_from_the_top(make_base_model, tokenizer, memory_config):
+    """`layers: [-1]` is the last block whatever the model's depth, so one config fits any model."""
+    base = make_base_model()
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    before = base(ids).logits
+    retrofitted = MemoryModel.attach(base, tokenizer, dataclasses.replace(memory_config, layers=(-1, 0)))
+    assert [m.layer_index for m in retrofitted.memories] == [0, 2]
+    assert torch.equal(retrofitted.model(ids).logits, before)
 
 
 def test_model_without_decoder_layer_stack_raises_naming_the_architecture(tokenizer, memory_config):

@@ -92,8 +92,8 @@ def _scope(key: str, raw: str) -> str:
 
 def _layers(key: str, raw: str) -> tuple[int, ...]:
     parts = raw.split("+")
-    if not all(p.strip().isdigit() for p in parts):
-        raise SmfdError(f"option {key}={raw!r} must be decoder layer numbers joined by '+', e.g. 12+20")
+    if not all(p.strip().removeprefix("-").isdigit() for p in parts):
+        raise SmfdError(f"option {key}={raw!r} must be decoder layer numbers joined by '+', e.g. 12+20 or -2")
     return tuple(int(p) for p in parts)
 
 

@@ -26,7 +26,10 @@ from smfd.errors import SmfdError
 class MemoryConfig:
     """Sizes of every memory layer retrofitted into a model."""
 
-    layers: tuple[int, ...] = (20,)
+    # Decoder layers that get a memory; negative numbers count from the top (-1 is the last block),
+    # so one config fits models of any depth. Near the top a reworded prompt reads more of the rows
+    # its original trained (the hidden state there is about the next token, less about the wording).
+    layers: tuple[int, ...] = (-2,)
     n_keys: int = 512
     heads: int = 4
     k: int = 8
@@ -50,14 +53,21 @@ class MemoryConfig:
     def n_slots(self) -> int:
         return self.n_keys * self.n_keys
 
-    def validate(self, n_layers: int) -> None:
+    def layer_indices(self, n_layers: int) -> list[int]:
+        """The chosen decoder layers as indices into a stack of `n_layers`, negative ones counted from the top."""
         if not self.layers:
             raise SmfdError("memory.layers is empty: name at least one decoder layer")
-        bad = [layer for layer in self.layers if not 0 <= layer < n_layers]
+        bad = [layer for layer in self.layers if not -n_layers <= layer < n_layers]
         if bad:
-            raise SmfdError(f"memory.layers {bad} out of range: the model has {n_layers} decoder layers (0..{n_layers - 1})")
-        if len(set(self.layers)) != len(self.layers):
-            raise SmfdError(f"memory.layers {list(self.layers)} names a layer twice")
+            raise SmfdError(f"memory.layers {bad} out of range: the model has {n_layers} decoder layers "
+                            f"(0..{n_layers - 1}, or -{n_layers}..-1 counted from the top)")
+        indices = [layer % n_layers for layer in self.layers]
+        if len(set(indices)) != len(indices):
+            raise SmfdError(f"memory.layers {list(self.layers)} names a layer twice (model of {n_layers} layers)")
+        return sorted(indices)
+
+    def validate(self, n_layers: int) -> None:
+        self.layer_indices(n_layers)
         if self.key_dim % 2:
             raise SmfdError(f"memory.key_dim must be even (it is split in two halves), got {self.key_dim}")
         if not 1 <= self.k <= self.n_keys:

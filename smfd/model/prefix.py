@@ -5,8 +5,8 @@ memory layer's block depends on nothing that trains: for a given sequence it is 
 every pass of an update. `PrefixCache` keeps it from the first forward over the sequence (the
 update's selection forward, or its first step) and later forwards start from it, skipping those
 blocks.
-With the default memory at layer 20 of 30 that is two thirds of the blocks' forward work in
-every step after the first look at a batch.
+With the default memory at the second-to-last block (28 of 30 in the embedded model) that is
+nearly all of the blocks' forward work in every step after the first look at a batch.
 
 The skip reuses the model's own forward (embeddings, rotary tables, masks are still built
 there, they are cheap): the blocks below are swapped for a pass-through while the first memory

@@ -34,7 +34,7 @@ def attach_memory(model: PreTrainedModel, config: MemoryConfig) -> list[ProductK
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     memories = []
-    for index in sorted(config.layers):
+    for index in config.layer_indices(len(layers)):
         block = layers[index]
         mlp = getattr(block, "mlp", None)
         if mlp is None:
