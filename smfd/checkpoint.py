@@ -234,7 +234,7 @@ def _changed_settings(recorded: dict, settings: dict) -> list[str]:
         old = {**{key: value for (name, key), value in _BEFORE_RECORDED.items() if name == section}, **old}
         for key, value in values.items():
             if key in old and _normalised(old[key]) != _normalised(value):
-                changed.append(f"{section}.{key}: state has {old[key]!r}, config says {value!r}")
+                changed.append(f"{section}.{key}: state has {_normalised(old[key])!r}, config says {_normalised(value)!r}")
     return changed
 
 

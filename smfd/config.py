@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -26,8 +26,6 @@ from smfd.errors import ConfigError
 EMBEDDED_MODEL = "embedded"
 ENV_PREFIX = "SMFD_"
 ENV_NESTING = "__"
-
-
 
 
 # --------------------------------------------------------------------------- schema

@@ -245,3 +245,13 @@ def test_a_state_recorded_before_min_read_weight_existed_was_made_without_it(tmp
     with pytest.raises(SmfdError, match=r"memory\.min_read_weight: state has 0\.0, config says 0\.15"):
         created.check_settings({"memory": {"n_keys": 16, "min_read_weight": 0.15}})
     created.check_settings({"memory": {"n_keys": 16, "min_read_weight": 0.0}})  # the old behaviour still loads
+
+
+def test_a_state_made_at_other_memory_layers_is_refused_naming_both(tmp_path, tiny_memory_model, background):
+    """The message shows the recorded layers and the config's the same way, whatever their spelling."""
+    created = CheckpointStore(tmp_path / "state", keep=3)
+    created.initialise(tiny_memory_model, background, settings={"memory": {"layers": (1,)}})
+
+    with pytest.raises(SmfdError, match=r"memory\.layers: state has \[1\], config says \[-2\]"):
+        created.check_settings({"memory": {"layers": (-2,)}})
+    created.check_settings({"memory": {"layers": [1]}})

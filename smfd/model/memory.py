@@ -28,7 +28,7 @@ class MemoryConfig:
 
     # Decoder layers that get a memory; negative numbers count from the top (-1 is the last block),
     # so one config fits models of any depth. Near the top a reworded prompt reads more of the rows
-    # its original trained (the hidden state there is about the next token, less about the wording).
+    # its original wording trained, so learned facts answer more paraphrases (measured: README).
     layers: tuple[int, ...] = (-2,)
     n_keys: int = 512
     heads: int = 4
