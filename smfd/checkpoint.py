@@ -63,18 +63,20 @@ class CheckpointStore:
             raise SmfdError(f"checkpoint {self.folder} has format {manifest.get('format')}, expected {FORMAT}")
         return manifest
 
-    def check_settings(self, settings: dict) -> None:
+    def check_settings(self, settings: dict, n_layers: int | None = None) -> None:
         """Refuse a config whose creation-time settings differ from the ones this state was made with.
 
         Memory shape, read temperature, healing and the background text are baked into version 0
         (healed keys, calibrated queries, slot statistics) and every patch since was learned
         under them; loading the rows under other settings would read them wrongly without any
         error. A state from before settings were recorded is checked on its memory shape only.
+        With the model's depth `n_layers`, memory layers are compared as the blocks they name,
+        so `[28]` and `[-2]` are the same on a 30-layer model.
         """
         manifest = self.manifest()
         recorded = dict(manifest.get("settings") or {})
         recorded.setdefault("memory", manifest.get("memory"))
-        changed = _changed_settings(recorded, settings)
+        changed = _changed_settings(recorded, settings, n_layers)
         if changed:
             raise SmfdError(
                 f"the checkpoint in {self.folder} was created with other settings ({'; '.join(changed)}): "
@@ -224,7 +226,7 @@ class CheckpointStore:
 _BEFORE_RECORDED = {("memory", "min_read_weight"): 0.0}
 
 
-def _changed_settings(recorded: dict, settings: dict) -> list[str]:
+def _changed_settings(recorded: dict, settings: dict, n_layers: int | None = None) -> list[str]:
     """'section.key: state has X, config says Y' for every recorded setting the config changes."""
     changed = []
     for section, values in settings.items():
@@ -233,9 +235,22 @@ def _changed_settings(recorded: dict, settings: dict) -> list[str]:
             continue
         old = {**{key: value for (name, key), value in _BEFORE_RECORDED.items() if name == section}, **old}
         for key, value in values.items():
-            if key in old and _normalised(old[key]) != _normalised(value):
+            if key in old and not _same_setting(section, key, old[key], value, n_layers):
                 changed.append(f"{section}.{key}: state has {_normalised(old[key])!r}, config says {_normalised(value)!r}")
     return changed
+
+
+def _same_setting(section: str, key: str, old: object, new: object, n_layers: int | None) -> bool:
+    if section == "memory" and key == "layers" and n_layers is not None:
+        return _blocks(old, n_layers) == _blocks(new, n_layers)
+    return _normalised(old) == _normalised(new)
+
+
+def _blocks(layers: object, n_layers: int) -> object:
+    """Layer numbers as block indices (negative ones counted from the top); other values as they are."""
+    if isinstance(layers, (list, tuple)) and all(isinstance(x, int) and -n_layers <= x < n_layers for x in layers):
+        return sorted(x % n_layers for x in layers)
+    return _normalised(layers)
 
 
 def _normalised(value: object) -> object:

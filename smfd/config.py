@@ -541,7 +541,7 @@ def _describe_sources(cfg: SmfdConfig) -> list[str]:
 def _describe_learning(cfg: SmfdConfig) -> list[str]:
     memory, train, chunking = cfg.memory, cfg.train, cfg.chunking
     return [
-        f"  memory: layers {', '.join(map(str, memory.layers))}; {memory.n_keys} keys, {memory.heads} heads, "
+        f"  memory: layers {', '.join(map(str, memory.layers))}{_from_top(memory.layers)}; {memory.n_keys} keys, {memory.heads} heads, "
         f"top-{memory.k}, key dim {memory.key_dim}, values init {memory.value_init}",
         f"  healing: {cfg.heal.steps} addressing steps when the state is created" if cfg.heal.steps else "  healing: off",
         f"  training: selection {train.selection}, top_t {train.top_t}, lr {train.lr:g}, {train.passes} passes, "
@@ -553,6 +553,11 @@ def _describe_learning(cfg: SmfdConfig) -> list[str]:
         f"  schedule: train every {cfg.schedule.interval_seconds:g}s or at {cfg.schedule.pending_chunks_trigger} "
         f"pending chunks; probes every {cfg.schedule.probe_interval_seconds:g}s",
     ]
+
+
+def _from_top(layers: list[int]) -> str:
+    """The check does not load the model, so negative layers are explained rather than resolved."""
+    return " (negative: counted from the top block, -1 being the last)" if any(layer < 0 for layer in layers) else ""
 
 
 def _describe_retain(cfg: SmfdConfig) -> str:

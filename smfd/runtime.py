@@ -17,7 +17,7 @@ from smfd.learner import LearnSettings
 from smfd.retention import builtin_file, read_prompts
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
-from smfd.model.retrofit import memory_bypassed
+from smfd.model.retrofit import decoder_layers, memory_bypassed
 from smfd.retain import RetainSet, retain_text, sample_self_facts
 from smfd.selection import BackgroundStats
 from smfd.updater import UpdateConfig
@@ -120,7 +120,7 @@ def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
     model = MemoryModel.load(cfg.model.path, memory_config(cfg), cfg.model.cache_dir, cfg.model.device)
     store = CheckpointStore(cfg.state_dir / "memory", keep=cfg.checkpoint.keep)
     if store.exists():
-        store.check_settings(state_settings(cfg, model))
+        store.check_settings(state_settings(cfg, model), n_layers=len(decoder_layers(model.model)))
         version, background = store.load_into(model)
         log.info("checkpoint_loaded", version=version)
         return Runtime(model, store, background, version, store.load_text("general_text"), store.load_text("fact_text"))

@@ -255,3 +255,15 @@ def test_a_state_made_at_other_memory_layers_is_refused_naming_both(tmp_path, ti
     with pytest.raises(SmfdError, match=r"memory\.layers: state has \[1\], config says \[-2\]"):
         created.check_settings({"memory": {"layers": (-2,)}})
     created.check_settings({"memory": {"layers": [1]}})
+
+
+def test_memory_layers_compare_as_the_blocks_they_name(tmp_path, tiny_memory_model, background):
+    """On a model of known depth, [-2] and the block it names are the same setting; other blocks are not."""
+    created = CheckpointStore(tmp_path / "state", keep=3)
+    created.initialise(tiny_memory_model, background, settings={"memory": {"layers": [28]}})
+
+    created.check_settings({"memory": {"layers": (-2,)}}, n_layers=30)
+    with pytest.raises(SmfdError, match=r"memory\.layers: state has \[28\], config says \[-3\]"):
+        created.check_settings({"memory": {"layers": (-3,)}}, n_layers=30)
+    with pytest.raises(SmfdError, match=r"memory\.layers: state has \[28\], config says \[-2\]"):
+        created.check_settings({"memory": {"layers": (-2,)}})  # depth unknown: spelled differently is different

@@ -247,4 +247,5 @@ def test_describe_mentions_what_would_run(tmp_path):
     assert "https://example.org/feed.xml" in summary
     assert "127.0.0.1:9999" in summary
     assert "healing: 300 addressing steps" in summary
+    assert "layers -2 (negative: counted from the top block, -1 being the last)" in summary
     assert "retain penalty: weight 5 on 16384 tokens of 256 statements of fact sampled from the model, then the general text" in summary
