@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from smfd.durable import atomic_write, atomic_write_json
 from smfd.errors import SmfdError
+from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
 from smfd.patches import LayerPatch, apply_patches, load_patches, save_patches
 from smfd.selection import BackgroundStats
@@ -247,10 +248,11 @@ def _same_setting(section: str, key: str, old: object, new: object, n_layers: in
 
 
 def _blocks(layers: object, n_layers: int) -> object:
-    """Layer numbers as block indices (negative ones counted from the top); other values as they are."""
-    if isinstance(layers, (list, tuple)) and all(isinstance(x, int) and -n_layers <= x < n_layers for x in layers):
-        return sorted(x % n_layers for x in layers)
-    return _normalised(layers)
+    """Layer numbers as the block indices the memory attaches to; values that name no blocks as they are."""
+    try:
+        return MemoryConfig(layers=tuple(layers)).layer_indices(n_layers)  # type: ignore[arg-type]
+    except (SmfdError, TypeError):
+        return _normalised(layers)
 
 
 def _normalised(value: object) -> object:
