@@ -190,7 +190,8 @@ class Daemon:
             recall = self.probes.measure_recall()
             if recall is not None:
                 measures["recall"] = recall
-                self.metrics.set_recall_accuracy(recall["accuracy"])
+                by_kind = {key.removeprefix("accuracy."): value for key, value in recall.items() if key.startswith("accuracy.")}
+                self.metrics.set_recall_accuracy(recall["accuracy"], by_kind)
             self.metrics.observe_probe_duration(time.perf_counter() - started)
             for suite, values in measures.items():
                 if suite == "drift":

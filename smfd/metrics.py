@@ -157,6 +157,11 @@ class Metrics:
         self.recall_accuracy = Gauge(
             "smfd_recall_accuracy_ratio", "Accuracy on recall probes built from newly learned text.", registry=reg
         )
+        self.recall_kind_accuracy = Gauge(
+            "smfd_recall_kind_accuracy_ratio",
+            "Accuracy on recall probes of newly learned text, by probe kind (e.g. verbatim, reworded, cloze).",
+            ["kind"], registry=reg,
+        )
         self.drift_kl = Gauge(
             "smfd_drift_kl_nats", "KL divergence of current vs base model on the drift probe set.", registry=reg
         )
@@ -277,9 +282,11 @@ class Metrics:
             self.probe_base_accuracy.labels(suite=name).set(accuracy)
         self.probe_base_nll.labels(suite=name).set(nll_nats)
 
-    def set_recall_accuracy(self, ratio: float) -> None:
-        """Record accuracy on recall probes of newly learned text."""
+    def set_recall_accuracy(self, ratio: float, by_kind: dict[str, float] | None = None) -> None:
+        """Record accuracy on recall probes of newly learned text, overall and per probe kind."""
         self.recall_accuracy.set(ratio)
+        for kind, kind_ratio in (by_kind or {}).items():
+            self.recall_kind_accuracy.labels(kind=kind).set(kind_ratio)
 
     def set_drift_kl(self, nats: float) -> None:
         """Record KL drift from the base model."""

@@ -1,8 +1,9 @@
 """New-knowledge recall probes: what should the model now answer about a document it learned?
 
 A document may travel with a sidecar ``NAME.qa.jsonl`` beside ``NAME.txt`` (one JSON object per
-line with non-empty string fields ``prompt`` and ``target``): those pairs become the document's
-recall probes. Without a sidecar, cloze probes are cut from the document's own sentences (the
+line with non-empty string fields ``prompt`` and ``target``, and optionally ``kind``, a short label
+such as ``verbatim`` or ``reworded`` that recall is also reported by): those pairs become the
+document's recall probes. Without a sidecar, cloze probes are cut from the document's own sentences (the
 last words of each sentence are the target), so recall is always measured.
 
 The sidecar is read at intake, validated, and spooled beside the document's text as
@@ -12,6 +13,7 @@ The sidecar is read at intake, validated, and spooled beside the document's text
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from smfd.chunker import split_sentences
@@ -23,7 +25,11 @@ CUT_TARGET_WORDS = 2  # words cut from the end of a sentence to make its cloze t
 CUT_MIN_WORDS = 6  # shorter sentences leave too little prompt to be a fair probe
 MAX_SIDECAR_ITEMS = 1000
 
-RecallItem = dict[str, str]  # {"prompt": ..., "target": ...}
+KIND_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")  # a probe kind becomes a metric label: short, plain
+SIDECAR_KIND = "sidecar"  # kind of a sidecar pair that names none
+CLOZE_KIND = "cloze"  # kind of a probe cut from the learned text
+
+RecallItem = dict[str, str]  # {"prompt": ..., "target": ..., "kind": ...}
 
 
 def is_sidecar(name: str) -> bool:
@@ -49,7 +55,10 @@ def parse_sidecar(data: bytes, name: str) -> list[RecallItem]:
             for key in ("prompt", "target"):
                 if not isinstance(row.get(key), str) or not row[key].strip():
                     raise RejectedInput(f"line {number}: {key!r} must be a non-empty string", "bad_sidecar")
-            items.append({"prompt": row["prompt"].strip(), "target": row["target"].strip()})
+            kind = row.get("kind", SIDECAR_KIND)
+            if not isinstance(kind, str) or not KIND_PATTERN.fullmatch(kind):
+                raise RejectedInput(f"line {number}: 'kind' must be 1-32 characters of a-z, 0-9, '_' or '-'", "bad_sidecar")
+            items.append({"prompt": row["prompt"].strip(), "target": row["target"].strip(), "kind": kind})
     except RejectedInput as rejection:
         raise RejectedInput(f"{name}: {rejection.reason}", rejection.code) from None
     if not items:
@@ -77,5 +86,5 @@ def cut_cloze(texts: list[str]) -> list[RecallItem]:
             if len(words) >= CUT_MIN_WORDS:
                 target = " ".join(words[-CUT_TARGET_WORDS:]).strip("\"'(),")
                 if target:
-                    items.append({"prompt": " ".join(words[:-CUT_TARGET_WORDS]), "target": target})
+                    items.append({"prompt": " ".join(words[:-CUT_TARGET_WORDS]), "target": target, "kind": CLOZE_KIND})
     return items

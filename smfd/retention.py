@@ -25,7 +25,7 @@ from smfd.errors import SmfdError
 from smfd.evaluation import continuation_scores, drift_kl, heldout_nll, next_token_logprobs, score_choice, score_cloze, text_windows
 from smfd.model.memory_model import MemoryModel
 from smfd.probes import ProbeItem, load_items
-from smfd.recall import RecallItem
+from smfd.recall import SIDECAR_KIND, RecallItem
 
 HELDOUT_WINDOW = 128
 RECALL_KEPT = 500  # recall probes kept on disk (newest)
@@ -186,13 +186,19 @@ class RetentionProbes:
         return [json.loads(line) for line in self.recall_file.read_text().splitlines() if line.strip()]
 
     def measure_recall(self) -> dict[str, float] | None:
-        """Accuracy and target NLL of the newest learned facts (greedy continuation contains the target)."""
+        """Accuracy and target NLL of the newest learned facts (greedy continuation contains the target),
+        overall and per probe kind (`accuracy.KIND`), e.g. verbatim against reworded prompts."""
         records = self._recall_records()[-RECALL_MEASURED:]
         if not records:
             return None
         res = score_cloze(self.model.model, self.model.tokenizer, [(r["prompt"], r["target"]) for r in records])
-        return {"accuracy": sum(r.correct for r in res) / len(res), "nll": sum(r.nll for r in res) / len(res),
-                "items": float(len(res))}
+        measured = {"accuracy": sum(r.correct for r in res) / len(res), "nll": sum(r.nll for r in res) / len(res),
+                    "items": float(len(res))}
+        by_kind: dict[str, list[bool]] = {}
+        for record, result in zip(records, res):
+            by_kind.setdefault(record.get("kind", SIDECAR_KIND), []).append(result.correct)
+        measured.update({f"accuracy.{kind}": sum(hits) / len(hits) for kind, hits in sorted(by_kind.items())})
+        return measured
 
     def record_last(self, measures: Measures, version: int) -> None:
         atomic_write_json(self.last_file, {"version": version, "timestamp": time.time(), "summary": measures})

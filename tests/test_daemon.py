@@ -147,8 +147,8 @@ def test_once_learns_good_files_and_quarantines_bad_ones(tmp_path, tiny_model_di
     config = write_config(tmp_path, tiny_model_dir)
     outside = tmp_path / "outside-secret.txt"
     drop_good_and_bad_files(tmp_path / "inbox", outside)
-    sidecar_pairs = [{"prompt": "The orchard's oldest tree is a", "target": "pear"},
-                     {"prompt": "Q: Who planted the orchard? A:", "target": "the miller"}]
+    sidecar_pairs = [{"prompt": "The orchard's oldest tree is a", "target": "pear", "kind": "verbatim"},
+                     {"prompt": "Q: Who planted the orchard? A:", "target": "the miller", "kind": "reworded"}]
     (tmp_path / "inbox" / "orchard.qa.jsonl").write_text("".join(json.dumps(p) + "\n" for p in sidecar_pairs))
 
     code, _, err = run_cli(["--config", str(config), "--once"], capsys)
@@ -170,6 +170,7 @@ def test_once_learns_good_files_and_quarantines_bad_ones(tmp_path, tiny_model_di
     assert [r for r in recall if r in sidecar_pairs] == sidecar_pairs  # the orchard's probes are its sidecar's
     cut = [r for r in recall if r not in sidecar_pairs]
     assert cut and all(f"{r['prompt']} {r['target']}" in NEW_TEXT for r in cut)  # lighthouse: cut from its text
+    assert {r["kind"] for r in cut} == {"cloze"}
 
     code, out, _ = run_cli(["status", "--config", str(config), "--json"], capsys)
     status = json.loads(out)

@@ -152,3 +152,17 @@ def test_fast_probes_score_the_known_answers_like_the_full_run(tmp_path, tiny_me
     for name in tracked:
         assert set(fast[name]) <= {"nll", "accuracy"}
         assert fast[name]["nll"] == pytest.approx(full[name]["nll"], rel=1e-4)
+
+
+def test_recall_is_reported_overall_and_by_probe_kind(tmp_path, tiny_memory_model):
+    """A user compares verbatim with reworded recall on the dashboard: each kind is scored on its own."""
+    probes = RetentionProbes(tiny_memory_model, ProbesSection(fast_subset=8), tmp_path / "state")
+    items = [{"prompt": "The harbour bridge was painted", "target": "orange", "kind": "verbatim"},
+             {"prompt": "The colour of the bridge is", "target": "orange", "kind": "reworded"},
+             {"prompt": "The paint came from a", "target": "factory", "kind": "reworded"}]
+    assert probes.add_recall(items) == 3
+    measured = probes.measure_recall()
+    assert measured is not None and measured["items"] == 3
+    assert set(measured) >= {"accuracy", "accuracy.verbatim", "accuracy.reworded"}
+    hits = {kind: measured[f"accuracy.{kind}"] for kind in ("verbatim", "reworded")}
+    assert measured["accuracy"] == (hits["verbatim"] + 2 * hits["reworded"]) / 3

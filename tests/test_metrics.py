@@ -42,6 +42,7 @@ FAMILIES = {
     "smfd_probe_base_accuracy_ratio": "gauge",
     "smfd_probe_base_nll_nats": "gauge",
     "smfd_recall_accuracy_ratio": "gauge",
+    "smfd_recall_kind_accuracy_ratio": "gauge",
     "smfd_drift_kl_nats": "gauge",
     "smfd_rollbacks_total": "counter",
     "smfd_peak_memory_bytes": "gauge",
@@ -70,7 +71,7 @@ def _populate(metrics: Metrics) -> None:
     metrics.set_checkpoint(version=7, written_at=1.7e9)
     metrics.set_probe("general", accuracy=0.81, nll_nats=2.3)
     metrics.set_probe_base("general", accuracy=0.82, nll_nats=2.2)
-    metrics.set_recall_accuracy(0.4)
+    metrics.set_recall_accuracy(0.4, {"verbatim": 0.6, "reworded": 0.2})
     metrics.set_drift_kl(0.01)
     metrics.observe_probe_duration(3.2)
     metrics.set_memory("cpu", peak_bytes=2_000_000_000, budget_bytes=4_000_000_000)

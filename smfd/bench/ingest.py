@@ -150,7 +150,8 @@ def docs(args: argparse.Namespace) -> dict:
     inbox = Path(args.inbox)
     started = time.monotonic()
     for n, document in enumerate(documents):
-        pairs = [{"prompt": p.prompt, "target": p.target} for kind in ("mem", "gen") for p in document.probes.get(kind, ())]
+        pairs = [{"prompt": p.prompt, "target": p.target, "kind": label}
+                 for kind, label in (("mem", "verbatim"), ("gen", "reworded")) for p in document.probes.get(kind, ())]
         (inbox / f"doc-{n:03d}.qa.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
         (inbox / f"doc-{n:03d}.txt").write_text(document.text)
     done_s = None
