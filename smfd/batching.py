@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from smfd.updater import TokenBatch
+
+
+@dataclass
+class TeacherTarget:
+    """The teacher's view of one query: per token i (row 0 unused) its top-k ids and log-probs,
+    and how far the document moves the base model's prediction of that token (KL, nats)."""
+
+    ids: torch.Tensor  # (n, k) long
+    logprobs: torch.Tensor  # (n, k) float, teacher log-probs (not renormalised)
+    shift: torch.Tensor  # (n,) float, KL(teacher top-k ‖ base); 0 at row 0
+    trained: torch.Tensor  # (n,) bool, tokens whose prediction the document moves enough to train (never row 0)
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> list[list[int]]:
@@ -19,7 +31,12 @@ def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -
     return pieces
 
 
-def make_batch(sequences: list[list[int]], pad_id: int, surprise: list[torch.Tensor] | None = None) -> TokenBatch:
+def make_batch(
+    sequences: list[list[int]],
+    pad_id: int,
+    surprise: list[torch.Tensor] | None = None,
+    teacher: list[TeacherTarget] | None = None,
+) -> TokenBatch:
     """Right-padded batch; every real token after the first is trained."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -32,7 +49,16 @@ def make_batch(sequences: list[list[int]], pad_id: int, surprise: list[torch.Ten
             weights[row, : len(seq)] = surprise[row][: len(seq)]
     loss_mask = mask.clone()
     loss_mask[:, 0] = 0
-    return TokenBatch(ids, mask, loss_mask, weights)
+    if teacher is None:
+        return TokenBatch(ids, mask, loss_mask, weights)
+    k = teacher[0].ids.shape[1]
+    teacher_ids = torch.zeros((len(sequences), width, k), dtype=torch.long)
+    teacher_logprobs = torch.zeros((len(sequences), width, k))
+    for row, target in enumerate(teacher):
+        loss_mask[row, : len(target.trained)] &= target.trained.to(loss_mask.dtype)
+        teacher_ids[row, : len(target.ids)] = target.ids
+        teacher_logprobs[row, : len(target.ids)] = target.logprobs
+    return TokenBatch(ids, mask, loss_mask, weights, teacher_ids, teacher_logprobs)
 
 
 def epoch_batches(
@@ -42,6 +68,7 @@ def epoch_batches(
     pad_id: int,
     seed: int = 0,
     surprise: list[torch.Tensor] | None = None,
+    teacher: list[TeacherTarget] | None = None,
 ) -> list[TokenBatch]:
     """`passes` shuffled passes over the sequences, grouped into batches of similar length to waste little padding."""
     rng = random.Random(seed)
@@ -53,5 +80,6 @@ def epoch_batches(
             rows = order[start : start + batch_size]
             seqs = [sequences[i] for i in rows]
             weights = [surprise[i] for i in rows] if surprise is not None else None
-            batches.append(make_batch(seqs, pad_id, weights))
+            targets = [teacher[i] for i in rows] if teacher is not None else None
+            batches.append(make_batch(seqs, pad_id, weights, targets))
     return batches

@@ -81,6 +81,21 @@ class HealSection(BaseModel):
     tokens_per_step: int = Field(1024, ge=2)
 
 
+class DistillSection(BaseModel):
+    """Context distillation (smfd.distill): the memory learns what the frozen model predicts with the document in context."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    top_k: int = Field(32, ge=1)  # teacher tokens kept per position
+    dropped_variants: int = Field(2, ge=0)  # copies of each sentence with words dropped
+    drop_rate: float = Field(0.15, ge=0, lt=1)  # share of words dropped in such a copy
+    shuffled_variants: int = Field(1, ge=0)  # copies of each sentence behind another sentence of the document
+    min_shift: float = Field(0.05, ge=0)  # tokens the document moves less than this (KL, nats) are not trained
+    ce_weight: float = Field(0.0, ge=0)  # next-token NLL beside the KL; 0 = pure distillation
+    max_context_tokens: int = Field(2048, ge=16)  # a longer document is distilled chunk by chunk
+
+
 class TrainSection(BaseModel):
     """How memory slots are chosen and updated for each batch of new text."""
 
@@ -100,6 +115,7 @@ class TrainSection(BaseModel):
     seq_len: int = Field(128, ge=8)
     restate: bool = True
     max_documents: int = Field(1, ge=1)  # documents claimed per update
+    distill: DistillSection = Field(default_factory=DistillSection)
 
 
 class ChunkingSection(BaseModel):

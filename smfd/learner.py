@@ -18,40 +18,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-import torch
 
 from smfd.budget import MIB, MemoryBudget
-from smfd.batching import encode, epoch_batches, make_batch
+from smfd.batching import encode, make_batch
 from smfd.checkpoint import CheckpointStore
 from smfd.chunker import chunk_text
 from smfd.errors import SmfdError
 from smfd.journal import ChunkRow, Journal
+from smfd.lesson import LearnSettings, TokenSurprise, build_lesson, lesson_batches
 from smfd.model.memory_model import MemoryModel
 from smfd.patches import LayerPatch, apply_patches
 from smfd.recall import RecallItem, cut_cloze, read_items, spooled_sidecar
-from smfd.restate import training_texts
 from smfd.retain import RetainSet
 from smfd.selection import BackgroundStats
 from smfd.surprise import sequence_surprise
-from smfd.updater import SparseUpdater, UpdateConfig, split_batch
+from smfd.updater import SparseUpdater, TokenBatch, split_batch
 
 log = structlog.get_logger("smfd.learner")
-
-
-@dataclass(frozen=True)
-class LearnSettings:
-    """What an update does; built from the config's train/chunking/surprise sections."""
-
-    # The retain penalty on the model's own statements of fact (smfd.retain) is part of the recipe.
-    update: UpdateConfig = UpdateConfig(retain_weight=5.0)
-    passes: int = 8
-    batch_size: int = 8
-    seq_len: int = 128
-    restate: bool = True
-    chunk_tokens: int = 96
-    title_context: bool = True
-    skip_below_nats: float = 0.5
-    max_documents: int = 1
 
 
 def _step_footprint(settings: LearnSettings) -> tuple:
@@ -80,8 +63,7 @@ class UpdateOutcome:
 
 
 GuardCheck = Callable[[], tuple[bool, str, dict]]
-# Per-token surprise (NLL under the frozen base) of each token sequence, keyed by its token ids.
-TokenSurprise = dict[tuple[int, ...], torch.Tensor]
+__all__ = ["Learner", "LearnSettings", "UpdateOutcome"]
 
 
 class Learner:
@@ -212,16 +194,7 @@ class Learner:
         self, chunks: list[ChunkRow], scored: TokenSurprise, outcome: UpdateOutcome, should_stop: Callable[[], bool]
     ) -> list[LayerPatch]:
         """Run the optimizer steps; returns the update's patches (already reverted if stopped)."""
-        s = self.settings
-        texts = training_texts([c.text for c in chunks], s.restate)
-        sequences = encode(self.model.tokenizer, texts, s.seq_len)
-        surprise = None
-        if s.update.rule == "surprise-kl":
-            scored = self._sequence_surprise(sequences, scored)
-            surprise = [scored[tuple(seq)] for seq in sequences]
-        batches = epoch_batches(sequences, self.batch_size, s.passes, self.model.tokenizer.pad_token_id, surprise=surprise)
-        device = self.model.device
-        batches = [batch.to(device) for batch in batches]
+        batches = self._lesson_batches(chunks, scored)
         try:
             self.updater.plan_update(batches)
             for batch in batches:
@@ -244,6 +217,29 @@ class Learner:
         outcome.rows_updated = sum(p.n_rows for p in patches)
         outcome.chunks_learned = len(chunks)
         return patches
+
+    def _lesson_batches(self, chunks: list[ChunkRow], scored: TokenSurprise) -> list[TokenBatch]:
+        """Each document's lesson (smfd.lesson, the benchmark's path too), its passes one after the other."""
+        s = self.settings
+        by_document: dict[int, list[ChunkRow]] = {}
+        for chunk in chunks:
+            by_document.setdefault(chunk.doc_id, []).append(chunk)
+        batches: list[TokenBatch] = []
+        for doc_id, rows in by_document.items():
+            texts = [c.text for c in rows]
+            lesson = build_lesson(self.model, s, self._document_text(doc_id, texts), texts, self.batch_size, scored=scored)
+            batches += lesson_batches(lesson, self.batch_size, s.passes, self.model.tokenizer.pad_token_id, 0, self.model.device)
+        return batches
+
+    def _document_text(self, doc_id: int, chunk_texts: list[str]) -> str:
+        """The document as spooled (the distillation teacher's context); its chunks joined if unreadable."""
+        doc = self.journal.get_document(doc_id)
+        if doc is not None and doc.spool_path is not None:
+            try:
+                return Path(doc.spool_path).read_text(encoding="utf-8")
+            except OSError as exc:
+                log.warning("document_unreadable", doc_id=doc_id, reason=str(exc))
+        return "\n".join(chunk_texts)
 
     def _sequence_surprise(self, sequences: list[list[int]], scored: TokenSurprise | None = None) -> TokenSurprise:
         """Per-token surprise of each sequence not already in `scored` (a new dict; `scored` is not changed)."""

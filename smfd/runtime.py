@@ -13,7 +13,8 @@ from smfd.checkpoint import CheckpointStore
 from smfd.config import SmfdConfig
 from smfd.errors import SmfdError
 from smfd.heal import HealConfig, prepare_memory, sample_general_text
-from smfd.learner import LearnSettings
+from smfd.distill import DistillConfig
+from smfd.lesson import LearnSettings
 from smfd.retention import builtin_file, read_prompts
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
@@ -42,7 +43,10 @@ def learn_settings(cfg: SmfdConfig) -> LearnSettings:
         update=UpdateConfig(rule=t.selection, top_t=t.top_t, lr=t.lr, normalize=t.normalize,
                             normalize_once=t.normalize_once, scope=t.scope,
                             retain_weight=t.retain_weight, retain_tokens=t.retain_tokens,
-                            prefix_cache_mb=t.prefix_cache_mb),
+                            prefix_cache_mb=t.prefix_cache_mb, ce_weight=t.distill.ce_weight),
+        distill=DistillConfig(enabled=t.distill.enabled, top_k=t.distill.top_k, dropped_variants=t.distill.dropped_variants,
+                              drop_rate=t.distill.drop_rate, shuffled_variants=t.distill.shuffled_variants, min_shift=t.distill.min_shift,
+                              max_context_tokens=t.distill.max_context_tokens),
         passes=t.passes,
         batch_size=t.batch_size,
         seq_len=t.seq_len,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,8 @@ class UpdateConfig:
     # MiB for each sequence's hidden state entering the lowest memory layer, kept for the rest of
     # the update (smfd.model.prefix): same results, later passes skip the blocks below; 0 turns it off.
     prefix_cache_mb: int = 256
+    # Weight of the next-token NLL beside the distillation KL, for batches with teacher targets (smfd.distill).
+    ce_weight: float = 0.0
 
     def validate(self) -> None:
         if self.scope not in ("step", "update"):
@@ -58,6 +60,8 @@ class UpdateConfig:
             raise SmfdError(f"learning rate must be > 0, got {self.lr}")
         if not self.retain_weight >= 0:
             raise SmfdError(f"retain_weight must be >= 0, got {self.retain_weight}")
+        if not self.ce_weight >= 0:
+            raise SmfdError(f"ce_weight must be >= 0, got {self.ce_weight}")
         if self.prefix_cache_mb < 0:
             raise SmfdError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
 
@@ -70,6 +74,13 @@ class TokenBatch:
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
     surprise: torch.Tensor | None = None
+    # Context distillation (smfd.distill): per token the teacher's top-k ids and log-probs, (batch, seq, k).
+    teacher_ids: torch.Tensor | None = None
+    teacher_logprobs: torch.Tensor | None = None
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """Every per-row tensor, in field order (for slicing and moving a batch as a whole)."""
+        return (self.input_ids, self.attention_mask, self.loss_mask, self.surprise, self.teacher_ids, self.teacher_logprobs)
 
     @property
     def n_tokens(self) -> int:
@@ -80,8 +91,7 @@ class TokenBatch:
         return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(self.input_ids, self.attention_mask)]
 
     def to(self, device: torch.device) -> "TokenBatch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return TokenBatch(move(self.input_ids), move(self.attention_mask), move(self.loss_mask), move(self.surprise))
+        return TokenBatch(*(None if t is None else t.to(device) for t in self.tensors()))
 
 
 @dataclass
@@ -92,12 +102,31 @@ class StepResult:
     seconds: float
 
 
-def causal_lm_loss(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
-    """Mean NLL over trained tokens, applying the LM head only where a loss is taken (the big vocab matmul)."""
+def distill_loss(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher ‖ student), the teacher renormalised over its top-k tokens.
+
+    `logits` (n, vocab) are the student's at the trained positions; `teacher_*` (n, k) the same positions.
+    """
+    student = logits.float().log_softmax(-1).gather(-1, teacher_ids)
+    teacher = teacher_logprobs.float().log_softmax(-1)  # renormalise over the kept tokens
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+def causal_lm_loss(model: PreTrainedModel, batch: TokenBatch, ce_weight: float = 1.0) -> torch.Tensor:
+    """The training loss over trained tokens, applying the LM head only where a loss is taken (the big vocab matmul).
+
+    A batch with teacher targets is trained on KL(teacher ‖ student) plus `ce_weight` times the
+    next-token NLL; any other batch on the NLL alone.
+    """
     hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     predict_from = batch.loss_mask[:, 1:].bool()
     logits = model.get_output_embeddings()(hidden[:, :-1][predict_from])
-    return F.cross_entropy(logits.float(), batch.input_ids[:, 1:][predict_from])
+    nll = F.cross_entropy(logits.float(), batch.input_ids[:, 1:][predict_from])
+    if batch.teacher_ids is None or batch.teacher_logprobs is None:
+        return nll
+    trained = batch.loss_mask.bool()
+    kl = distill_loss(logits, batch.teacher_ids[trained], batch.teacher_logprobs[trained])
+    return kl + ce_weight * nll if ce_weight else kl
 
 
 def read_weights(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -160,7 +189,7 @@ class SparseUpdater:
         self.prefix.clear()
         if self.retain is not None:
             self.retain.rebase(self.memories)
-        if self.config.scope != "update":
+        if self.config.scope != "update" or not batches:
             return
         reads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {m.layer_index: [] for m in self.memories}
         seen: set[tuple[int, ...]] = set()
@@ -234,7 +263,7 @@ class SparseUpdater:
             memory.select_rows = selector
         try:
             with self.prefix.forward_for(batch):
-                loss = causal_lm_loss(self.model, batch)
+                loss = causal_lm_loss(self.model, batch, self.config.ce_weight)
             total = loss + self._interference(loss)
             if total.requires_grad:  # else no slot qualified (e.g. every sequence is one trained token long)
                 total.backward()
@@ -288,7 +317,4 @@ def split_batch(batch: TokenBatch) -> tuple[TokenBatch, TokenBatch] | None:
     half = rows // 2
     pick = lambda t, sl: None if t is None else t[sl]  # noqa: E731
     first, second = slice(0, half), slice(half, rows)
-    return (
-        TokenBatch(*(pick(t, first) for t in (batch.input_ids, batch.attention_mask, batch.loss_mask, batch.surprise))),
-        TokenBatch(*(pick(t, second) for t in (batch.input_ids, batch.attention_mask, batch.loss_mask, batch.surprise))),
-    )
+    return TokenBatch(*(pick(t, first) for t in batch.tensors())), TokenBatch(*(pick(t, second) for t in batch.tensors()))

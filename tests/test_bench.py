@@ -227,14 +227,28 @@ def test_method_specs_override_only_what_they_name() -> None:
     specs = parse_method_specs(["smf-kl,smf-kl:lr=3;top_t=500;layers=4+9", "lora:lr=1e-3;rank=8,full"])
     assert [s.label for s in specs] == ["smf-kl", "smf-kl:lr=3;top_t=500;layers=4+9", "lora:lr=1e-3;rank=8", "full"]
     defaults = LearnSettings()
-    plain_update, plain_memory = smf_configs(specs[0], defaults)
-    assert plain_update == replace(defaults.update, rule="kl") and plain_memory == MemoryConfig()
-    update, memory = smf_configs(specs[1], defaults)
+    plain, plain_memory = smf_configs(specs[0], defaults)
+    assert plain.update == replace(defaults.update, rule="kl") and plain_memory == MemoryConfig()
+    assert plain.distill == defaults.distill and plain.passes == defaults.passes
+    settings, memory = smf_configs(specs[1], defaults)
+    update = settings.update
     assert (update.lr, update.top_t, update.rule, memory.layers) == (3.0, 500, "kl", (4, 9))
     assert memory.n_keys == MemoryConfig().n_keys
     assert specs[2].options == {"lr": 1e-3, "rank": 8}
     with pytest.raises(SmfdError, match="more than once"):
         parse_method_specs(["lora,lora"])
+
+
+def test_smf_is_the_daemons_recipe_and_distillation_options_override_it() -> None:
+    default, plain, tuned = parse_method_specs(["smf", "smf:distill=0", "smf:dropped_variants=3;drop_rate=0.3;ce_weight=0.5"])
+    defaults = LearnSettings()
+    assert smf_configs(default, defaults)[0] == defaults  # exactly the daemon's settings
+    assert smf_configs(plain, defaults)[0].distill.enabled is False
+    tuned_settings = smf_configs(tuned, defaults)[0]
+    assert (tuned_settings.distill.dropped_variants, tuned_settings.distill.drop_rate) == (3, 0.3)
+    assert tuned_settings.update.ce_weight == 0.5
+    with pytest.raises(SmfdError, match="unknown option 'lr' for in-context"):
+        parse_method_specs(["in-context:lr=1"])
 
 
 def test_heal_options_of_a_spec() -> None:
@@ -249,8 +263,8 @@ def test_heal_options_of_a_spec() -> None:
 def test_fact_text_and_retain_options_of_a_spec() -> None:
     plain, off = parse_method_specs(["smf-kl", "smf-kl:fact_sequences=0;retain_weight=0"])
     assert plain.options.get("fact_sequences", FACT_SEQUENCES) == FACT_SEQUENCES
-    assert smf_configs(plain, LearnSettings())[0].retain_weight == LearnSettings().update.retain_weight > 0
-    assert off.options["fact_sequences"] == 0 and smf_configs(off, LearnSettings())[0].retain_weight == 0
+    assert smf_configs(plain, LearnSettings())[0].update.retain_weight == LearnSettings().update.retain_weight > 0
+    assert off.options["fact_sequences"] == 0 and smf_configs(off, LearnSettings())[0].update.retain_weight == 0
     with pytest.raises(SmfdError, match="fact_sequences='x'"):
         parse_method_specs(["smf-kl:fact_sequences=x"])
 

@@ -64,11 +64,13 @@ def test_daemon_heals_like_the_benchmark_by_default():
 
 def test_daemon_learns_like_the_benchmark_by_default():
     """`smfd bench` measures the engine's recipe (LearnSettings, fact text); the daemon must run the same."""
-    from smfd.learner import LearnSettings
+    from smfd.lesson import LearnSettings
     from smfd.retain import FACT_SEQUENCES
     from smfd.runtime import learn_settings
 
-    assert learn_settings(SmfdConfig()).update == LearnSettings().update
+    assert learn_settings(SmfdConfig()) == LearnSettings()
+    shipped = load_config(Path(__file__).parents[1] / "config" / "edge.yaml")
+    assert learn_settings(shipped) == LearnSettings(), "config/edge.yaml must ship the benchmark's `smf` recipe"
     assert SmfdConfig().memory.fact_sequences == FACT_SEQUENCES
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from smfd.checkpoint import CheckpointStore
+from smfd.distill import DistillConfig
 from smfd.journal import Journal
 from smfd.learner import Learner, LearnSettings
 from smfd.updater import UpdateConfig
@@ -201,9 +202,10 @@ def test_surprise_weighted_selection_learns_through_the_learner(
 def test_surprise_weighted_update_scores_each_sequence_under_the_frozen_base_once(
     tmp_path, tiny_memory_model, background, store, journal
 ):
-    """The chunk skip and the slot weights share one scoring pass: no chunk is scored twice."""
+    """Next-token training: the chunk skip and the slot weights share one scoring pass, no chunk is scored twice."""
     submit_all(journal, tmp_path)
-    settings = dataclasses.replace(SETTINGS, update=UpdateConfig(rule="surprise-kl", top_t=16, lr=0.05), restate=False)
+    settings = dataclasses.replace(SETTINGS, update=UpdateConfig(rule="surprise-kl", top_t=16, lr=0.05), restate=False,
+                                   distill=DistillConfig(enabled=False))
     learner = make_learner(tiny_memory_model, background, store, journal, settings)
     frozen_rows = []
 

@@ -22,21 +22,25 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from smfd.durable import atomic_write
 from smfd.errors import SmfdError
 from smfd.heal import HealConfig, prepare_memory
-from smfd.learner import LearnSettings
+from smfd.batching import encode, epoch_batches
+from smfd.lesson import LearnSettings, build_lesson, lesson_batches
+from smfd.restate import training_texts
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
 from smfd.retain import FACT_SEQUENCES, FACT_TOKENS, RetainSet, fact_prompts, retain_text, sample_self_facts
 from smfd.selection import BackgroundStats
 from smfd.surprise import sequence_surprise
-from smfd.updater import SparseUpdater, StepResult, TokenBatch, UpdateConfig
+from smfd.updater import SparseUpdater, StepResult, TokenBatch
 
 if TYPE_CHECKING:  # peft is imported only by workers that train LoRA or full finetuning
     from smfd.baselines import FullFinetuneTrainer, LoraTrainer
 
 SPEC_SEPARATOR = ","  # between specs
 OPTION_SEPARATOR = ";"  # between key=value options inside one spec
-SMF_RULES = {"smf-kl": "kl", "smf-tfidf": "tfidf", "smf-surprise-kl": "surprise-kl"}
-METHOD_NAMES = (*SMF_RULES, "lora", "full")
+# `smf` is the daemon's recipe as configured by default; the others pin a slot-ranking rule.
+SMF_RULES = {"smf": None, "smf-kl": "kl", "smf-tfidf": "tfidf", "smf-surprise-kl": "surprise-kl"}
+IN_CONTEXT = "in-context"  # no training: each probe is asked with its document in the prompt (the ceiling)
+METHOD_NAMES = (*SMF_RULES, "lora", "full", IN_CONTEXT)
 
 
 def _int_at_least(low: int, key: str, raw: str) -> int:
@@ -105,6 +109,9 @@ SMF_OPTIONS: dict[str, Parser] = {
     "prefix_cache_mb": _non_negative_int,
     "read_temperature": _positive_float, "min_read_weight": _non_negative_float, "heal_steps": _non_negative_int, "heal_lr": _positive_float,
     "fact_sequences": _non_negative_int,
+    "distill": _flag, "distill_top_k": _positive_int, "dropped_variants": _non_negative_int,
+    "drop_rate": _non_negative_float, "shuffled_variants": _non_negative_int, "ce_weight": _non_negative_float,
+    "min_shift": _non_negative_float,
 }
 LORA_OPTIONS: dict[str, Parser] = {
     "lr": _positive_float, "rank": _positive_int, "alpha": _positive_float, "passes": _positive_int, "restate": _flag,
@@ -116,6 +123,8 @@ FULL_OPTIONS: dict[str, Parser] = {
 
 
 def options_for(name: str) -> dict[str, Parser]:
+    if name == IN_CONTEXT:
+        return {}
     if name in SMF_RULES:
         return SMF_OPTIONS
     return LORA_OPTIONS if name == "lora" else FULL_OPTIONS
@@ -184,19 +193,28 @@ def parse_method_specs(values: list[str]) -> list[MethodSpec]:
 # ---------------------------------------------------------------- SMF settings
 
 
-def smf_configs(spec: MethodSpec, defaults: LearnSettings) -> tuple[UpdateConfig, MemoryConfig]:
-    """The update and memory configuration of an SMF spec: engine defaults, then the spec's overrides."""
+def smf_configs(spec: MethodSpec, defaults: LearnSettings) -> tuple[LearnSettings, MemoryConfig]:
+    """The learn settings and memory configuration of an SMF spec: engine defaults, then the spec's overrides."""
     o = spec.options
     update = replace(
         defaults.update,
-        rule=SMF_RULES[spec.name],
+        rule=SMF_RULES[spec.name] or defaults.update.rule,
         **{key: o[key] for key in ("lr", "top_t", "normalize", "normalize_once", "scope", "retain_weight", "retain_tokens",
-                                 "prefix_cache_mb") if key in o},
+                                 "prefix_cache_mb", "ce_weight") if key in o},
     )
+    distill = replace(
+        defaults.distill,
+        **{field: o[key] for key, field in (("distill", "enabled"), ("distill_top_k", "top_k"),
+                                             ("dropped_variants", "dropped_variants"), ("drop_rate", "drop_rate"),
+                                             ("shuffled_variants", "shuffled_variants"), ("min_shift", "min_shift")) if key in o},
+    )
+    distill.validate()
     memory = replace(MemoryConfig(), **{key: o[key] for key in ("layers", "n_keys", "k", "heads", "key_dim", "read_temperature",
                                                             "min_read_weight") if key in o})
     update.validate()
-    return update, memory
+    settings = replace(defaults, update=update, distill=distill,
+                       **{key: o[key] for key in ("passes", "restate") if key in o})
+    return settings, memory
 
 
 def heal_config_of(spec: MethodSpec) -> HealConfig:
@@ -281,7 +299,9 @@ def background_stats(
 
 
 class Learning(Protocol):
-    """What the benchmark drives: optimizer steps, a hook after each document, the model to evaluate."""
+    """What the benchmark drives: a document's batches, optimizer steps, a hook after each document, the model to evaluate."""
+
+    def document_batches(self, document: str, chunks: list[str], passes: int, restate: bool, seed: int) -> list[TokenBatch]: ...
 
     def step(self, batch: TokenBatch) -> StepResult: ...
 
@@ -297,16 +317,27 @@ class Learning(Protocol):
 
 
 class SmfLearning:
-    """Sparse memory finetuning exactly as the daemon runs it: `SparseUpdater` steps, one update per document."""
+    """Sparse memory finetuning as the daemon runs it: the same lesson (`smfd.lesson`), `SparseUpdater`
+    steps, one update per document."""
 
-    def __init__(self, memory_model: MemoryModel, background: dict[int, BackgroundStats], update: UpdateConfig,
-                 batch_size: int, retain: RetainSet | None = None, heal: HealConfig = HealConfig()) -> None:
+    def __init__(self, memory_model: MemoryModel, background: dict[int, BackgroundStats], settings: LearnSettings,
+                 retain: RetainSet | None = None, heal: HealConfig = HealConfig()) -> None:
         self.memory_model = memory_model
-        self.update = update
+        self.settings = settings
+        self.update = settings.update
         self.heal = heal
-        self.batch_size = batch_size
-        self.updater = SparseUpdater(memory_model.model, memory_model.memories, background, update, retain)
+        self.batch_size = settings.batch_size
+        self.updater = SparseUpdater(memory_model.model, memory_model.memories, background, settings.update, retain)
         self.rows_updated = 0
+        self.sequences_trained = 0
+
+    def document_batches(self, document: str, chunks: list[str], passes: int, restate: bool, seed: int) -> list[TokenBatch]:
+        """The daemon's lesson for this document (distilled when the settings say so)."""
+        settings = replace(self.settings, passes=passes, restate=restate)
+        lesson = build_lesson(self.memory_model, settings, document, chunks, self.batch_size, seed=seed)
+        self.sequences_trained += len(lesson.sequences)
+        mm = self.memory_model
+        return lesson_batches(lesson, self.batch_size, passes, mm.tokenizer.pad_token_id, seed, mm.device)
 
     def step(self, batch: TokenBatch) -> StepResult:
         return self.updater.step(batch)
@@ -325,7 +356,7 @@ class SmfLearning:
         return self.memory_model.model
 
     def surprise(self, sequences: list[list[int]]) -> list[torch.Tensor] | None:
-        """Per-token surprise under the frozen base, only for the rule that weights reads by it."""
+        """Per-token surprise under the frozen base, only for the rule that weights reads by it (timing batch)."""
         if self.update.rule != "surprise-kl":
             return None
         mm = self.memory_model
@@ -341,20 +372,30 @@ class SmfLearning:
             "method": "smf",
             "rule": self.update.rule,
             "update": asdict(self.update),
+            "distill": asdict(self.settings.distill),
             "heal": asdict(self.heal),
             "memory": info["memory"],
             "memory_parameters": info["memory_parameters"],
             "optimizer": "SGD on the selected value rows only (no momentum, no weight decay)",
             "rows_updated": self.rows_updated,
             "rows_changed": self.rows_changed(),
+            "sequences_trained": self.sequences_trained,
         }
 
 
 class AdamWLearning:
     """LoRA or full finetuning: their trainers take the same batches; documents need no closing."""
 
-    def __init__(self, trainer: "LoraTrainer | FullFinetuneTrainer") -> None:
+    def __init__(self, trainer: "LoraTrainer | FullFinetuneTrainer", tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                 seq_len: int, device: torch.device) -> None:
         self.trainer = trainer
+        self.tokenizer, self.batch_size, self.seq_len, self.device = tokenizer, batch_size, seq_len, device
+
+    def document_batches(self, document: str, chunks: list[str], passes: int, restate: bool, seed: int) -> list[TokenBatch]:
+        """Next-token training on the chunks (and their sentences): the dense baselines' recipe."""
+        sequences = encode(self.tokenizer, training_texts(chunks, restate), self.seq_len)
+        batches = epoch_batches(sequences, self.batch_size, passes, self.tokenizer.pad_token_id, seed=seed)
+        return [b.to(self.device) for b in batches]
 
     def step(self, batch: TokenBatch) -> StepResult:
         return self.trainer.step(batch)
@@ -395,7 +436,8 @@ def build_learning(
     """The method's trainer around a freshly loaded base model; also setup facts (background time and source)."""
     o = spec.options
     if spec.family == "smf":
-        update, memory_config = smf_configs(spec, defaults)
+        settings, memory_config = smf_configs(spec, defaults)
+        update = settings.update
         memory_model = MemoryModel.attach(model, tokenizer, memory_config)
         heal = heal_config_of(spec)
         facts = self_facts(memory_model, o.get("fact_sequences", FACT_SEQUENCES), background)
@@ -406,11 +448,13 @@ def build_learning(
             retain = RetainSet.collect(memory_model.model, memory_model.memories,
                                        retain_text(facts, background.sequences), update.retain_tokens)
         setup = {"background_cached": cached, "fact_sequences": len(facts)}
-        return SmfLearning(memory_model, stats, update, defaults.batch_size, retain, heal), setup
+        return SmfLearning(memory_model, stats, settings, retain, heal), setup
     from smfd.baselines import FullFinetuneTrainer, LoraTrainer
 
     adamw = {key: o[key] for key in ("lr", "weight_decay") if key in o}
+    device = next(model.parameters()).device
+    plain = (tokenizer, defaults.batch_size, defaults.seq_len, device)
     if spec.name == "lora":
         lora = {key: o[key] for key in ("rank", "alpha") if key in o}
-        return AdamWLearning(LoraTrainer(model, **lora, **adamw)), {}
-    return AdamWLearning(FullFinetuneTrainer(model, **adamw)), {}
+        return AdamWLearning(LoraTrainer(model, **lora, **adamw), *plain), {}
+    return AdamWLearning(FullFinetuneTrainer(model, **adamw), *plain), {}

@@ -109,12 +109,15 @@ def markdown(results: dict[str, Any]) -> str:
         "Peak MB: peak resident memory of the method's own process through loading and training, before evaluation "
         "(CUDA: peak allocated); base row: the model loaded.",
     ]
-    budgets = {label: entry["budget"] for label, entry in results["methods"].items()}
+    budgets = {label: entry["budget"] for label, entry in results["methods"].items() if "budget" in entry}
     differing = {label: b for label, b in budgets.items()
-                 if (b["passes"], b["restate"]) != (budget["passes"], budget["restate"])}
+                 if (b["passes"], b["restate"], b["tokens_trained"]) != (budget["passes"], budget["restate"], budget["tokens_planned"])}
     for label, b in differing.items():
         lines.append(f"- `{label}` ran with its own budget: {b['passes']} passes, restatement {'on' if b['restate'] else 'off'}, "
-                     f"{b['tokens_trained']} tokens trained.")
+                     f"{b['tokens_trained']} tokens trained (distillation queries included).")
+    if any(label == "in-context" for label in results["methods"]):
+        lines.append("- `in-context`: no training; each probe's prompt is preceded by its own document and a blank line "
+                     "(the ceiling); its retention columns are the base model's.")
     return "\n".join(lines) + "\n"
 
 

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from smfd.batching import encode, epoch_batches, make_batch
+from smfd.batching import encode, make_batch
 from smfd.bench import report
 from smfd.bench.data import (
     PROBE_KINDS,
@@ -53,6 +53,7 @@ from smfd.bench.data import (
 )
 from smfd.bench.methods import (
     FULL_OPTIONS,
+    IN_CONTEXT,
     LORA_OPTIONS,
     METHOD_NAMES,
     OPTION_SEPARATOR,
@@ -67,7 +68,8 @@ from smfd.bench.methods import (
 from smfd.durable import atomic_write
 from smfd.errors import SmfdError
 from smfd.evaluation import drift_kl, heldout_nll, next_token_logprobs, score_choice, score_cloze
-from smfd.learner import LearnSettings
+from smfd.distill import CONTEXT_SEPARATOR
+from smfd.lesson import LearnSettings
 from smfd.model.loading import load_base_model, resolve_model_source
 from smfd.model.memory_model import pick_device
 from smfd.updater import TokenBatch, causal_lm_loss
@@ -303,13 +305,18 @@ def _mean(values: list[float]) -> float | None:
 
 
 def evaluate_learning(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, documents: list[Document],
-                      label: str) -> dict[str, Any]:
-    """Cloze accuracy (target inside the greedy continuation) and mean target NLL per probe kind."""
+                      label: str, in_context: bool = False) -> dict[str, Any]:
+    """Cloze accuracy (target inside the greedy continuation) and mean target NLL per probe kind.
+
+    `in_context`: each prompt is preceded by its own document's text and a blank line (the ceiling
+    a learned memory is measured against).
+    """
     correct: dict[str, list[float]] = {kind: [] for kind in PROBE_KINDS}
     nll: dict[str, list[float]] = {kind: [] for kind in PROBE_KINDS}
     for doc in tqdm(documents, desc=f"{label}: probes", unit="doc", leave=False):
         items = [(kind, p) for kind in PROBE_KINDS for p in doc.probes[kind]]
-        scored = score_cloze(model, tokenizer, [(p.prompt, p.target) for _, p in items])
+        prefix = doc.text + CONTEXT_SEPARATOR if in_context else ""
+        scored = score_cloze(model, tokenizer, [(prefix + p.prompt, p.target) for _, p in items])
         for (kind, _), result in zip(items, scored):
             correct[kind].append(float(result.correct))
             nll[kind].append(result.nll)
@@ -512,16 +519,13 @@ def run_base(ctx: WorkerContext) -> dict[str, Any]:
     }
 
 
-def train_documents(ctx: WorkerContext, learning: Learning, texts: list[list[str]], passes: int, label: str) -> dict[str, Any]:
+def train_documents(ctx: WorkerContext, learning: Learning, passes: int, restate: bool, label: str) -> dict[str, Any]:
     """Feed documents one at a time, as the daemon does; returns the training cost."""
-    pad_id = ctx.tokenizer.pad_token_id
     steps, tokens, step_seconds, doc_seconds, losses = 0, 0, 0.0, [], []
-    for index, doc_texts in enumerate(tqdm(texts, desc=f"{label}: learn", unit="doc")):
+    documents = list(zip(ctx.inputs.documents, ctx.chunks))
+    for index, (document, chunks) in enumerate(tqdm(documents, desc=f"{label}: learn", unit="doc")):
         started = time.perf_counter()
-        sequences = encode(ctx.tokenizer, doc_texts, ctx.cfg.seq_len)
-        surprise = learning.surprise(sequences)
-        batches = [b.to(ctx.device) for b in
-                   epoch_batches(sequences, ctx.cfg.batch_size, passes, pad_id, seed=ctx.cfg.seed + index, surprise=surprise)]
+        batches = learning.document_batches(document.text, chunks, passes, restate, ctx.cfg.seed + index)
         planning = time.perf_counter()
         learning.begin_document(batches)
         step_seconds += time.perf_counter() - planning  # selection planning is part of the update's cost
@@ -562,7 +566,7 @@ def run_method(ctx: WorkerContext, spec: MethodSpec, known_correct: list[int]) -
     background = BackgroundSource(ctx.split.background, Path(ctx.cfg.out) / "cache", ctx.model_id)
     learning, setup = build_learning(spec, ctx.model, ctx.tokenizer, ctx.cfg.learn_settings(), background)
     setup_seconds = time.perf_counter() - setup_started
-    train_cost = train_documents(ctx, learning, texts, passes, spec.label)
+    train_cost = train_documents(ctx, learning, passes, restate, spec.label)
     trained = peak_memory(ctx.device)
     model = learning.eval_model()
     model.eval()
@@ -579,6 +583,16 @@ def run_method(ctx: WorkerContext, spec: MethodSpec, known_correct: list[int]) -
                        "tokens_trained": train_cost["tokens_trained"]}}
 
 
+def run_in_context(ctx: WorkerContext, base: dict[str, Any]) -> dict[str, Any]:
+    """The in-context ceiling: no training, each probe asked with its document in the prompt; retention is the base's."""
+    started = time.perf_counter()
+    learn = evaluate_learning(ctx.model, ctx.tokenizer, ctx.inputs.documents, IN_CONTEXT, in_context=True)
+    cost = {"eval_seconds": time.perf_counter() - started, **peak_memory(ctx.device, "peak_memory_eval")}
+    settings = {"spec": IN_CONTEXT, "name": IN_CONTEXT, "options": {},
+                "method": "no training; each probe prompt preceded by its document's text and a blank line"}
+    return {"learn": learn, "retain": dict(base["retain"]), "cost": cost, "settings": settings}
+
+
 def worker_main(request_json: str) -> str:
     """Entry point of a worker process: JSON request in, JSON result out."""
     request = json.loads(request_json)
@@ -586,6 +600,8 @@ def worker_main(request_json: str) -> str:
     ctx = open_context(cfg)
     if request["role"] == "base":
         result = run_base(ctx)
+    elif request["role"] == IN_CONTEXT:
+        result = run_in_context(ctx, request["base"])
     else:
         result = run_method(ctx, MethodSpec.from_json(request["spec"]), request["known_correct"])
     return json.dumps(result)
@@ -634,7 +650,11 @@ def run_benchmark(cfg: BenchConfig, argv: Sequence[str]) -> dict[str, Any]:
     report.write_reports(out, results)
     try:
         for spec in specs:
-            method = call_worker(cfg, {"role": "method", "spec": spec.to_json(), "known_correct": base["known_correct"]}, spec.label)
+            if spec.name == IN_CONTEXT:
+                request = {"role": IN_CONTEXT, "base": {"retain": base["retain"]}}
+            else:
+                request = {"role": "method", "spec": spec.to_json(), "known_correct": base["known_correct"]}
+            method = call_worker(cfg, request, spec.label)
             method["relative"] = report.relative_metrics(results["base"], method)
             results["methods"][spec.label] = method
             report.write_reports(out, results)
