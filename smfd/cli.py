@@ -85,7 +85,7 @@ def run_daemon(args: argparse.Namespace) -> int:
         cfg = _load_config(args.config)
         print(describe(cfg))
         return 0
-    from smfd.daemon import Daemon
+    from smfd.daemon.service import Daemon
 
     daemon = Daemon(args.config)
     with state_lock(daemon.cfg.state_dir, "smfd"):
@@ -93,15 +93,15 @@ def run_daemon(args: argparse.Namespace) -> int:
 
 
 def _quiet_runtime(cfg, create: bool = False):
-    from smfd.logs import configure_logging
-    from smfd.runtime import open_runtime
+    from smfd.observe.logs import configure_logging
+    from smfd.daemon.runtime import open_runtime
 
     configure_logging("warning", json=True)
     return open_runtime(cfg, create=create)
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from smfd.probes import load_items, run_probes, summarize
+    from smfd.guard.probes import load_items, run_probes, summarize
 
     cfg = _load_config(args.config)
     items = load_items(args.probes)
@@ -131,7 +131,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from smfd.evaluation import greedy_continuations
+    from smfd.model.scoring import greedy_continuations
 
     if not args.prompt.strip():
         raise SmfdError("ask: the prompt is empty")
@@ -148,8 +148,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def status_report(cfg) -> dict:
-    from smfd.checkpoint import CheckpointStore
-    from smfd.journal import Journal
+    from smfd.store.checkpoint import CheckpointStore
+    from smfd.ingest.journal import Journal
 
     journal_path = cfg.state_dir / "journal.sqlite"
     report: dict = {"state_dir": str(cfg.state_dir)}

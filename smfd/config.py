@@ -60,7 +60,7 @@ class MemorySection(BaseModel):
     background_text: Path | None = None
     background_sequences: int = Field(256, ge=8)
     # The model's own statements of fact, sampled once: counted as ordinary text in the slot
-    # statistics and watched by the retain penalty (smfd.retain); 0 = none.
+    # statistics and watched by the retain penalty (smfd.learn.interference); 0 = none.
     fact_sequences: int = Field(256, ge=0)
 
     @model_validator(mode="after")
@@ -82,7 +82,7 @@ class HealSection(BaseModel):
 
 
 class DistillSection(BaseModel):
-    """Context distillation (smfd.distill): the memory learns what the frozen model predicts with the document in context."""
+    """Context distillation (smfd.learn.distill): the memory learns what the frozen model predicts with the document in context."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -107,7 +107,7 @@ class TrainSection(BaseModel):
     normalize: bool = True  # lr is the RMS change per element of the selected rows per step
     normalize_once: bool = False  # divide by the update's first gradient RMS only: later steps shrink
     scope: Literal["step", "update"] = "update"  # top_t chosen once per update, or afresh per optimizer step
-    retain_weight: float = Field(5.0, ge=0)  # interference penalty (smfd.retain); 0 = off
+    retain_weight: float = Field(5.0, ge=0)  # interference penalty (smfd.learn.interference); 0 = off
     retain_tokens: int = Field(16384, ge=1)  # tokens of the retain text the penalty watches (statements first)
     prefix_cache_mb: int = Field(256, ge=0)  # hidden states below the memory kept through an update; 0 = off
     passes: int = Field(8, ge=1)

@@ -11,12 +11,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from smfd.batching import encode, make_batch
-from smfd.heal import compute_background
+from smfd.model.batch import encode, make_batch
+from smfd.learn.heal import compute_background
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
-from smfd.selection import BackgroundStats
-from smfd.updater import TokenBatch
+from smfd.model.slot_stats import BackgroundStats
+from smfd.model.batch import TokenBatch
 
 def pytest_configure(config: pytest.Config) -> None:
     """One intra-op thread: the test models are tiny, and waking a thread pool for each small
@@ -177,7 +177,7 @@ def bit_identical() -> Callable[[dict, dict], bool]:
 @pytest.fixture
 def journal(tmp_path):
     """A real SQLite journal in the test's folder."""
-    from smfd.journal import Journal
+    from smfd.ingest.journal import Journal
 
     with Journal(tmp_path / "journal.db") as opened:
         yield opened
@@ -186,7 +186,7 @@ def journal(tmp_path):
 @pytest.fixture
 def store(tmp_path, tiny_memory_model, background):
     """A checkpoint store initialised at version 0 with the tiny memory model."""
-    from smfd.checkpoint import CheckpointStore
+    from smfd.store.checkpoint import CheckpointStore
 
     created = CheckpointStore(tmp_path / "checkpoint", keep=3)
     created.initialise(tiny_memory_model, background)

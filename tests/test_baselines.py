@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from smfd.baselines import FullFinetuneTrainer, LoraTrainer
-from smfd.batching import make_batch
+from smfd.bench.baselines import FullFinetuneTrainer, LoraTrainer
+from smfd.model.batch import make_batch
 from smfd.errors import SmfdError
-from smfd.updater import TokenBatch, causal_lm_loss
+from smfd.learn.updater import causal_lm_loss
+from smfd.model.batch import TokenBatch
 
 PAD_ID = 0
 

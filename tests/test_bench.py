@@ -15,10 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from smfd.bench.methods import heal_config_of, parse_method_specs, smf_configs
 from smfd.bench.runner import main
 from smfd.errors import SmfdError
-from smfd.heal import HealConfig
-from smfd.learner import LearnSettings
+from smfd.learn.heal import HealConfig
+from smfd.learn.learner import LearnSettings
 from smfd.model.memory import MemoryConfig
-from smfd.retain import FACT_SEQUENCES
+from smfd.learn.interference import FACT_SEQUENCES
 
 GENERAL_TEXT = (
     "The river rises in the northern hills and flows south through farmland, small towns and a large forest "

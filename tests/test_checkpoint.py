@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from smfd.checkpoint import CheckpointStore
+from smfd.store.checkpoint import CheckpointStore
 from smfd.errors import SmfdError
-from smfd.patches import apply_patches, load_patches
-from smfd.updater import SparseUpdater, UpdateConfig
+from smfd.store.patches import apply_patches, load_patches
+from smfd.learn.updater import SparseUpdater, UpdateConfig
 
 UPDATE_TEXTS = [
     ["The harbour bridge was painted bright orange by Zelda Quint in 2019."],

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smfd.chunker import Chunk, chunk_text, split_sentences
+from smfd.text.chunker import Chunk, chunk_text, split_sentences
 from smfd.errors import SmfdError
 
 

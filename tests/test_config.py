@@ -9,8 +9,8 @@ import pytest
 
 from smfd.config import SmfdConfig, describe, load_config, validate_model_path
 from smfd.errors import ConfigError
-from smfd.heal import HealConfig
-from smfd.runtime import heal_config
+from smfd.learn.heal import HealConfig
+from smfd.daemon.runtime import heal_config
 
 EDGE_YAML = Path(__file__).resolve().parent.parent / "config" / "edge.yaml"
 
@@ -64,9 +64,9 @@ def test_daemon_heals_like_the_benchmark_by_default():
 
 def test_daemon_learns_like_the_benchmark_by_default():
     """`smfd bench` measures the engine's recipe (LearnSettings, fact text); the daemon must run the same."""
-    from smfd.lesson import LearnSettings
-    from smfd.retain import FACT_SEQUENCES
-    from smfd.runtime import learn_settings
+    from smfd.learn.lesson import LearnSettings
+    from smfd.learn.interference import FACT_SEQUENCES
+    from smfd.daemon.runtime import learn_settings
 
     assert learn_settings(SmfdConfig()) == LearnSettings()
     shipped = load_config(Path(__file__).parents[1] / "config" / "edge.yaml")

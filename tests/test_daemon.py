@@ -18,10 +18,10 @@ import pytest
 import torch
 import yaml
 
-from smfd.checkpoint import CheckpointStore
+from smfd.store.checkpoint import CheckpointStore
 from smfd.cli import main
 from smfd.errors import SmfdError
-from smfd.journal import Journal
+from smfd.ingest.journal import Journal
 
 from conftest import CORPUS, build_base_model
 
@@ -80,7 +80,7 @@ def write_config(folder: Path, model_dir: Path, **overrides) -> Path:
 
 def test_healing_runs_once_when_the_state_is_created_and_is_kept_in_version_0(tmp_path, tiny_model_dir):
     from smfd.config import load_config
-    from smfd.runtime import learn_settings, open_runtime
+    from smfd.daemon.runtime import learn_settings, open_runtime
 
     cfg = load_config(write_config(tmp_path, tiny_model_dir, heal={"steps": 5}))
     runtime = open_runtime(cfg)
@@ -107,7 +107,7 @@ def test_healing_runs_once_when_the_state_is_created_and_is_kept_in_version_0(tm
 ])
 def test_a_state_refuses_a_config_that_changes_how_it_was_created(tmp_path, tiny_model_dir, section, change, named):
     from smfd.config import load_config
-    from smfd.runtime import open_runtime
+    from smfd.daemon.runtime import open_runtime
 
     open_runtime(load_config(write_config(tmp_path, tiny_model_dir)))
     changed = load_config(write_config(tmp_path, tiny_model_dir, **{section: change}))

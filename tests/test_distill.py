@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
-from smfd.batching import encode
+from smfd.model.batch import encode
 from smfd.bench.methods import SmfLearning
-from smfd.checkpoint import CheckpointStore
-from smfd.distill import CONTEXT_SEPARATOR, DistillConfig, build_queries, teacher_targets
-from smfd.journal import Journal
-from smfd.learner import Learner
-from smfd.lesson import LearnSettings, build_lesson, lesson_batches, teacher_contexts
+from smfd.store.checkpoint import CheckpointStore
+from smfd.learn.distill import CONTEXT_SEPARATOR, DistillConfig, build_queries, teacher_targets
+from smfd.ingest.journal import Journal
+from smfd.learn.learner import Learner
+from smfd.learn.lesson import LearnSettings, build_lesson, lesson_batches, teacher_contexts
 from smfd.model.memory_model import MemoryModel
-from smfd.updater import UpdateConfig, causal_lm_loss
+from smfd.learn.updater import UpdateConfig, causal_lm_loss
 
 DOCUMENT = (
     "Harbour news\n\n"
@@ -98,7 +98,7 @@ def test_daemon_and_benchmark_train_the_same_rows_to_the_same_values(
     tmp_path: Path, make_memory_model, background_sequences, snapshot_values, bit_identical
 ):
     """The daemon's learner and the benchmark's SMF method learn a document through one path."""
-    from smfd.heal import compute_background
+    from smfd.learn.heal import compute_background
 
     daemon_model, bench_model = make_memory_model(), make_memory_model()
     background = compute_background(daemon_model.model, daemon_model.memories, background_sequences)

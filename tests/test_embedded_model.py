@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smfd.batching import encode, epoch_batches
-from smfd.evaluation import greedy_continuations, score_cloze
-from smfd.heal import compute_background
+from smfd.model.batch import encode, epoch_batches
+from smfd.model.scoring import greedy_continuations, score_cloze
+from smfd.learn.heal import compute_background
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
-from smfd.retention import builtin_file
-from smfd.updater import SparseUpdater, UpdateConfig
+from smfd.paths import builtin_file
+from smfd.learn.updater import SparseUpdater, UpdateConfig
 
 pytestmark = pytest.mark.integration
 

@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from smfd.budget import MemoryBudget
+from smfd.learn.budget import MemoryBudget
 from smfd.config import GuardSection, ProbesSection
 from smfd.errors import SmfdError
-from smfd.learner import Learner
-from smfd.retention import RetentionProbes, judge
-from smfd.updater import UpdateConfig
+from smfd.learn.learner import Learner
+from smfd.guard.retention import RetentionProbes, judge
+from smfd.learn.updater import UpdateConfig
 
 from test_learner import SETTINGS, make_learner, submit_all
 
@@ -100,7 +100,7 @@ def test_a_generous_budget_keeps_the_configured_batch_and_leaves_memory_untouche
 
 def test_the_budget_keeps_room_for_the_prefix_cache():
     """Memory an update holds beside its steps is taken off the budget before any batch is planned."""
-    from smfd.budget import MIB, resident_bytes
+    from smfd.learn.budget import MIB, resident_bytes
 
     budget = MemoryBudget(torch.device("cpu"), ram_mb=resident_bytes() // MIB + 100, vram_mb=None)
     assert budget.plan_batch_size(4, lambda n: None, reserved_bytes=0) == 4
@@ -119,7 +119,7 @@ def test_a_reload_that_raises_the_batch_size_plans_it_again(tiny_memory_model, b
 def test_a_reload_whose_prefix_cache_does_not_fit_the_budget_keeps_the_old_settings(
     tiny_memory_model, background, store, journal
 ):
-    from smfd.budget import MIB, resident_bytes
+    from smfd.learn.budget import MIB, resident_bytes
 
     without_cache = dataclasses.replace(SETTINGS, update=dataclasses.replace(SETTINGS.update, prefix_cache_mb=0))
     learner = Learner(tiny_memory_model, background, store, journal, without_cache,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from smfd.errors import SmfdError
-from smfd.heal import (HealConfig, calibrate_from_inputs, compute_background, heal_addressing, memory_inputs, prepare_memory,
+from smfd.learn.heal import (HealConfig, calibrate_from_inputs, compute_background, heal_addressing, memory_inputs, prepare_memory,
                        read_entropy, usage_imbalance)
 
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from smfd.errors import SmfdError
-from smfd.journal import DOCUMENT_STATES, Journal
+from smfd.ingest.journal import DOCUMENT_STATES, Journal
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_another_process_reads_status_while_the_writer_is_open(tmp_path):
     writer.add_document("h1", "watch", "b.txt", None, 1)
     writer.record_update(7, n_chunks=1, n_rows=1, seconds=0.1, accepted=True)
     script = (
-        "import sys; from smfd.journal import Journal\n"
+        "import sys; from smfd.ingest.journal import Journal\n"
         "j = Journal(sys.argv[1], readonly=True)\n"
         "c = j.counts(); print(c['queued'], c['duplicate'], j.last_update().version)\n"
     )

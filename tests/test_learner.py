@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from smfd.checkpoint import CheckpointStore
-from smfd.distill import DistillConfig
-from smfd.journal import Journal
-from smfd.learner import Learner, LearnSettings
-from smfd.updater import UpdateConfig
+from smfd.learn.distill import DistillConfig
+from smfd.ingest.journal import Journal
+from smfd.learn.learner import Learner, LearnSettings
+from smfd.learn.updater import UpdateConfig
 
 DOCUMENTS = {
     "harbour.txt": (

@@ -11,7 +11,7 @@ import pytest
 import structlog
 
 from smfd.errors import ConfigError
-from smfd.logs import configure_logging
+from smfd.observe.logs import configure_logging
 
 
 @pytest.fixture()
@@ -39,18 +39,18 @@ def _lines(path, stream) -> list[str]:
 def test_structlog_and_library_logs_are_one_json_object_per_line(log_file):
     path, stream = log_file
     configure_logging("info", json=True, stream=stream)
-    structlog.get_logger("smfd.learner").info("update accepted", rows=12, note="two\nlines")
+    structlog.get_logger("smfd.learn.learner").info("update accepted", rows=12, note="two\nlines")
     logging.getLogger("apscheduler.scheduler").warning("job %s missed", "train")
     logging.getLogger("httpx").debug("below the level, dropped")
     try:
         raise ValueError("bad chunk")
     except ValueError:
-        structlog.get_logger("smfd.learner").exception("update failed")
+        structlog.get_logger("smfd.learn.learner").exception("update failed")
     events = [json.loads(line) for line in _lines(path, stream)]
     assert [(e["logger"], e["level"], e["event"]) for e in events] == [
-        ("smfd.learner", "info", "update accepted"),
+        ("smfd.learn.learner", "info", "update accepted"),
         ("apscheduler.scheduler", "warning", "job train missed"),
-        ("smfd.learner", "error", "update failed"),
+        ("smfd.learn.learner", "error", "update failed"),
     ]
     assert events[0]["rows"] == 12 and events[0]["note"] == "two\nlines"
     assert "ValueError: bad chunk" in events[2]["exception"]
@@ -151,7 +151,7 @@ def test_console_format_for_humans(log_file):
 
 
 def test_scheduler_tick_during_a_draining_update_is_not_a_warning_but_other_scheduler_warnings_are():
-    from smfd.daemon import _skip_expected_overlap
+    from smfd.daemon.service import _skip_expected_overlap
 
     def record(message: str) -> logging.LogRecord:
         return logging.LogRecord("apscheduler.scheduler", logging.WARNING, __file__, 1, message, (), None)

@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from smfd.errors import SmfdError
-from smfd.heal import calibrate_from_inputs, memory_inputs
+from smfd.learn.heal import calibrate_from_inputs, memory_inputs
 from smfd.model.memory import MemoryConfig, ProductKeyMemory
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import attach_memory, find_memories

@@ -16,8 +16,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from smfd.errors import SmfdError
-from smfd.http_server import MetricsServer
-from smfd.metrics import Metrics
+from smfd.observe.http_server import MetricsServer
+from smfd.observe.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "config" / "grafana" / "smfd.json"

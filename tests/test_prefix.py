@@ -8,9 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from smfd.batching import encode, epoch_batches, make_batch
-from smfd.heal import compute_background
-from smfd.updater import SparseUpdater, TokenBatch, UpdateConfig
+from smfd.model.batch import encode, epoch_batches, make_batch
+from smfd.learn.heal import compute_background
+from smfd.learn.updater import SparseUpdater, UpdateConfig
+from smfd.model.batch import TokenBatch
 
 from conftest import CORPUS, SEQ_LEN
 

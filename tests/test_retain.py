@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from smfd.errors import SmfdError
-from smfd.retain import RetainSet, fact_prompts, retain_text, sample_self_facts
+from smfd.learn.interference import RetainSet, fact_prompts, retain_text, sample_self_facts
 
 
 def test_shipped_fact_prompts_are_distinct_lines():

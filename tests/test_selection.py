@@ -10,7 +10,8 @@ import torch
 
 from smfd.errors import SmfdError
 from smfd.model.memory import Lookup
-from smfd.selection import BackgroundStats, batch_reads, select_slots, slot_scores
+from smfd.learn.selection import batch_reads, select_slots, slot_scores
+from smfd.model.slot_stats import BackgroundStats
 
 N_SLOTS = 6
 NEG_INF = float("-inf")

@@ -20,7 +20,7 @@ PROBE_FILES = ("known_facts.jsonl", "choice.jsonl", "heldout.txt", "drift_prompt
 
 def probes_dir() -> Traversable:
     """The installed probes folder, found the same way the daemon finds it."""
-    return files("smfd") / "probes"
+    return files("smfd") / "data"
 
 
 def read_jsonl(name: str) -> list[dict]:
@@ -107,10 +107,10 @@ def test_drift_prompts_are_unique_non_empty_lines() -> None:
 
 @pytest.mark.parametrize(("name", "kind"), [("known_facts.jsonl", "cloze"), ("choice.jsonl", "choice")])
 def test_shipped_suites_load_with_the_probe_loader(name: str, kind: str) -> None:
-    """The daemon reads suites with smfd.probes.load_items; the shipped files must pass it unchanged."""
+    """The daemon reads suites with smfd.guard.probes.load_items; the shipped files must pass it unchanged."""
     from importlib.resources import as_file
 
-    from smfd.probes import load_items
+    from smfd.guard.probes import load_items
 
     with as_file(probes_dir() / name) as path:
         items = load_items(path)

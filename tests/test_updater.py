@@ -11,14 +11,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import smfd.updater as updater_module
-from smfd.batching import make_batch
+import smfd.learn.updater as updater_module
+from smfd.model.batch import make_batch
 from smfd.errors import SmfdError
-from smfd.heal import compute_background
+from smfd.learn.heal import compute_background
 from smfd.model.memory import Lookup, MemoryConfig
-from smfd.retain import RetainSet
-from smfd.selection import RULES
-from smfd.updater import SparseUpdater, TokenBatch, UpdateConfig, causal_lm_loss
+from smfd.learn.interference import RetainSet
+from smfd.learn.selection import RULES
+from smfd.learn.updater import SparseUpdater, UpdateConfig, causal_lm_loss
+from smfd.model.batch import TokenBatch
 
 TWO_LAYER_MEMORY = MemoryConfig(layers=(0, 2), n_keys=16, heads=2, k=4, key_dim=16)
 

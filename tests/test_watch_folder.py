@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from watchdog.events import FileCreatedEvent
 
-from smfd.intake import Intake
-from smfd.journal import Journal
-from smfd.sources.watch_folder import WatchFolderSource, _HintHandler, glob_match
+from smfd.ingest.intake import Intake
+from smfd.ingest.journal import Journal
+from smfd.ingest.watch_folder import WatchFolderSource, _HintHandler, glob_match
 
 SETTLE = 0.2
 

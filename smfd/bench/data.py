@@ -15,9 +15,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from smfd.chunker import chunk_text
+from smfd.text.chunker import chunk_text
 from smfd.errors import SmfdError
-from smfd.restate import training_texts
+from smfd.text.restate import training_texts
 
 PROBE_KINDS = ("mem", "gen", "hard")
 PROBE_FIELDS = {"mem": ("mem_input", "mem_target"), "gen": ("gen_input", "gen_target"), "hard": ("hard_gen_input", "hard_gen_target")}

@@ -28,8 +28,8 @@ import threading
 import time
 from pathlib import Path
 
-from smfd.chunker import split_sentences
-from smfd.journal import Journal
+from smfd.text.chunker import split_sentences
+from smfd.ingest.journal import Journal
 
 
 def _memory_kib(pid: int) -> dict[str, int]:

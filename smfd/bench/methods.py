@@ -21,19 +21,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from smfd.durable import atomic_write
 from smfd.errors import SmfdError
-from smfd.heal import HealConfig, prepare_memory
-from smfd.batching import encode, epoch_batches
-from smfd.lesson import LearnSettings, build_lesson, lesson_batches
-from smfd.restate import training_texts
+from smfd.learn.heal import HealConfig, prepare_memory
+from smfd.model.batch import encode, epoch_batches
+from smfd.learn.lesson import LearnSettings, build_lesson, lesson_batches
+from smfd.text.restate import training_texts
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
-from smfd.retain import FACT_SEQUENCES, FACT_TOKENS, RetainSet, fact_prompts, retain_text, sample_self_facts
-from smfd.selection import BackgroundStats
-from smfd.surprise import sequence_surprise
-from smfd.updater import SparseUpdater, StepResult, TokenBatch
+from smfd.learn.interference import FACT_SEQUENCES, FACT_TOKENS, RetainSet, fact_prompts, retain_text, sample_self_facts
+from smfd.model.slot_stats import BackgroundStats
+from smfd.learn.surprise import sequence_surprise
+from smfd.learn.updater import SparseUpdater, StepResult
+from smfd.model.batch import TokenBatch
 
 if TYPE_CHECKING:  # peft is imported only by workers that train LoRA or full finetuning
-    from smfd.baselines import FullFinetuneTrainer, LoraTrainer
+    from smfd.bench.baselines import FullFinetuneTrainer, LoraTrainer
 
 SPEC_SEPARATOR = ","  # between specs
 OPTION_SEPARATOR = ";"  # between key=value options inside one spec
@@ -229,7 +230,7 @@ def heal_config_of(spec: MethodSpec) -> HealConfig:
 
 
 def self_facts(memory_model: MemoryModel, n_sequences: int, background: "BackgroundSource") -> list[list[int]]:
-    """The base model's own statements of fact (`smfd.retain.sample_self_facts`), cached as JSON token ids."""
+    """The base model's own statements of fact (`smfd.learn.interference.sample_self_facts`), cached as JSON token ids."""
     if n_sequences == 0:
         return []
     identity = {"model": background.model_id, "n": n_sequences, "tokens": FACT_TOKENS, "prompts": fact_prompts()}
@@ -317,7 +318,7 @@ class Learning(Protocol):
 
 
 class SmfLearning:
-    """Sparse memory finetuning as the daemon runs it: the same lesson (`smfd.lesson`), `SparseUpdater`
+    """Sparse memory finetuning as the daemon runs it: the same lesson (`smfd.learn.lesson`), `SparseUpdater`
     steps, one update per document."""
 
     def __init__(self, memory_model: MemoryModel, background: dict[int, BackgroundStats], settings: LearnSettings,
@@ -449,7 +450,7 @@ def build_learning(
                                        retain_text(facts, background.sequences), update.retain_tokens)
         setup = {"background_cached": cached, "fact_sequences": len(facts)}
         return SmfLearning(memory_model, stats, settings, retain, heal), setup
-    from smfd.baselines import FullFinetuneTrainer, LoraTrainer
+    from smfd.bench.baselines import FullFinetuneTrainer, LoraTrainer
 
     adamw = {key: o[key] for key in ("lr", "weight_decay") if key in o}
     device = next(model.parameters()).device

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from smfd.batching import encode, make_batch
+from smfd.model.batch import encode, make_batch
 from smfd.bench import report
 from smfd.bench.data import (
     PROBE_KINDS,
@@ -67,12 +67,13 @@ from smfd.bench.methods import (
 )
 from smfd.durable import atomic_write
 from smfd.errors import SmfdError
-from smfd.evaluation import drift_kl, heldout_nll, next_token_logprobs, score_choice, score_cloze
-from smfd.distill import CONTEXT_SEPARATOR
-from smfd.lesson import LearnSettings
+from smfd.model.scoring import drift_kl, heldout_nll, next_token_logprobs, score_choice, score_cloze
+from smfd.learn.distill import CONTEXT_SEPARATOR
+from smfd.learn.lesson import LearnSettings
 from smfd.model.loading import load_base_model, resolve_model_source
 from smfd.model.memory_model import pick_device
-from smfd.updater import TokenBatch, causal_lm_loss
+from smfd.learn.updater import causal_lm_loss
+from smfd.model.batch import TokenBatch
 
 DEFAULT_METHODS = "smf-kl,smf-tfidf,lora,full"
 DEFAULT_CACHE_DIR = "~/.cache/smfd/models"

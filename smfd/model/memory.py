@@ -35,7 +35,7 @@ class MemoryConfig:
     k: int = 8
     key_dim: int = 128
     seed: int = 0
-    # Standardise each query dimension with statistics of general text (smfd.heal.calibrate_from_inputs):
+    # Standardise each query dimension with statistics of general text (smfd.learn.heal.calibrate_from_inputs):
     # a pretrained model's hidden states share a large common direction, so raw queries all land on
     # the same popular slots, and a row trained for new text is then read by most ordinary tokens.
     query_norm: bool = True

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from smfd.updater import TokenBatch
+from smfd.model.batch import TokenBatch
 
 
 class _PassThrough(nn.Module):

@@ -4,7 +4,7 @@ Order of operations for a file (each step is safe to repeat after a crash):
 
 1. check the path stays inside the watch folder (symlinks are never read through
    to the outside), is a regular file and is not larger than ``max_file_bytes``;
-2. read and extract the text (smfd.sources.extract), hash the normalised text;
+2. read and extract the text (smfd.ingest.extract), hash the normalised text;
 3. write the text to ``spool_dir/<hash>.txt`` (temp file, fsync, rename, fsync dir);
 4. journal it (queued, or duplicate when the content is already known);
 5. only then delete the source file (``move=True``).
@@ -15,7 +15,7 @@ holds the extracted text, not the original bytes, so the source is removed rathe
 than renamed into the spool.
 
 A document ``NAME.ext`` may travel with a sidecar ``NAME.qa.jsonl`` (recall probes, see
-smfd.recall): it is validated and spooled as ``<hash>.qa.jsonl`` before the journal row, and
+smfd.ingest.sidecars): it is validated and spooled as ``<hash>.qa.jsonl`` before the journal row, and
 removed with the document. Drop the sidecar first (or together with the document); a bad
 sidecar is quarantined on its own and the document is learned with probes cut from its text.
 
@@ -42,9 +42,9 @@ import structlog
 
 from smfd.durable import atomic_write_text
 from smfd.errors import SmfdError
-from smfd.journal import Journal
-from smfd.recall import RecallItem, parse_sidecar, sidecar_for, spooled_sidecar, write_items
-from smfd.sources.extract import RejectedInput, check_text, content_hash, extract_text
+from smfd.ingest.journal import Journal
+from smfd.ingest.sidecars import RecallItem, parse_sidecar, sidecar_for, spooled_sidecar, write_items
+from smfd.ingest.extract import RejectedInput, check_text, content_hash, extract_text
 
 Outcome = Literal["queued", "duplicate", "quarantined", "vanished"]
 OUTCOMES: tuple[Outcome, ...] = ("queued", "duplicate", "quarantined", "vanished")

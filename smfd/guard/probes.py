@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smfd.errors import SmfdError
-from smfd.evaluation import score_choice, score_cloze
+from smfd.model.scoring import score_choice, score_cloze
 from smfd.model.memory_model import MemoryModel
 
 

@@ -10,32 +10,13 @@ Slots are ranked by how much more this batch reads them than general text does
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import torch
 
 from smfd.errors import SmfdError
 from smfd.model.memory import Lookup
+from smfd.model.slot_stats import BackgroundStats
 
 RULES = ("kl", "tfidf", "surprise-kl")
-
-
-@dataclass
-class BackgroundStats:
-    """Read statistics of general text for one memory layer, counted per single-sequence batch."""
-
-    counts: torch.Tensor  # (n_slots,) total reads
-    doc_freq: torch.Tensor  # (n_slots,) number of background batches that read the slot
-    n_batches: int
-
-    @classmethod
-    def empty(cls, n_slots: int) -> "BackgroundStats":
-        return cls(torch.zeros(n_slots, dtype=torch.float64), torch.zeros(n_slots, dtype=torch.float64), 0)
-
-    def add_batch(self, slot_reads: torch.Tensor) -> None:
-        """Add one background batch's reads (a flat tensor of slot ids from real tokens)."""
-        self.counts += torch.bincount(slot_reads, minlength=self.counts.numel()).double()
-        self.doc_freq[torch.unique(slot_reads)] += 1
-        self.n_batches += 1
 
 
 def batch_reads(lookup: Lookup, token_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

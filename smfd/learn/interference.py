@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from smfd.errors import SmfdError
-from smfd.heal import sample_general_text
+from smfd.learn.heal import sample_general_text
 from smfd.model.memory import Lookup, ProductKeyMemory
 from smfd.model.retrofit import memory_bypassed
-from smfd.retention import builtin_file, read_prompts
+from smfd.paths import builtin_file, read_prompts
 
 FACT_PROMPTS = "fact_prompts.txt"  # shipped beside the default probes
 FACT_TOKENS = 48  # sampled tokens per statement: one or two sentences

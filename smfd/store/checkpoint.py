@@ -30,8 +30,8 @@ from smfd.durable import atomic_write, atomic_write_json
 from smfd.errors import SmfdError
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
-from smfd.patches import LayerPatch, apply_patches, load_patches, save_patches
-from smfd.selection import BackgroundStats
+from smfd.store.patches import LayerPatch, apply_patches, load_patches, save_patches
+from smfd.model.slot_stats import BackgroundStats
 
 FORMAT = 1
 

@@ -8,7 +8,34 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from smfd.updater import TokenBatch
+
+
+@dataclass
+class TokenBatch:
+    """A padded batch. `loss_mask[b, t]` marks tokens whose prediction is trained (never padding, never token 0)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    surprise: torch.Tensor | None = None
+    # Context distillation (smfd.learn.distill): per token the teacher's top-k ids and log-probs, (batch, seq, k).
+    teacher_ids: torch.Tensor | None = None
+    teacher_logprobs: torch.Tensor | None = None
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """Every per-row tensor, in field order (for slicing and moving a batch as a whole)."""
+        return (self.input_ids, self.attention_mask, self.loss_mask, self.surprise, self.teacher_ids, self.teacher_logprobs)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def sequences(self) -> list[tuple[int, ...]]:
+        """Each row's real tokens: the identity of a sequence whatever batch (and padding) it lands in."""
+        return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(self.input_ids, self.attention_mask)]
+
+    def to(self, device: torch.device) -> "TokenBatch":
+        return TokenBatch(*(None if t is None else t.to(device) for t in self.tensors()))
 
 
 @dataclass

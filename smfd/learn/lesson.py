@@ -2,7 +2,7 @@
 
 A lesson is the document's training sequences with what the update needs beside them: each
 token's surprise (for slot ranking) and, with context distillation on, the teacher's targets.
-`smfd.learner.Learner` and the benchmark's SMF methods both call `build_lesson` and
+`smfd.learn.learner.Learner` and the benchmark's SMF methods both call `build_lesson` and
 `lesson_batches`, so the benchmark measures exactly what the daemon learns.
 """
 
@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 import structlog
 import torch
 
-from smfd.batching import TeacherTarget, encode, epoch_batches
-from smfd.distill import DistillConfig, build_queries, teacher_targets
+from smfd.model.batch import TeacherTarget, encode, epoch_batches
+from smfd.learn.distill import DistillConfig, build_queries, teacher_targets
 from smfd.model.memory_model import MemoryModel
-from smfd.restate import training_texts
-from smfd.surprise import sequence_surprise
-from smfd.updater import TokenBatch, UpdateConfig
+from smfd.text.restate import training_texts
+from smfd.learn.surprise import sequence_surprise
+from smfd.learn.updater import UpdateConfig
+from smfd.model.batch import TokenBatch
 
-log = structlog.get_logger("smfd.lesson")
+log = structlog.get_logger("smfd.learn.lesson")
 
 # Per-token surprise (NLL under the frozen base) of each token sequence, keyed by its token ids.
 TokenSurprise = dict[tuple[int, ...], torch.Tensor]
@@ -31,7 +32,7 @@ TokenSurprise = dict[tuple[int, ...], torch.Tensor]
 class LearnSettings:
     """What an update does; built from the config's train/chunking/surprise sections."""
 
-    # The retain penalty on the model's own statements of fact (smfd.retain) is part of the recipe.
+    # The retain penalty on the model's own statements of fact (smfd.learn.interference) is part of the recipe.
     update: UpdateConfig = UpdateConfig(retain_weight=5.0)
     distill: DistillConfig = field(default_factory=DistillConfig)
     passes: int = 8

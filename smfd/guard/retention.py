@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -22,10 +21,11 @@ import torch
 from smfd.config import GuardSection, ProbesSection, ProbeSuite
 from smfd.durable import atomic_write_json, atomic_write_text
 from smfd.errors import SmfdError
-from smfd.evaluation import continuation_scores, drift_kl, heldout_nll, next_token_logprobs, score_choice, score_cloze, text_windows
+from smfd.model.scoring import continuation_scores, drift_kl, heldout_nll, next_token_logprobs, score_choice, score_cloze, text_windows
 from smfd.model.memory_model import MemoryModel
-from smfd.probes import ProbeItem, load_items
-from smfd.recall import SIDECAR_KIND, RecallItem
+from smfd.paths import builtin_file, read_prompts
+from smfd.guard.probes import ProbeItem, load_items
+from smfd.ingest.sidecars import SIDECAR_KIND, RecallItem
 
 HELDOUT_WINDOW = 128
 RECALL_KEPT = 500  # recall probes kept on disk (newest)
@@ -33,15 +33,6 @@ RECALL_MEASURED = 64  # newest recall probes scored in a full run
 FAST_HELDOUT_WINDOWS = 4  # a single window is a noisy judge of held-out NLL for the guard
 FAST_DRIFT_PROMPTS = 16
 FULL_HELDOUT_WINDOWS = 8
-
-
-def builtin_file(name: str) -> Path:
-    return Path(str(resources.files("smfd") / "probes" / name))
-
-
-def read_prompts(path: Path) -> list[str]:
-    """One prompt per non-blank line (drift prompts, background sampling prompts)."""
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def builtin_suites() -> list[ProbeSuite]:

@@ -40,8 +40,8 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from smfd.errors import SmfdError
-from smfd.intake import Intake, IntakeResult
-from smfd.recall import is_sidecar
+from smfd.ingest.intake import Intake, IntakeResult
+from smfd.ingest.sidecars import is_sidecar
 
 TEMP_NAME_PATTERNS = ("*.part", "*.tmp", "~*")
 # Events that may mean "a file has new content here". Deletions and opens are not.
@@ -251,7 +251,7 @@ class WatchFolderSource:
         if relative is None or relative == "." or is_hidden_or_temporary(relative):
             return False
         if is_sidecar(relative):
-            return False  # taken together with its document (smfd.intake)
+            return False  # taken together with its document (smfd.ingest.intake)
         if not self.recursive and "/" in relative:
             return False
         parent = os.path.realpath(os.path.dirname(path))

@@ -8,22 +8,22 @@ from pathlib import Path
 import structlog
 import torch
 
-from smfd.batching import encode
-from smfd.checkpoint import CheckpointStore
+from smfd.model.batch import encode
+from smfd.store.checkpoint import CheckpointStore
 from smfd.config import SmfdConfig
 from smfd.errors import SmfdError
-from smfd.heal import HealConfig, prepare_memory, sample_general_text
-from smfd.distill import DistillConfig
-from smfd.lesson import LearnSettings
-from smfd.retention import builtin_file, read_prompts
+from smfd.learn.heal import HealConfig, prepare_memory, sample_general_text
+from smfd.learn.distill import DistillConfig
+from smfd.learn.lesson import LearnSettings
+from smfd.paths import builtin_file, read_prompts
 from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import decoder_layers, memory_bypassed
-from smfd.retain import RetainSet, retain_text, sample_self_facts
-from smfd.selection import BackgroundStats
-from smfd.updater import UpdateConfig
+from smfd.learn.interference import RetainSet, retain_text, sample_self_facts
+from smfd.model.slot_stats import BackgroundStats
+from smfd.learn.updater import UpdateConfig
 
-log = structlog.get_logger("smfd.runtime")
+log = structlog.get_logger("smfd.daemon.runtime")
 
 
 def memory_config(cfg: SmfdConfig) -> MemoryConfig:

@@ -1,7 +1,7 @@
 """Comparison methods for the benchmark: LoRA and full finetuning, driven like `SparseUpdater`.
 
 Both trainers expose `step(batch) -> StepResult`, `run(batches, should_stop)` and `describe()`,
-and compute the loss with `smfd.updater.causal_lm_loss` (LM head applied only where a loss is
+and compute the loss with `smfd.learn.updater.causal_lm_loss` (LM head applied only where a loss is
 taken), so loss values and step timings are comparable with the sparse updater.
 
 Both mutate the model they are given (LoRA injects adapter layers into it; full finetuning
@@ -20,7 +20,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from smfd.errors import SmfdError
-from smfd.updater import StepResult, TokenBatch, causal_lm_loss, run_steps
+from smfd.learn.updater import StepResult, causal_lm_loss, run_steps
+from smfd.model.batch import TokenBatch
 
 
 def _check_optimizer_settings(lr: float, weight_decay: float) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from smfd.batching import make_batch
+from smfd.model.batch import make_batch
 from smfd.model.memory import ProductKeyMemory
 from smfd.model.retrofit import memory_bypassed
 

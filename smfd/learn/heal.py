@@ -17,9 +17,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tqdm import tqdm
 
 from smfd.errors import SmfdError
-from smfd.evaluation import left_padded
+from smfd.model.scoring import left_padded
 from smfd.model.memory import Lookup, ProductKeyMemory
-from smfd.selection import BackgroundStats
+from smfd.model.slot_stats import BackgroundStats
 
 
 @torch.no_grad()

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from smfd.batching import TeacherTarget, make_batch
+from smfd.model.batch import TeacherTarget, make_batch
 from smfd.errors import SmfdError
 from smfd.model.memory import ProductKeyMemory
 from smfd.model.retrofit import memory_bypassed
-from smfd.restate import sentence_restatements
+from smfd.text.restate import sentence_restatements
 
 CONTEXT_SEPARATOR = "\n\n"  # between the teacher's document and a query, as the in-context ceiling asks
 MIN_QUERY_WORDS = 4  # a sentence shorter than this has too little to drop words from

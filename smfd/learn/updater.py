@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from smfd.errors import SmfdError
+from smfd.model.batch import TokenBatch
 from smfd.model.memory import Lookup, ProductKeyMemory
 from smfd.model.prefix import PrefixCache
 from smfd.model.retrofit import decoder_layers
-from smfd.retain import RETAIN_TOKENS, RetainSet
-from smfd.patches import LayerPatch, PatchRecorder
-from smfd.selection import RULES, BackgroundStats, batch_reads, select_slots, top_slots
+from smfd.learn.interference import RETAIN_TOKENS, RetainSet
+from smfd.store.patches import LayerPatch, PatchRecorder
+from smfd.learn.selection import RULES, batch_reads, select_slots, top_slots
+from smfd.model.slot_stats import BackgroundStats
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class UpdateConfig:
     # "step": top-t chosen afresh for every optimizer step (Lin et al.); "update": chosen once from all
     # of an update's training text, so one update (one document batch) touches at most top_t rows per layer.
     scope: str = "update"
-    # Weight of the interference penalty (smfd.retain): squared change of the memory's output on
+    # Weight of the interference penalty (smfd.learn.interference): squared change of the memory's output on
     # the retain tokens, relative to the MLP's output; 0 turns it off. The daemon's and the
     # benchmark's recipe (LearnSettings) turns it on, with the model's own statements of fact.
     retain_weight: float = 0.0
@@ -46,7 +48,7 @@ class UpdateConfig:
     # MiB for each sequence's hidden state entering the lowest memory layer, kept for the rest of
     # the update (smfd.model.prefix): same results, later passes skip the blocks below; 0 turns it off.
     prefix_cache_mb: int = 256
-    # Weight of the next-token NLL beside the distillation KL, for batches with teacher targets (smfd.distill).
+    # Weight of the next-token NLL beside the distillation KL, for batches with teacher targets (smfd.learn.distill).
     ce_weight: float = 0.0
 
     def validate(self) -> None:
@@ -64,34 +66,6 @@ class UpdateConfig:
             raise SmfdError(f"ce_weight must be >= 0, got {self.ce_weight}")
         if self.prefix_cache_mb < 0:
             raise SmfdError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
-
-
-@dataclass
-class TokenBatch:
-    """A padded batch. `loss_mask[b, t]` marks tokens whose prediction is trained (never padding, never token 0)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    loss_mask: torch.Tensor
-    surprise: torch.Tensor | None = None
-    # Context distillation (smfd.distill): per token the teacher's top-k ids and log-probs, (batch, seq, k).
-    teacher_ids: torch.Tensor | None = None
-    teacher_logprobs: torch.Tensor | None = None
-
-    def tensors(self) -> tuple[torch.Tensor | None, ...]:
-        """Every per-row tensor, in field order (for slicing and moving a batch as a whole)."""
-        return (self.input_ids, self.attention_mask, self.loss_mask, self.surprise, self.teacher_ids, self.teacher_logprobs)
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-    def sequences(self) -> list[tuple[int, ...]]:
-        """Each row's real tokens: the identity of a sequence whatever batch (and padding) it lands in."""
-        return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(self.input_ids, self.attention_mask)]
-
-    def to(self, device: torch.device) -> "TokenBatch":
-        return TokenBatch(*(None if t is None else t.to(device) for t in self.tensors()))
 
 
 @dataclass
@@ -163,7 +137,7 @@ class SparseUpdater:
             raise SmfdError("retain_weight > 0 needs a retain set of general-text tokens")
         missing = [m.layer_index for m in memories if m.layer_index not in background]
         if missing:
-            raise SmfdError(f"no background slot statistics for memory layers {missing} (smfd.heal.compute_background makes them)")
+            raise SmfdError(f"no background slot statistics for memory layers {missing} (smfd.learn.heal.compute_background makes them)")
         for memory in memories:
             if config.top_t > memory.config.n_slots:
                 raise SmfdError(f"top_t={config.top_t} exceeds the {memory.config.n_slots} slots of layer {memory.layer_index}")

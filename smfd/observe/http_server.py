@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from prometheus_client.exposition import choose_encoder
 
 from smfd.errors import SmfdError
-from smfd.metrics import Metrics
+from smfd.observe.metrics import Metrics
 
 log = logging.getLogger("smfd.http")
 

@@ -19,22 +19,23 @@ from pathlib import Path
 
 import structlog
 
-from smfd.budget import MIB, MemoryBudget
-from smfd.batching import encode, make_batch
-from smfd.checkpoint import CheckpointStore
-from smfd.chunker import chunk_text
+from smfd.learn.budget import MIB, MemoryBudget
+from smfd.model.batch import encode, make_batch
+from smfd.store.checkpoint import CheckpointStore
+from smfd.text.chunker import chunk_text
 from smfd.errors import SmfdError
-from smfd.journal import ChunkRow, Journal
-from smfd.lesson import LearnSettings, TokenSurprise, build_lesson, lesson_batches
+from smfd.ingest.journal import ChunkRow, Journal
+from smfd.learn.lesson import LearnSettings, TokenSurprise, build_lesson, lesson_batches
 from smfd.model.memory_model import MemoryModel
-from smfd.patches import LayerPatch, apply_patches
-from smfd.recall import RecallItem, cut_cloze, read_items, spooled_sidecar
-from smfd.retain import RetainSet
-from smfd.selection import BackgroundStats
-from smfd.surprise import sequence_surprise
-from smfd.updater import SparseUpdater, TokenBatch, split_batch
+from smfd.store.patches import LayerPatch, apply_patches
+from smfd.ingest.sidecars import RecallItem, cut_cloze, read_items, spooled_sidecar
+from smfd.learn.interference import RetainSet
+from smfd.model.slot_stats import BackgroundStats
+from smfd.learn.surprise import sequence_surprise
+from smfd.learn.updater import SparseUpdater, split_batch
+from smfd.model.batch import TokenBatch
 
-log = structlog.get_logger("smfd.learner")
+log = structlog.get_logger("smfd.learn.learner")
 
 
 def _step_footprint(settings: LearnSettings) -> tuple:
@@ -219,7 +220,7 @@ class Learner:
         return patches
 
     def _lesson_batches(self, chunks: list[ChunkRow], scored: TokenSurprise) -> list[TokenBatch]:
-        """Each document's lesson (smfd.lesson, the benchmark's path too), its passes one after the other."""
+        """Each document's lesson (smfd.learn.lesson, the benchmark's path too), its passes one after the other."""
         s = self.settings
         by_document: dict[int, list[ChunkRow]] = {}
         for chunk in chunks:

@@ -23,21 +23,22 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from smfd import systemd_notify
-from smfd.budget import MemoryBudget
+from smfd.learn.budget import MemoryBudget
 from smfd.config import SmfdConfig, load_config, validate_model_path
+from smfd.paths import StatePaths
 from smfd.errors import ConfigError, SmfdError
-from smfd.http_server import MetricsServer
-from smfd.intake import Intake, IntakeResult
-from smfd.journal import Journal
-from smfd.learner import LearnSettings, Learner, UpdateOutcome
-from smfd.logs import configure_logging
-from smfd.metrics import DOCUMENT_OUTCOMES, Metrics
-from smfd.retention import RetentionProbes, judge
-from smfd.runtime import learn_settings, open_runtime
-from smfd.sources.feeds import FeedSource
-from smfd.sources.watch_folder import WatchFolderSource
+from smfd.observe.http_server import MetricsServer
+from smfd.ingest.intake import Intake, IntakeResult
+from smfd.ingest.journal import Journal
+from smfd.learn.learner import LearnSettings, Learner, UpdateOutcome
+from smfd.observe.logs import configure_logging
+from smfd.observe.metrics import DOCUMENT_OUTCOMES, Metrics
+from smfd.guard.retention import RetentionProbes, judge
+from smfd.daemon.runtime import learn_settings, open_runtime
+from smfd.ingest.feeds import FeedSource
+from smfd.ingest.watch_folder import WatchFolderSource
 
-log = structlog.get_logger("smfd.daemon")
+log = structlog.get_logger("smfd.daemon.service")
 
 HEARTBEAT_STALE_SECONDS = 600.0
 
@@ -46,31 +47,6 @@ def _skip_expected_overlap(record: logging.LogRecord) -> bool:
     """Drop APScheduler's warning that a tick found its job still running: the learner drains the
     queue inside one run, so an update tick during a long update is normal, not a warning."""
     return "maximum number of running instances reached" not in record.getMessage()
-
-
-@dataclass
-class StatePaths:
-    root: Path
-
-    @property
-    def journal(self) -> Path:
-        return self.root / "journal.sqlite"
-
-    @property
-    def spool(self) -> Path:
-        return self.root / "spool"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.root / "quarantine"
-
-    @property
-    def feeds(self) -> Path:
-        return self.root / "feeds"
-
-    def create(self) -> None:
-        for folder in (self.root, self.spool, self.quarantine, self.feeds):
-            folder.mkdir(parents=True, exist_ok=True)
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The daemon: start-up (runtime), scheduling, signals and the loop that drives every stage."""

@@ -1,0 +1,1 @@
+"""Intake stage: watch folders and feeds find input; intake makes it durable in the spool and the journal."""

@@ -1,0 +1,1 @@
+"""Learning stage: surprise, the lesson (distillation), slot selection and the sparse update; the learner owns the model."""

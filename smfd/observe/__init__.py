@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics, the HTTP endpoints, structured logs and systemd notification."""

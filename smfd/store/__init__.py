@@ -1,0 +1,1 @@
+"""Store stage: versioned memory checkpoints and the patches between them."""
