@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase,
 
 from smfd.model.batch import encode, make_batch
 from smfd.learn.heal import compute_background
-from smfd.model.memory import MemoryConfig
+from smfd.config import MemorySection
 from smfd.model.memory_model import MemoryModel
 from smfd.model.slot_stats import BackgroundStats
 from smfd.model.batch import TokenBatch
@@ -86,11 +86,11 @@ def build_base_model(seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
-TINY_MEMORY = MemoryConfig(layers=(1,), n_keys=16, heads=2, k=4, key_dim=16)
+TINY_MEMORY = MemorySection(layers=(1,), n_keys=16, heads=2, k=4, key_dim=16)
 
 
 @pytest.fixture(scope="session")
-def memory_config() -> MemoryConfig:
+def memory_config() -> MemorySection:
     return TINY_MEMORY
 
 
@@ -109,7 +109,7 @@ def base_model() -> LlamaForCausalLM:
 def make_memory_model(tokenizer) -> Callable[..., MemoryModel]:
     """Factory for a fresh memory-augmented tiny model; every call returns identical weights."""
 
-    def make(config: MemoryConfig = TINY_MEMORY, seed: int = 0) -> MemoryModel:
+    def make(config: MemorySection = TINY_MEMORY, seed: int = 0) -> MemoryModel:
         return MemoryModel.attach(build_base_model(seed), tokenizer, config)
 
     return make

@@ -4,7 +4,6 @@ measured the same way; bad inputs fail with messages that name the problem."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,13 +11,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from smfd.bench.methods import heal_config_of, parse_method_specs, smf_configs
 from smfd.bench.runner import main
+from smfd.bench.specs import parse_method_specs, smf_configs
+from smfd.config import HealSection, MemorySection
 from smfd.errors import SmfdError
-from smfd.learn.heal import HealConfig
-from smfd.learn.learner import LearnSettings
-from smfd.model.memory import MemoryConfig
-from smfd.learn.interference import FACT_SEQUENCES
+from smfd.learn.lesson import LearnSettings
 
 GENERAL_TEXT = (
     "The river rises in the northern hills and flows south through farmland, small towns and a large forest "
@@ -154,8 +151,8 @@ def test_bench_runs_every_method_on_the_same_data(model_dir: Path, data: dict[st
     assert all(entry["settings"]["rows_changed"] > 0 for entry in smf)
     # Same memory shape and background text: the statistics are computed once and reused.
     assert [entry["cost"]["background_cached"] for entry in smf] == [False, True, True]
-    assert smf[2]["settings"]["update"]["lr"] == 0.5 and smf[0]["settings"]["update"]["lr"] == LearnSettings().update.lr
-    assert smf[0]["settings"]["heal"]["steps"] == HealConfig().steps
+    assert smf[2]["settings"]["update"]["lr"] == 0.5 and smf[0]["settings"]["update"]["lr"] == LearnSettings().train.lr
+    assert smf[0]["settings"]["heal"]["steps"] == HealSection().steps
     assert results["methods"]["full"]["retain"]["drift_kl"] > 0
 
     ranges = results["data"]["ranges"]
@@ -227,13 +224,12 @@ def test_method_specs_override_only_what_they_name() -> None:
     specs = parse_method_specs(["smf-kl,smf-kl:lr=3;top_t=500;layers=4+9", "lora:lr=1e-3;rank=8,full"])
     assert [s.label for s in specs] == ["smf-kl", "smf-kl:lr=3;top_t=500;layers=4+9", "lora:lr=1e-3;rank=8", "full"]
     defaults = LearnSettings()
-    plain, plain_memory = smf_configs(specs[0], defaults)
-    assert plain.update == replace(defaults.update, rule="kl") and plain_memory == MemoryConfig()
-    assert plain.distill == defaults.distill and plain.passes == defaults.passes
-    settings, memory = smf_configs(specs[1], defaults)
-    update = settings.update
-    assert (update.lr, update.top_t, update.rule, memory.layers) == (3.0, 500, "kl", (4, 9))
-    assert memory.n_keys == MemoryConfig().n_keys
+    plain, plain_memory, plain_heal = smf_configs(specs[0], defaults)
+    assert plain == defaults.with_train(selection="kl") and plain_memory == MemorySection() and plain_heal == HealSection()
+    settings, memory, _ = smf_configs(specs[1], defaults)
+    update = settings.train
+    assert (update.lr, update.top_t, update.selection, memory.layers) == (3.0, 500, "kl", (4, 9))
+    assert memory.n_keys == MemorySection().n_keys
     assert specs[2].options == {"lr": 1e-3, "rank": 8}
     with pytest.raises(SmfdError, match="more than once"):
         parse_method_specs(["lora,lora"])
@@ -243,28 +239,27 @@ def test_smf_is_the_daemons_recipe_and_distillation_options_override_it() -> Non
     default, plain, tuned = parse_method_specs(["smf", "smf:distill=0", "smf:dropped_variants=3;drop_rate=0.3;ce_weight=0.5"])
     defaults = LearnSettings()
     assert smf_configs(default, defaults)[0] == defaults  # exactly the daemon's settings
-    assert smf_configs(plain, defaults)[0].distill.enabled is False
-    tuned_settings = smf_configs(tuned, defaults)[0]
-    assert (tuned_settings.distill.dropped_variants, tuned_settings.distill.drop_rate) == (3, 0.3)
-    assert tuned_settings.update.ce_weight == 0.5
+    assert smf_configs(plain, defaults)[0].train.distill.enabled is False
+    tuned_distill = smf_configs(tuned, defaults)[0].train.distill
+    assert (tuned_distill.dropped_variants, tuned_distill.drop_rate, tuned_distill.ce_weight) == (3, 0.3, 0.5)
     with pytest.raises(SmfdError, match="unknown option 'lr' for in-context"):
         parse_method_specs(["in-context:lr=1"])
 
 
 def test_heal_options_of_a_spec() -> None:
     changed, unhealed, plain = parse_method_specs(["smf-kl:heal_steps=50;heal_lr=3e-3", "smf-kl:heal_steps=0", "smf-kl"])
-    assert heal_config_of(changed) == HealConfig(steps=50, lr=3e-3)
-    assert heal_config_of(unhealed).steps == 0
-    assert heal_config_of(plain) == HealConfig()  # the engine's default healing
-    with pytest.raises(SmfdError, match="heal_steps='-1' must be >= 0"):
+    assert smf_configs(changed, LearnSettings())[2] == HealSection(steps=50, lr=3e-3)
+    assert smf_configs(unhealed, LearnSettings())[2].steps == 0
+    assert smf_configs(plain, LearnSettings())[2] == HealSection()  # the schema's default healing
+    with pytest.raises(SmfdError, match=r"heal_steps='-1'.*steps: Input should be greater than or equal to 0"):
         parse_method_specs(["smf-kl:heal_steps=-1"])
 
 
 def test_fact_text_and_retain_options_of_a_spec() -> None:
     plain, off = parse_method_specs(["smf-kl", "smf-kl:fact_sequences=0;retain_weight=0"])
-    assert plain.options.get("fact_sequences", FACT_SEQUENCES) == FACT_SEQUENCES
-    assert smf_configs(plain, LearnSettings())[0].update.retain_weight == LearnSettings().update.retain_weight > 0
-    assert off.options["fact_sequences"] == 0 and smf_configs(off, LearnSettings())[0].update.retain_weight == 0
+    assert smf_configs(plain, LearnSettings())[1].fact_sequences == MemorySection().fact_sequences
+    assert smf_configs(plain, LearnSettings())[0].train.retain_weight == LearnSettings().train.retain_weight > 0
+    assert off.options["fact_sequences"] == 0 and smf_configs(off, LearnSettings())[0].train.retain_weight == 0
     with pytest.raises(SmfdError, match="fact_sequences='x'"):
         parse_method_specs(["smf-kl:fact_sequences=x"])
 

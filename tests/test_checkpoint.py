@@ -3,7 +3,6 @@ are plain safetensors that a crash cannot tear."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -11,10 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from smfd.store.checkpoint import CheckpointStore
+from smfd.store.checkpoint import FORMAT, CheckpointStore
 from smfd.errors import SmfdError
 from smfd.store.patches import apply_patches, load_patches
-from smfd.learn.updater import SparseUpdater, UpdateConfig
+from smfd.learn.updater import SparseUpdater
+from engine_settings import changed, train_section
 
 UPDATE_TEXTS = [
     ["The harbour bridge was painted bright orange by Zelda Quint in 2019."],
@@ -33,7 +33,7 @@ def store(tmp_path) -> CheckpointStore:
 
 @pytest.fixture
 def updater(tiny_memory_model, background) -> SparseUpdater:
-    return SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig("kl", 12, 0.1))
+    return SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, train_section(selection="kl", top_t=12, lr=0.1))
 
 
 def learn_and_commit(store: CheckpointStore, model, updater: SparseUpdater, texts: list[str], text_batches) -> int:
@@ -211,14 +211,14 @@ def test_missing_or_foreign_checkpoint_is_refused(tmp_path, store, tiny_memory_m
         store.load_into(make_memory_model())
 
     store.initialise(tiny_memory_model, background)
-    other_layers = make_memory_model(dataclasses.replace(memory_config, layers=(2,)))
+    other_layers = make_memory_model(changed(memory_config, layers=(2,)))
     with pytest.raises(SmfdError, match="other memory.layers"):
         store.load_into(other_layers)
 
     manifest = store.manifest()
     manifest["format"] = 99
     store.manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(SmfdError, match="has format 99, expected 1"):
+    with pytest.raises(SmfdError, match="has state format 99, this smfd reads format 2: move the state_dir away"):
         store.load_into(make_memory_model())
 
 
@@ -237,14 +237,16 @@ def test_general_text_is_kept_beside_the_checkpoint(tmp_path):
         assert sorted(handle.keys()) == ["ids", "lengths"]
 
 
-def test_a_state_recorded_before_min_read_weight_existed_was_made_without_it(tmp_path, tiny_memory_model, background):
-    """States from before the setting read every slot in full: the new default must not load them silently."""
+def test_a_state_of_an_older_format_is_refused_saying_how_to_go_on(tmp_path, tiny_memory_model, background):
+    """No fallbacks for older states: they are refused by their format number, with what to do instead."""
     created = CheckpointStore(tmp_path / "old", keep=3)
     created.initialise(tiny_memory_model, background, settings={"memory": {"n_keys": 16}})
+    manifest = created.manifest()
+    manifest["format"] = FORMAT - 1
+    created.manifest_path.write_text(json.dumps(manifest))
 
-    with pytest.raises(SmfdError, match=r"memory\.min_read_weight: state has 0\.0, config says 0\.15"):
-        created.check_settings({"memory": {"n_keys": 16, "min_read_weight": 0.15}})
-    created.check_settings({"memory": {"n_keys": 16, "min_read_weight": 0.0}})  # the old behaviour still loads
+    with pytest.raises(SmfdError, match=f"state format {FORMAT - 1}, this smfd reads format {FORMAT}: move the state_dir"):
+        created.check_settings({"memory": {"n_keys": 16}})
 
 
 def test_a_state_made_at_other_memory_layers_is_refused_naming_both(tmp_path, tiny_memory_model, background):

@@ -54,7 +54,7 @@ def test_chunks_never_exceed_budget(text: str, max_tokens: int, title_context: b
 @settings(max_examples=150, deadline=None)
 @given(text=documents(), max_tokens=st.integers(min_value=1, max_value=40), title_context=st.booleans())
 def test_no_word_lost_or_reordered(text: str, max_tokens: int, title_context: bool) -> None:
-    chunks = chunk_text(text, count_words, max_tokens, title_context=title_context)
+    chunks = chunk_text(text, count_words, max_tokens, title_context=title_context, overlap_sentences=0)
     assert body_words(chunks) == text.split()
 
 
@@ -62,7 +62,7 @@ def test_no_word_lost_or_reordered(text: str, max_tokens: int, title_context: bo
 @given(text=st.text(min_size=1, max_size=300).filter(lambda text: text.strip()),
        max_tokens=st.integers(min_value=1, max_value=20))
 def test_arbitrary_unicode_keeps_every_character(text: str, max_tokens: int) -> None:
-    chunks = chunk_text(text, count_words, max_tokens)
+    chunks = chunk_text(text, count_words, max_tokens, title_context=True, overlap_sentences=0)
     assert all(chunk.n_tokens <= max_tokens for chunk in chunks)
     assert "".join(body_words(chunks)) == "".join(text.split())
 
@@ -70,14 +70,14 @@ def test_arbitrary_unicode_keeps_every_character(text: str, max_tokens: int) -> 
 def test_character_budget_splits_an_overlong_word() -> None:
     """A tokenizer can count one huge word (a URL, a blob) as many tokens: it is still cut to fit."""
     blob = "x" * 95
-    chunks = chunk_text(f"Intro sentence here. {blob} ends.", len, 20, title_context=False)
+    chunks = chunk_text(f"Intro sentence here. {blob} ends.", len, 20, title_context=False, overlap_sentences=0)
     assert all(chunk.n_tokens <= 20 for chunk in chunks)
     assert "".join("".join(chunk.body.split()) for chunk in chunks) == f"Introsentencehere.{blob}ends."
 
 
 def test_sentences_stay_whole_when_they_fit() -> None:
     sentences = split_sentences(ARTICLE)
-    chunks = chunk_text(ARTICLE, count_words, 14, title_context=False)
+    chunks = chunk_text(ARTICLE, count_words, 14, title_context=False, overlap_sentences=0)
     chunk_sentences = [sentence for chunk in chunks for sentence in split_sentences(chunk.body)]
     assert chunk_sentences == sentences
     assert all(chunk.n_tokens <= 14 for chunk in chunks)
@@ -85,7 +85,7 @@ def test_sentences_stay_whole_when_they_fit() -> None:
 
 def test_greedy_packing_fills_chunks() -> None:
     text = "One two three. Four five six. Seven eight nine. Ten eleven twelve."
-    chunks = chunk_text(text, count_words, 7, title_context=False)
+    chunks = chunk_text(text, count_words, 7, title_context=False, overlap_sentences=0)
     assert [chunk.text for chunk in chunks] == [
         "One two three. Four five six.",
         "Seven eight nine. Ten eleven twelve.",
@@ -118,18 +118,18 @@ def test_sentence_split_keeps_quotes_and_paragraphs() -> None:
 def test_overlong_sentence_is_split_at_word_boundaries() -> None:
     words = [f"w{index}" for index in range(25)]
     text = " ".join(words) + "."
-    chunks = chunk_text(text, count_words, 10, title_context=False)
+    chunks = chunk_text(text, count_words, 10, title_context=False, overlap_sentences=0)
     assert [chunk.n_tokens for chunk in chunks] == [10, 10, 5]
     assert body_words(chunks) == text.split()
 
 
 def test_paragraphs_are_kept_inside_a_chunk() -> None:
-    chunks = chunk_text("First para here.\n\nSecond para here.", count_words, 50, title_context=False)
+    chunks = chunk_text("First para here.\n\nSecond para here.", count_words, 50, title_context=False, overlap_sentences=0)
     assert [chunk.text for chunk in chunks] == ["First para here.\n\nSecond para here."]
 
 
 def test_heading_title_is_context_for_later_chunks() -> None:
-    chunks = chunk_text(ARTICLE, count_words, 14)
+    chunks = chunk_text(ARTICLE, count_words, 14, title_context=True, overlap_sentences=0)
     assert all(chunk.context == "The Harbour Bridge" for chunk in chunks)
     assert chunks[0].text.startswith("The Harbour Bridge\n\nDr. Alice Smith")
     for chunk in chunks[1:]:
@@ -140,7 +140,7 @@ def test_heading_title_is_context_for_later_chunks() -> None:
 
 def test_first_sentence_is_context_when_there_is_no_heading_line() -> None:
     text = "Bees make honey. They live in hives. Hives hold many bees."
-    chunks = chunk_text(text, count_words, 7)
+    chunks = chunk_text(text, count_words, 7, title_context=True, overlap_sentences=0)
     assert all(chunk.context == "Bees make honey." for chunk in chunks)
     assert chunks[0].text == chunks[0].body  # already starts with the title
     assert chunks[1].text == "Bees make honey.\nHives hold many bees."
@@ -149,7 +149,7 @@ def test_first_sentence_is_context_when_there_is_no_heading_line() -> None:
 def test_context_is_left_out_when_it_would_not_fit() -> None:
     long_title = "A very long and wordy title line that keeps going on"
     text = f"{long_title}\n\nShort one here. Another short one. And a third one here."
-    chunks = chunk_text(text, count_words, 12)
+    chunks = chunk_text(text, count_words, 12, title_context=True, overlap_sentences=0)
     assert len(chunks) >= 2
     for chunk in chunks:
         assert chunk.context == long_title
@@ -159,12 +159,12 @@ def test_context_is_left_out_when_it_would_not_fit() -> None:
 
 def test_wrapped_first_line_is_not_taken_as_a_heading() -> None:
     text = "The quick brown fox jumped over\nthe lazy dog. It ran away."
-    chunks = chunk_text(text, count_words, 100)
+    chunks = chunk_text(text, count_words, 100, title_context=True, overlap_sentences=0)
     assert chunks[0].context == "The quick brown fox jumped over\nthe lazy dog."
 
 
 def test_title_context_off_gives_plain_bodies() -> None:
-    chunks = chunk_text(ARTICLE, count_words, 14, title_context=False)
+    chunks = chunk_text(ARTICLE, count_words, 14, title_context=False, overlap_sentences=0)
     assert all(chunk.context == "" and chunk.text == chunk.body for chunk in chunks)
 
 
@@ -185,9 +185,9 @@ def test_overlap_shrinks_when_it_would_leave_no_room() -> None:
 @pytest.mark.parametrize("text", ["", "   \n\t  "])
 def test_empty_document_is_an_error(text: str) -> None:
     with pytest.raises(SmfdError, match="empty document"):
-        chunk_text(text, count_words, 10)
+        chunk_text(text, count_words, 10, title_context=True, overlap_sentences=0)
 
 
 def test_bad_budget_is_an_error_naming_it() -> None:
     with pytest.raises(SmfdError, match="max_tokens"):
-        chunk_text("Some text.", count_words, 0)
+        chunk_text("Some text.", count_words, 0, title_context=True, overlap_sentences=0)

@@ -9,8 +9,6 @@ import pytest
 
 from smfd.config import SmfdConfig, describe, load_config, validate_model_path
 from smfd.errors import ConfigError
-from smfd.learn.heal import HealConfig
-from smfd.daemon.runtime import heal_config
 
 EDGE_YAML = Path(__file__).resolve().parent.parent / "config" / "edge.yaml"
 
@@ -57,21 +55,13 @@ def test_edge_yaml_states_the_schema_defaults():
     assert shipped.sources.watch[0].model_copy(update={"path": Path("./inbox")}) == expected.sources.watch[0]
 
 
-def test_daemon_heals_like_the_benchmark_by_default():
-    """`smfd bench` measures the engine's HealConfig defaults; the daemon must run the same."""
-    assert heal_config(SmfdConfig()) == HealConfig()
-
-
 def test_daemon_learns_like_the_benchmark_by_default():
-    """`smfd bench` measures the engine's recipe (LearnSettings, fact text); the daemon must run the same."""
+    """`smfd bench`'s `smf` is the schema's defaults; the shipped config must not drift from them."""
     from smfd.learn.lesson import LearnSettings
-    from smfd.learn.interference import FACT_SEQUENCES
-    from smfd.daemon.runtime import learn_settings
 
-    assert learn_settings(SmfdConfig()) == LearnSettings()
     shipped = load_config(Path(__file__).parents[1] / "config" / "edge.yaml")
-    assert learn_settings(shipped) == LearnSettings(), "config/edge.yaml must ship the benchmark's `smf` recipe"
-    assert SmfdConfig().memory.fact_sequences == FACT_SEQUENCES
+    assert LearnSettings.from_config(shipped) == LearnSettings(), "config/edge.yaml must ship the benchmark's `smf` recipe"
+    assert (shipped.memory.shape(), shipped.heal) == (SmfdConfig().memory.shape(), SmfdConfig().heal)
 
 
 def test_relative_paths_resolve_against_config_folder_not_cwd(tmp_path, monkeypatch):

@@ -80,7 +80,8 @@ def write_config(folder: Path, model_dir: Path, **overrides) -> Path:
 
 def test_healing_runs_once_when_the_state_is_created_and_is_kept_in_version_0(tmp_path, tiny_model_dir):
     from smfd.config import load_config
-    from smfd.daemon.runtime import learn_settings, open_runtime
+    from smfd.daemon.runtime import open_runtime
+    from smfd.learn.lesson import LearnSettings
 
     cfg = load_config(write_config(tmp_path, tiny_model_dir, heal={"steps": 5}))
     runtime = open_runtime(cfg)
@@ -93,10 +94,10 @@ def test_healing_runs_once_when_the_state_is_created_and_is_kept_in_version_0(tm
     assert torch.equal(reopened.model.memories[0].keys.detach(), healed_keys)
     assert reopened.version == 0
     assert len(runtime.fact_text) == 6 and reopened.fact_text == runtime.fact_text  # sampled once, kept
-    settings = learn_settings(cfg)
+    settings = LearnSettings.from_config(cfg)
     retain = reopened.retain_set(settings, cfg)  # the penalty watches the model's statements, then the general text
     available = sum(len(sequence) for sequence in reopened.fact_text + reopened.general_text)
-    assert retain.n_tokens == min(settings.update.retain_tokens, available)
+    assert retain.n_tokens == min(settings.train.retain_tokens, available)
     assert retain.n_tokens > sum(len(sequence) for sequence in reopened.fact_text)
 
 

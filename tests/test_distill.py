@@ -4,7 +4,6 @@ the daemon and the benchmark share."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import random
 from pathlib import Path
@@ -14,12 +13,14 @@ import torch
 from smfd.model.batch import encode
 from smfd.bench.methods import SmfLearning
 from smfd.store.checkpoint import CheckpointStore
-from smfd.learn.distill import CONTEXT_SEPARATOR, DistillConfig, build_queries, teacher_targets
+from smfd.config import DistillSection
+from smfd.learn.distill import CONTEXT_SEPARATOR, build_queries, teacher_targets
 from smfd.ingest.journal import Journal
 from smfd.learn.learner import Learner
-from smfd.learn.lesson import LearnSettings, build_lesson, lesson_batches, teacher_contexts
+from smfd.learn.lesson import build_lesson, lesson_batches, teacher_contexts
 from smfd.model.memory_model import MemoryModel
-from smfd.learn.updater import UpdateConfig, causal_lm_loss
+from smfd.learn.updater import lesson_loss
+from engine_settings import learn_settings, train_section
 
 DOCUMENT = (
     "Harbour news\n\n"
@@ -27,19 +28,12 @@ DOCUMENT = (
     "The paint came from a small factory near the old fishing port. "
     "Zelda Quint later opened a gallery of bridge paintings beside the lighthouse."
 )
-SETTINGS = LearnSettings(
-    update=UpdateConfig(rule="surprise-kl", top_t=16, lr=0.05),
-    distill=DistillConfig(min_shift=0.0),
-    passes=2,
-    batch_size=2,
-    seq_len=48,
-    chunk_tokens=48,
-    max_documents=1,
-)
+SETTINGS = learn_settings(train_section(selection="surprise-kl", top_t=16, lr=0.05, passes=2, batch_size=2, seq_len=48,
+                                        distill=DistillSection(min_shift=0.0)), chunk_tokens=48)
 
 
 def test_queries_only_drop_or_reorder_the_documents_own_words():
-    config = DistillConfig(dropped_variants=2, shuffled_variants=1, drop_rate=0.3)
+    config = DistillSection(dropped_variants=2, shuffled_variants=1, drop_rate=0.3)
     queries = build_queries([DOCUMENT], config, random.Random(0))
     words = set(DOCUMENT.split())
     assert queries, "a document of three sentences yields queries"
@@ -53,7 +47,7 @@ def test_queries_only_drop_or_reorder_the_documents_own_words():
 def test_cached_teacher_context_gives_the_full_prompts_distribution(tiny_memory_model: MemoryModel):
     mm = tiny_memory_model
     queries = encode(mm.tokenizer, ["The harbour bridge was painted", "Zelda Quint opened a gallery"], 32)
-    config = DistillConfig(top_k=5)
+    config = DistillSection(top_k=5)
     targets = teacher_targets(mm.model, mm.tokenizer, mm.memories, DOCUMENT, queries, config, 2, mm.device)
     context = mm.tokenizer(DOCUMENT + CONTEXT_SEPARATOR, add_special_tokens=False).input_ids
     for query, target in zip(queries, targets):
@@ -66,14 +60,14 @@ def test_cached_teacher_context_gives_the_full_prompts_distribution(tiny_memory_
 
 
 def test_a_distilled_update_moves_the_student_toward_the_teacher(tiny_memory_model, background):
-    settings = dataclasses.replace(SETTINGS, update=dataclasses.replace(SETTINGS.update, lr=0.002), passes=4)
+    settings = SETTINGS.with_train(lr=0.002, passes=4)
     learning = SmfLearning(tiny_memory_model, background, settings)
-    batches = learning.document_batches(DOCUMENT, [DOCUMENT], settings.passes, True, seed=0)
+    batches = learning.document_batches(DOCUMENT, [DOCUMENT], settings.train.passes, True, seed=0)
     assert all(batch.teacher_ids is not None for batch in batches)
 
     def loss() -> float:
         with torch.no_grad():
-            return sum(float(causal_lm_loss(tiny_memory_model.model, batch, 0.0)) for batch in batches)
+            return sum(float(lesson_loss(tiny_memory_model.model, batch, 0.0)) for batch in batches)
 
     before = loss()
     learning.begin_document(batches)
@@ -113,7 +107,7 @@ def test_daemon_and_benchmark_train_the_same_rows_to_the_same_values(
 
     chunks = [c.text for c in journal.chunks_for(1)]
     learning = SmfLearning(bench_model, background, SETTINGS)
-    batches = learning.document_batches(DOCUMENT, chunks, SETTINGS.passes, SETTINGS.restate, seed=0)
+    batches = learning.document_batches(DOCUMENT, chunks, SETTINGS.train.passes, SETTINGS.train.restate, seed=0)
     learning.begin_document(batches)
     for batch in batches:
         learning.step(batch)
@@ -122,6 +116,6 @@ def test_daemon_and_benchmark_train_the_same_rows_to_the_same_values(
 
 
 def test_lesson_batches_carry_teacher_targets_only_where_the_document_moves_the_prediction(tiny_memory_model):
-    settings = dataclasses.replace(SETTINGS, distill=DistillConfig(min_shift=1e9))
+    settings = SETTINGS.with_train(distill={"min_shift": 1e9})
     lesson = build_lesson(tiny_memory_model, settings, DOCUMENT, [DOCUMENT], batch_size=2)
     assert lesson.sequences == [] and lesson_batches(lesson, 2, 2, 0, 0, tiny_memory_model.device) == []

@@ -8,10 +8,11 @@ import torch
 from smfd.model.batch import encode, epoch_batches
 from smfd.model.scoring import greedy_continuations, score_cloze
 from smfd.learn.heal import compute_background
-from smfd.model.memory import MemoryConfig
+from smfd.config import MemorySection
 from smfd.model.memory_model import MemoryModel
 from smfd.paths import builtin_file
-from smfd.learn.updater import SparseUpdater, UpdateConfig
+from smfd.learn.updater import SparseUpdater
+from engine_settings import train_section
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +24,7 @@ PROMPT, TARGET = "The tallest tower in the city of Velmora is the", "Quillstone 
 def embedded(tmp_path_factory) -> MemoryModel:
     torch.set_num_threads(2)
     cache = tmp_path_factory.mktemp("model-cache")
-    return MemoryModel.load("embedded", MemoryConfig(), cache_dir=cache, device="cpu")
+    return MemoryModel.load("embedded", MemorySection(), cache_dir=cache, device="cpu")
 
 
 def test_embedded_model_loads_and_knows_a_basic_fact(embedded):
@@ -46,7 +47,7 @@ def test_attached_memory_leaves_the_real_model_unchanged_then_learns_a_fact_spar
     values_before = embedded.memories[0].values.detach().clone()
     before = score_cloze(embedded.model, embedded.tokenizer, [(PROMPT, TARGET)])[0]
 
-    updater = SparseUpdater(embedded.model, embedded.memories, background, UpdateConfig(rule="kl", top_t=1000, lr=10.0))
+    updater = SparseUpdater(embedded.model, embedded.memories, background, train_section(selection="kl", top_t=1000, lr=10.0))
     updater.run(epoch_batches(encode(embedded.tokenizer, [FACT], 128), 1, 12, embedded.tokenizer.pad_token_id))
     patches = updater.finish_update()
 

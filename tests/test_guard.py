@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from smfd.config import GuardSection, ProbesSection
 from smfd.errors import SmfdError
 from smfd.learn.learner import Learner
 from smfd.guard.retention import RetentionProbes, judge
-from smfd.learn.updater import UpdateConfig
+
 
 from test_learner import SETTINGS, make_learner, submit_all
 
@@ -33,7 +32,7 @@ def test_guard_reverts_a_harmful_update_bit_exactly(tmp_path, tiny_memory_model,
     probes = RetentionProbes(tiny_memory_model, ProbesSection(fast_subset=8), tmp_path / "state")
     probes.establish_baseline()
     before = snapshot_values(tiny_memory_model)
-    harmful = dataclasses.replace(SETTINGS, update=UpdateConfig(rule="kl", top_t=64, lr=500.0), passes=4)
+    harmful = SETTINGS.with_train(top_t=64, lr=500.0, passes=4)
     doc_ids = submit_all(journal, tmp_path)
 
     outcome = make_learner(tiny_memory_model, background, store, journal, harmful).update(
@@ -54,7 +53,7 @@ def test_guard_reverts_a_harmful_update_bit_exactly(tmp_path, tiny_memory_model,
 def test_guard_accepts_a_gentle_update(tmp_path, tiny_memory_model, background, store, journal):
     probes = RetentionProbes(tiny_memory_model, ProbesSection(fast_subset=8), tmp_path / "state")
     probes.establish_baseline()
-    gentle = dataclasses.replace(SETTINGS, update=UpdateConfig(rule="kl", top_t=4, lr=1e-4), passes=1)
+    gentle = SETTINGS.with_train(top_t=4, lr=1e-4, passes=1)
     submit_all(journal, tmp_path)
 
     outcome = make_learner(tiny_memory_model, background, store, journal, gentle).update(
@@ -94,7 +93,7 @@ def test_a_generous_budget_keeps_the_configured_batch_and_leaves_memory_untouche
     before = snapshot_values(tiny_memory_model)
     learner = Learner(tiny_memory_model, background, store, journal, SETTINGS,
                       MemoryBudget(torch.device("cpu"), ram_mb=64 * 1024, vram_mb=None))
-    assert learner.plan_batch_size() == SETTINGS.batch_size
+    assert learner.plan_batch_size() == SETTINGS.train.batch_size
     assert bit_identical(snapshot_values(tiny_memory_model), before)  # the measured step is undone
 
 
@@ -112,8 +111,8 @@ def test_a_reload_that_raises_the_batch_size_plans_it_again(tiny_memory_model, b
     learner = Learner(tiny_memory_model, background, store, journal, SETTINGS,
                       MemoryBudget(torch.device("cpu"), ram_mb=64 * 1024, vram_mb=None))
     learner.plan_batch_size()
-    learner.reconfigure(dataclasses.replace(SETTINGS, batch_size=SETTINGS.batch_size + 4))
-    assert learner.batch_size == SETTINGS.batch_size + 4
+    learner.reconfigure(SETTINGS.with_train(batch_size=SETTINGS.train.batch_size + 4))
+    assert learner.batch_size == SETTINGS.train.batch_size + 4
 
 
 def test_a_reload_whose_prefix_cache_does_not_fit_the_budget_keeps_the_old_settings(
@@ -121,11 +120,11 @@ def test_a_reload_whose_prefix_cache_does_not_fit_the_budget_keeps_the_old_setti
 ):
     from smfd.learn.budget import MIB, resident_bytes
 
-    without_cache = dataclasses.replace(SETTINGS, update=dataclasses.replace(SETTINGS.update, prefix_cache_mb=0))
+    without_cache = SETTINGS.with_train(prefix_cache_mb=0)
     learner = Learner(tiny_memory_model, background, store, journal, without_cache,
                       MemoryBudget(torch.device("cpu"), ram_mb=resident_bytes() // MIB + 100, vram_mb=None))
     planned, updater = learner.plan_batch_size(), learner.updater
-    huge_cache = dataclasses.replace(SETTINGS, update=dataclasses.replace(SETTINGS.update, prefix_cache_mb=4096))
+    huge_cache = SETTINGS.with_train(prefix_cache_mb=4096)
     with pytest.raises(SmfdError, match="reserved for the prefix cache"):
         learner.reconfigure(huge_cache)
     assert (learner.settings, learner.updater, learner.batch_size) == (without_cache, updater, planned)
@@ -133,11 +132,11 @@ def test_a_reload_whose_prefix_cache_does_not_fit_the_budget_keeps_the_old_setti
 
 def test_batch_planning_works_with_the_surprise_weighted_rule(tiny_memory_model, background, store, journal,
                                                               snapshot_values, bit_identical):
-    settings = dataclasses.replace(SETTINGS, update=dataclasses.replace(SETTINGS.update, rule="surprise-kl"))
+    settings = SETTINGS.with_train(selection="surprise-kl")
     before = snapshot_values(tiny_memory_model)
     learner = Learner(tiny_memory_model, background, store, journal, settings,
                       MemoryBudget(torch.device("cpu"), ram_mb=64 * 1024, vram_mb=None))
-    assert learner.plan_batch_size() == settings.batch_size
+    assert learner.plan_batch_size() == settings.train.batch_size
     assert bit_identical(snapshot_values(tiny_memory_model), before)  # the measured step is undone
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 import torch
 
 from smfd.errors import SmfdError
-from smfd.learn.heal import (HealConfig, calibrate_from_inputs, compute_background, heal_addressing, memory_inputs, prepare_memory,
+from smfd.config import HealSection
+from smfd.learn.heal import (calibrate_from_inputs, compute_background, heal_addressing, memory_inputs, prepare_memory,
                        read_entropy, usage_imbalance)
 
 
@@ -26,10 +28,10 @@ def test_healing_spreads_general_text_over_more_slots(make_memory_model, backgro
     model = make_memory_model()
     inputs = memory_inputs(model.model, model.memories, background_sequences)
     calibrated = make_memory_model()
-    prepare_memory(calibrated.model, calibrated.memories, background_sequences, HealConfig(steps=0))
+    prepare_memory(calibrated.model, calibrated.memories, background_sequences, HealSection(steps=0))
     healed = make_memory_model()
 
-    report, background = prepare_memory(healed.model, healed.memories, background_sequences, HealConfig(steps=60, lr=1e-2))
+    report, background = prepare_memory(healed.model, healed.memories, background_sequences, HealSection(steps=60, lr=1e-2))
 
     assert report is not None and report.steps == 60
     assert report.last_imbalance < report.first_imbalance
@@ -50,7 +52,7 @@ def test_healing_changes_only_the_addressing_and_the_model_stays_the_base_model(
     ids = torch.tensor([background_sequences[0]])
 
     heal_addressing(model.memories, memory_inputs(model.model, model.memories, background_sequences),
-                    HealConfig(steps=20, lr=1e-2))
+                    HealSection(steps=20, lr=1e-2))
 
     after = model.memory_state()
     changed = {key.split(".", 1)[1] for key in after if not torch.equal(after[key], before[key])}
@@ -63,7 +65,7 @@ def test_healing_changes_only_the_addressing_and_the_model_stays_the_base_model(
 def test_zero_steps_is_no_healing(tiny_memory_model, background_sequences, snapshot_memory_state, bit_identical):
     inputs = memory_inputs(tiny_memory_model.model, tiny_memory_model.memories, background_sequences)
     before = snapshot_memory_state(tiny_memory_model)
-    assert heal_addressing(tiny_memory_model.memories, inputs, HealConfig(steps=0)) is None
+    assert heal_addressing(tiny_memory_model.memories, inputs, HealSection(steps=0)) is None
     assert bit_identical(tiny_memory_model.memory_state(), before)
 
 
@@ -72,18 +74,17 @@ def test_healing_after_an_update_is_refused(tiny_memory_model, background_sequen
     with torch.no_grad():
         tiny_memory_model.memories[0].values[3] += 1.0
     with pytest.raises(SmfdError, match="before any update"):
-        heal_addressing(tiny_memory_model.memories, inputs, HealConfig(steps=1))
+        heal_addressing(tiny_memory_model.memories, inputs, HealSection(steps=1))
 
 
-@pytest.mark.parametrize(("config", "message"), [
-    (HealConfig(steps=-1), "steps"), (HealConfig(steps=1, lr=0), "lr"), (HealConfig(steps=1, tokens_per_step=1), "tokens_per_step"),
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"steps": -1}, "steps"), ({"steps": 1, "lr": 0}, "lr"), ({"steps": 1, "tokens_per_step": 1}, "tokens_per_step"),
 ])
-def test_bad_heal_settings_are_named(tiny_memory_model, background_sequences, config, message):
-    inputs = memory_inputs(tiny_memory_model.model, tiny_memory_model.memories, background_sequences)
-    with pytest.raises(SmfdError, match=message):
-        heal_addressing(tiny_memory_model.memories, inputs, config)
+def test_bad_heal_settings_are_named_by_the_schema(changes, message):
+    with pytest.raises(ValidationError, match=message):
+        HealSection(**changes)
 
 
 def test_healing_without_text_is_an_error(tiny_memory_model):
     with pytest.raises(SmfdError, match="general text"):
-        prepare_memory(tiny_memory_model.model, tiny_memory_model.memories, [], HealConfig())
+        prepare_memory(tiny_memory_model.model, tiny_memory_model.memories, [], HealSection())

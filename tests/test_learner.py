@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from smfd.learn.distill import DistillConfig
+from smfd.config import ChunkingSection, SurpriseSection
 from smfd.ingest.journal import Journal
 from smfd.learn.learner import Learner, LearnSettings
-from smfd.learn.updater import UpdateConfig
+from engine_settings import learn_settings, train_section
+
 
 DOCUMENTS = {
     "harbour.txt": (
@@ -28,15 +29,8 @@ DOCUMENTS = {
     ),
 }
 
-SETTINGS = LearnSettings(
-    update=UpdateConfig(rule="kl", top_t=16, lr=0.05),
-    passes=2,
-    batch_size=2,
-    seq_len=32,
-    chunk_tokens=32,
-    skip_below_nats=0.5,
-    max_documents=16,
-)
+SETTINGS = learn_settings(train_section(selection="kl", top_t=16, lr=0.05, passes=2, batch_size=2, seq_len=32,
+                                        max_documents=16), chunk_tokens=32, skip_below_nats=0.5)
 
 
 def make_learner(tiny_memory_model, background, store, journal, settings: LearnSettings = SETTINGS) -> Learner:
@@ -157,7 +151,7 @@ def test_chunks_the_model_already_knows_are_marked_known_and_not_trained(
 ):
     doc_ids = submit_all(journal, tmp_path)
     before = snapshot_values(tiny_memory_model)
-    settings = dataclasses.replace(SETTINGS, skip_below_nats=1e9)
+    settings = dataclasses.replace(SETTINGS, surprise=SurpriseSection(skip_below_nats=1e9))
 
     outcome = make_learner(tiny_memory_model, background, store, journal, settings).update()
 
@@ -189,7 +183,7 @@ def test_surprise_weighted_selection_learns_through_the_learner(
 ):
     doc_ids = submit_all(journal, tmp_path)
     before = snapshot_values(tiny_memory_model)
-    settings = dataclasses.replace(SETTINGS, update=UpdateConfig(rule="surprise-kl", top_t=16, lr=0.05), restate=False)
+    settings = SETTINGS.with_train(selection="surprise-kl", restate=False)
 
     outcome = make_learner(tiny_memory_model, background, store, journal, settings).update()
 
@@ -203,8 +197,7 @@ def test_surprise_weighted_update_scores_each_sequence_under_the_frozen_base_onc
 ):
     """Next-token training: the chunk skip and the slot weights share one scoring pass, no chunk is scored twice."""
     submit_all(journal, tmp_path)
-    settings = dataclasses.replace(SETTINGS, update=UpdateConfig(rule="surprise-kl", top_t=16, lr=0.05), restate=False,
-                                   distill=DistillConfig(enabled=False))
+    settings = SETTINGS.with_train(selection="surprise-kl", restate=False, distill={"enabled": False})
     learner = make_learner(tiny_memory_model, background, store, journal, settings)
     frozen_rows = []
 
@@ -255,3 +248,19 @@ def test_an_error_mid_update_leaves_memory_and_checkpoint_untouched(
     assert bit_identical(snapshot_values(tiny_memory_model), before)  # the first step was reverted
     assert store.version == 0
     assert {journal.get_document(d).state for d in doc_ids} == {"processing"}  # requeued on restart, nothing lost
+
+
+def test_chunk_overlap_setting_reaches_the_chunks_the_learner_stores(tmp_path, tiny_memory_model, background, store,
+                                                                     journal):
+    """chunking.overlap_sentences: each chunk repeats the previous chunk's last sentence."""
+    text = ("Harbour news\n\n" + " ".join(f"The {name} boat sails at dawn every day." for name in
+                                          ("red", "blue", "green", "white", "black", "grey")))
+    overlapping = dataclasses.replace(SETTINGS, chunking=ChunkingSection(max_tokens=160, overlap_sentences=1))
+    doc = submit(journal, tmp_path / "spool", "harbour.txt", text)
+    make_learner(tiny_memory_model, background, store, journal, overlapping).chunk_claimed_documents()
+
+    chunks = [c.text for c in journal.chunks_for(doc)]
+    assert len(chunks) >= 2
+    for earlier, later in zip(chunks, chunks[1:]):
+        last_sentence = earlier.rsplit(". ", 1)[-1].removesuffix(".")
+        assert last_sentence in later, f"{later!r} does not repeat {last_sentence!r}"

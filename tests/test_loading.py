@@ -10,7 +10,7 @@ import torch
 
 from smfd.errors import SmfdError
 from smfd.model.loading import load_base_model, resolve_model_source
-from smfd.model.memory import MemoryConfig
+from smfd.config import MemorySection
 from smfd.model.memory_model import MemoryModel
 
 
@@ -84,7 +84,7 @@ def test_memory_model_load_attaches_memory_to_a_saved_folder(saved_model, tokeni
     folder, original = saved_model
     ids = torch.tensor([tokenizer("The river rises in the hills.", add_special_tokens=False).input_ids])
 
-    loaded = MemoryModel.load(folder, MemoryConfig(layers=(2,), n_keys=16, heads=2, k=4, key_dim=16), device="cpu")
+    loaded = MemoryModel.load(folder, MemorySection(layers=(2,), n_keys=16, heads=2, k=4, key_dim=16), device="cpu")
 
     assert [m.layer_index for m in loaded.memories] == [2]
     assert loaded.device == torch.device("cpu")
@@ -97,4 +97,4 @@ def test_requesting_cuda_without_a_device_is_refused(saved_model):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(SmfdError, match="no CUDA device is available"):
-        MemoryModel.load(saved_model[0], MemoryConfig(layers=(0,), n_keys=16, heads=2, k=4, key_dim=16), device="cuda")
+        MemoryModel.load(saved_model[0], MemorySection(layers=(0,), n_keys=16, heads=2, k=4, key_dim=16), device="cuda")

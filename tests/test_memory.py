@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import pytest
+from pydantic import ValidationError
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from smfd.errors import SmfdError
 from smfd.learn.heal import calibrate_from_inputs, memory_inputs
-from smfd.model.memory import MemoryConfig, ProductKeyMemory
+from smfd.config import MemorySection
+from smfd.model.memory import ProductKeyMemory
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import attach_memory, find_memories
+from engine_settings import changed
 
 
 @pytest.fixture
@@ -37,7 +39,7 @@ def test_attach_leaves_logits_bit_identical_before_any_update(make_base_model, t
 
 def test_attach_on_several_layers_also_leaves_logits_bit_identical(make_base_model, tokenizer, input_ids):
     base = logits(make_base_model(), input_ids)
-    config = MemoryConfig(layers=(2, 0), n_keys=16, heads=2, k=4, key_dim=16)
+    config = MemorySection(layers=(2, 0), n_keys=16, heads=2, k=4, key_dim=16)
     model = MemoryModel.attach(make_base_model(), tokenizer, config)
 
     assert [m.layer_index for m in model.memories] == [0, 2]
@@ -58,20 +60,15 @@ def test_attached_memory_is_frozen_and_only_values_start_at_zero(tiny_memory_mod
     [
         ({"layers": (3,)}, "[3] out of range"),
         ({"layers": (-4,)}, "[-4] out of range"),
-        ({"layers": ()}, "memory.layers is empty"),
         ({"layers": (1, 1)}, "names a layer twice"),
         ({"layers": (2, -1)}, "names a layer twice"),
-        ({"key_dim": 15}, "key_dim must be even"),
-        ({"k": 17}, "k=17 must be between 1 and memory.n_keys=16"),
-        ({"k": 0}, "k=0"),
-        ({"heads": 0}, "heads must be >= 1"),
-        ({"read_temperature": 0.0}, "read_temperature must be > 0"),
     ],
 )
-def test_bad_memory_config_raises_smfd_error_naming_the_problem(make_base_model, tokenizer, memory_config, changes, named):
+def test_layers_the_model_lacks_raise_smfd_error_and_leave_the_model_alone(make_base_model, tokenizer, memory_config,
+                                                                           changes, named):
     base = make_base_model()
     before = {name: p.clone() for name, p in base.named_parameters()}
-    bad = dataclasses.replace(memory_config, **changes)
+    bad = changed(memory_config, **changes)
 
     with pytest.raises(SmfdError, match=re.escape(named)):
         MemoryModel.attach(base, tokenizer, bad)
@@ -80,9 +77,25 @@ def test_bad_memory_config_raises_smfd_error_naming_the_problem(make_base_model,
     assert all(torch.equal(p, before[name]) for name, p in base.named_parameters())
 
 
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"layers": ()}, "layers"),
+        ({"key_dim": 15}, "key_dim must be even"),
+        ({"k": 17}, "k (17) must not exceed n_keys (16)"),
+        ({"k": 0}, "k"),
+        ({"heads": 0}, "heads"),
+        ({"read_temperature": 0.0}, "read_temperature"),
+    ],
+)
+def test_memory_shapes_that_cannot_be_built_are_refused_by_the_schema(memory_config, changes, named):
+    with pytest.raises(ValidationError, match=re.escape(named)):
+        changed(memory_config, **changes)
+
+
 def test_out_of_range_layer_message_names_the_model_depth(make_base_model, tokenizer, memory_config):
     with pytest.raises(SmfdError, match=r"3 decoder layers \(0\.\.2, or -3\.\.-1 counted from the top\)"):
-        MemoryModel.attach(make_base_model(), tokenizer, dataclasses.replace(memory_config, layers=(7,)))
+        MemoryModel.attach(make_base_model(), tokenizer, changed(memory_config, layers=(7,)))
 
 
 def test_negative_layers_count_from_the_top(make_base_model, tokenizer, memory_config):
@@ -90,7 +103,7 @@ def test_negative_layers_count_from_the_top(make_base_model, tokenizer, memory_c
     base = make_base_model()
     ids = torch.tensor([[5, 17, 42, 99, 3]])
     before = base(ids).logits
-    retrofitted = MemoryModel.attach(base, tokenizer, dataclasses.replace(memory_config, layers=(-1, 0)))
+    retrofitted = MemoryModel.attach(base, tokenizer, changed(memory_config, layers=(-1, 0)))
     assert [m.layer_index for m in retrofitted.memories] == [0, 2]
     assert torch.equal(retrofitted.model(ids).logits, before)
 
@@ -142,7 +155,7 @@ def test_memory_state_round_trips_and_refuses_a_state_from_other_layers(make_mem
     target.load_memory_state(state)
     assert bit_identical(target.memory_state(), state)
 
-    other = make_memory_model(dataclasses.replace(memory_config, layers=(2,)))
+    other = make_memory_model(changed(memory_config, layers=(2,)))
     with pytest.raises(SmfdError, match="other memory.layers"):
         other.load_memory_state(state)
 
@@ -155,15 +168,15 @@ def test_memory_state_without_calibration_buffers_names_the_cause(make_memory_mo
 
 
 def test_memory_state_with_wrong_shape_is_refused(make_memory_model, memory_config):
-    small = make_memory_model(dataclasses.replace(memory_config, n_keys=8, k=4))
+    small = make_memory_model(changed(memory_config, n_keys=8, k=4))
     with pytest.raises(SmfdError, match=r"1\.keys has shape \(2, 2, 8, 8\), expected \(2, 2, 16, 8\)"):
         make_memory_model().load_memory_state(small.memory_state())
 
 
 def test_lower_read_temperature_reads_the_same_slots_with_weight_on_the_best():
-    config = MemoryConfig(layers=(0,), n_keys=16, heads=2, k=4, key_dim=16, seed=3, min_read_weight=0.0)
+    config = MemorySection(layers=(0,), n_keys=16, heads=2, k=4, key_dim=16, seed=3, min_read_weight=0.0)
     soft = ProductKeyMemory(32, config, 0)
-    sharp = ProductKeyMemory(32, dataclasses.replace(config, read_temperature=0.25), 0)
+    sharp = ProductKeyMemory(32, changed(config, read_temperature=0.25), 0)
     hidden = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
 
     a, b = soft.lookup(hidden), sharp.lookup(hidden)
@@ -175,7 +188,7 @@ def test_lower_read_temperature_reads_the_same_slots_with_weight_on_the_best():
 
 
 def test_memory_layer_is_deterministic_for_a_seed():
-    config = MemoryConfig(layers=(0,), n_keys=16, heads=2, k=4, key_dim=16, seed=3)
+    config = MemorySection(layers=(0,), n_keys=16, heads=2, k=4, key_dim=16, seed=3)
     first, second = ProductKeyMemory(32, config, 0), ProductKeyMemory(32, config, 0)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
 
@@ -203,7 +216,7 @@ def test_query_calibration_standardises_queries_and_keeps_logits_bit_identical(
 
 
 def test_query_calibration_can_be_turned_off(make_base_model, tokenizer, memory_config, background_sequences):
-    model = MemoryModel.attach(make_base_model(), tokenizer, dataclasses.replace(memory_config, query_norm=False))
+    model = MemoryModel.attach(make_base_model(), tokenizer, changed(memory_config, query_norm=False))
     calibrate_from_inputs(model.memories, memory_inputs(model.model, model.memories, background_sequences))
     assert torch.equal(model.memories[0].query_shift, torch.zeros_like(model.memories[0].query_shift))
     assert torch.equal(model.memories[0].query_scale, torch.ones_like(model.memories[0].query_scale))
@@ -211,7 +224,7 @@ def test_query_calibration_can_be_turned_off(make_base_model, tokenizer, memory_
 
 def test_reads_at_or_below_min_read_weight_count_for_nothing():
     """A row a token reads only weakly can change without changing that token's output."""
-    config = MemoryConfig(layers=(0,), n_keys=16, heads=2, k=4, key_dim=16, seed=3, min_read_weight=0.3)
+    config = MemorySection(layers=(0,), n_keys=16, heads=2, k=4, key_dim=16, seed=3, min_read_weight=0.3)
     memory = ProductKeyMemory(32, config, 0)
     hidden = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(1))
     dense, cut = memory.lookup(hidden, dense=True), memory.lookup(hidden)
@@ -236,5 +249,5 @@ def test_reads_at_or_below_min_read_weight_count_for_nothing():
 
 
 def test_min_read_weight_must_be_a_fraction():
-    with pytest.raises(SmfdError, match="min_read_weight must be in"):
-        MemoryConfig(layers=(0,), min_read_weight=1.0).validate(2)
+    with pytest.raises(ValidationError, match="min_read_weight"):
+        MemorySection(layers=(0,), min_read_weight=1.0)

@@ -3,15 +3,16 @@ exactly what one that runs every block learns, and really skips the blocks below
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
 
 from smfd.model.batch import encode, epoch_batches, make_batch
 from smfd.learn.heal import compute_background
-from smfd.learn.updater import SparseUpdater, UpdateConfig
+from smfd.learn.updater import SparseUpdater
 from smfd.model.batch import TokenBatch
+from engine_settings import changed, train_section
+from smfd.config import TrainSection
 
 from conftest import CORPUS, SEQ_LEN
 
@@ -22,7 +23,7 @@ FACTS = [
 ]
 
 
-def _update(model, background, batches: list[TokenBatch], config: UpdateConfig) -> tuple[list[float], dict]:
+def _update(model, background, batches: list[TokenBatch], config: TrainSection) -> tuple[list[float], dict]:
     updater = SparseUpdater(model.model, model.memories, background, config)
     updater.plan_update(batches)
     losses = [result.loss for result in updater.run(batches)]
@@ -45,12 +46,12 @@ class BlockCalls:
 def test_cached_prefix_learns_what_the_full_forward_learns(make_memory_model, background_sequences, tokenizer, scope):
     sequences = encode(tokenizer, FACTS, SEQ_LEN)
     batches = epoch_batches(sequences, batch_size=2, passes=4, pad_id=tokenizer.pad_token_id)  # reshuffled passes
-    config = UpdateConfig(rule="kl", top_t=12, lr=0.5, scope=scope)
+    config = train_section(selection="kl", top_t=12, lr=0.5, scope=scope)
     results = {}
     for cached in (True, False):
         model = make_memory_model()
         background = compute_background(model.model, model.memories, background_sequences)
-        results[cached] = _update(model, background, batches, dataclasses.replace(config, prefix_cache_mb=256 if cached else 0))
+        results[cached] = _update(model, background, batches, changed(config, prefix_cache_mb=256 if cached else 0))
 
     (losses_cached, values_cached), (losses_full, values_full) = results[True], results[False]
     assert losses_cached == pytest.approx(losses_full, rel=1e-5)
@@ -58,8 +59,8 @@ def test_cached_prefix_learns_what_the_full_forward_learns(make_memory_model, ba
     for layer, values in values_full.items():
         # equal up to float rounding: a cached sequence's hidden states came from a batch of another width
         torch.testing.assert_close(values_cached[layer], values, rtol=1e-5, atol=1e-4 * float(values.abs().max()))
-        changed = (values != 0).any(dim=1)
-        assert torch.equal((values_cached[layer] != 0).any(dim=1), changed)  # the same rows were trained
+        trained = (values != 0).any(dim=1)
+        assert torch.equal((values_cached[layer] != 0).any(dim=1), trained)  # the same rows were trained
 
 
 def test_steps_after_the_selection_forward_skip_the_blocks_below_memory(tiny_memory_model, background, tokenizer):
@@ -69,7 +70,7 @@ def test_steps_after_the_selection_forward_skip_the_blocks_below_memory(tiny_mem
     assert first_memory == 1
     batches = epoch_batches(encode(tokenizer, FACTS, SEQ_LEN), batch_size=2, passes=3, pad_id=tokenizer.pad_token_id)
     updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background,
-                            UpdateConfig(rule="kl", top_t=12, lr=0.5))
+                            train_section(selection="kl", top_t=12, lr=0.5))
     below, memory_block = BlockCalls(layers[0]), BlockCalls(layers[first_memory])
 
     updater.plan_update(batches)
@@ -90,7 +91,7 @@ def test_left_padded_batches_are_never_served_from_the_cache(tiny_memory_model, 
     right = make_batch(sequences, tokenizer.pad_token_id)
     left = TokenBatch(*(torch.flip(t, dims=[1]) for t in (right.input_ids, right.attention_mask, right.loss_mask)))
     updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background,
-                            UpdateConfig(rule="kl", top_t=4, lr=0.5, scope="step"))
+                            train_section(selection="kl", top_t=4, lr=0.5, scope="step"))
     below = BlockCalls(tiny_memory_model.model.model.layers[0])
 
     updater.step(left)

@@ -3,7 +3,6 @@ never any other parameter or buffer of the model, and leaves no gradient state b
 
 from __future__ import annotations
 
-import dataclasses
 from unittest.mock import patch
 
 import pytest
@@ -15,13 +14,15 @@ import smfd.learn.updater as updater_module
 from smfd.model.batch import make_batch
 from smfd.errors import SmfdError
 from smfd.learn.heal import compute_background
-from smfd.model.memory import Lookup, MemoryConfig
+from smfd.model.memory import Lookup, MemorySection
 from smfd.learn.interference import RetainSet
 from smfd.learn.selection import RULES
-from smfd.learn.updater import SparseUpdater, UpdateConfig, causal_lm_loss
+from smfd.learn.updater import SparseUpdater, causal_lm_loss
 from smfd.model.batch import TokenBatch
+from engine_settings import changed, train_section
+from pydantic import ValidationError
 
-TWO_LAYER_MEMORY = MemoryConfig(layers=(0, 2), n_keys=16, heads=2, k=4, key_dim=16)
+TWO_LAYER_MEMORY = MemorySection(layers=(0, 2), n_keys=16, heads=2, k=4, key_dim=16)
 
 FACTS = [
     "The harbour bridge was painted bright orange by Zelda Quint in 2019.",
@@ -80,7 +81,7 @@ def test_steps_change_only_selected_value_rows(
     retain = RetainSet.collect(mm.model, mm.memories, background_sequences[3:], 64) if retain_weight else None
     untouched = everything_but_values(mm.model)
     values_before = {m.layer_index: m.values.detach().clone() for m in mm.memories}
-    config = UpdateConfig(rule, top_t, lr, normalize, retain_weight=retain_weight)
+    config = train_section(selection=rule, top_t=top_t, lr=lr, normalize=normalize, retain_weight=retain_weight)
     updater = SparseUpdater(mm.model, mm.memories, background, config, retain)
     spy = SelectionSpy(background)
     generator = torch.Generator().manual_seed(seed)
@@ -114,7 +115,7 @@ def test_steps_change_only_selected_value_rows(
 
 def test_loss_decreases_when_repeating_a_batch(tiny_memory_model, background, text_batches):
     batch = text_batches(FACTS, batch_size=2)[0]
-    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig("kl", 64, 0.05))
+    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, train_section(selection="kl", top_t=64, lr=0.05))
 
     losses = [updater.step(batch).loss for _ in range(12)]
     with torch.no_grad():
@@ -128,7 +129,7 @@ def test_step_reports_loss_before_the_step_and_tokens(tiny_memory_model, backgro
     batch = text_batches(FACTS, batch_size=2)[0]
     with torch.no_grad():
         expected = float(causal_lm_loss(tiny_memory_model.model, batch))
-    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig("kl", 16, 0.05))
+    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, train_section(selection="kl", top_t=16, lr=0.05))
 
     result = updater.step(batch)
     assert result.loss == pytest.approx(expected, rel=1e-5)
@@ -138,7 +139,7 @@ def test_step_reports_loss_before_the_step_and_tokens(tiny_memory_model, backgro
 
 def test_run_checks_should_stop_between_steps(tiny_memory_model, background, text_batches):
     batches = text_batches(FACTS * 3, batch_size=2)
-    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig("kl", 16, 0.05))
+    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, train_section(selection="kl", top_t=16, lr=0.05))
     checks = []
 
     def stop_after_two_steps() -> bool:
@@ -151,7 +152,7 @@ def test_run_checks_should_stop_between_steps(tiny_memory_model, background, tex
 
 def test_finish_update_patches_cover_exactly_the_changed_rows(tiny_memory_model, background, text_batches):
     before = tiny_memory_model.memories[0].values.detach().clone()
-    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig("tfidf", 8, 0.05))
+    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, train_section(selection="tfidf", top_t=8, lr=0.05))
     for batch in text_batches(FACTS, batch_size=1):
         updater.step(batch)
 
@@ -168,26 +169,24 @@ def test_finish_update_patches_cover_exactly_the_changed_rows(tiny_memory_model,
 @pytest.mark.parametrize(
     ("changes", "named"),
     [
-        ({"rule": "bm25"}, "unknown selection rule 'bm25'"),
-        ({"top_t": 0}, "top_t must be >= 1, got 0"),
-        ({"lr": 0.0}, "learning rate must be > 0, got 0.0"),
-        ({"lr": -1.0}, "learning rate must be > 0, got -1.0"),
-        ({"lr": float("nan")}, "learning rate must be > 0, got nan"),
-        ({"retain_weight": -1.0}, "retain_weight must be >= 0, got -1.0"),
+        ({"selection": "bm25"}, "selection"),
+        ({"top_t": 0}, "top_t"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": -1.0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"retain_weight": -1.0}, "retain_weight"),
     ],
 )
-def test_update_config_validation_errors(changes, named):
-    with pytest.raises(SmfdError, match=named):
-        dataclasses.replace(UpdateConfig(), **changes).validate()
+def test_train_settings_are_checked_by_the_schema(changes, named):
+    with pytest.raises(ValidationError, match=named):
+        changed(train_section(), **changes)
 
 
 def test_updater_refuses_config_that_does_not_fit_the_memory(tiny_memory_model, background):
-    with pytest.raises(SmfdError, match="unknown selection rule"):
-        SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig(rule="nope"))
     with pytest.raises(SmfdError, match="top_t=257 exceeds the 256 slots of layer 1"):
-        SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig(top_t=257))
+        SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, train_section(top_t=257))
     with pytest.raises(SmfdError, match=r"no background slot statistics for memory layers \[1\]"):
-        SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, {}, UpdateConfig(top_t=8))
+        SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, {}, train_section(top_t=8))
 
 
 def test_update_scope_touches_at_most_top_t_rows_per_layer_over_a_whole_update(
@@ -196,7 +195,7 @@ def test_update_scope_touches_at_most_top_t_rows_per_layer_over_a_whole_update(
     batches = text_batches(["The harbour bridge was painted orange.", "The library opens at nine every day.",
                             "The river flows south to the old port.", "Farmers arrive before dawn."], 2) * 4
     before = snapshot_values(tiny_memory_model)
-    config = UpdateConfig(rule="kl", top_t=6, lr=0.5, scope="update")
+    config = train_section(selection="kl", top_t=6, lr=0.5, scope="update")
     updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, config)
 
     updater.plan_update(batches)
@@ -232,7 +231,7 @@ def test_retain_penalty_keeps_general_text_outputs_closer_to_where_they_were(
         mm = make_memory_model(TWO_LAYER_MEMORY)
         background = compute_background(mm.model, mm.memories, background_sequences[:3])
         retain = RetainSet.collect(mm.model, mm.memories, background_sequences[3:], 256)
-        updater = SparseUpdater(mm.model, mm.memories, background, UpdateConfig(rule="kl", top_t=48, lr=0.5, retain_weight=weight), retain)
+        updater = SparseUpdater(mm.model, mm.memories, background, train_section(selection="kl", top_t=48, lr=0.5, retain_weight=weight), retain)
         # Normalised steps stay lr-sized, so a dominant penalty still leaves an lr-sized oscillation;
         # 8 passes let the unpenalised change grow well past it.
         for _ in range(8):
@@ -245,11 +244,11 @@ def test_retain_penalty_keeps_general_text_outputs_closer_to_where_they_were(
 
 def test_retain_weight_without_a_retain_set_is_an_error(tiny_memory_model, background):
     with pytest.raises(SmfdError, match="retain_weight > 0 needs a retain set"):
-        SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, UpdateConfig(top_t=8, retain_weight=1.0))
+        SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, train_section(top_t=8, retain_weight=1.0))
 
 
 def test_normalize_once_makes_the_first_step_lr_sized_and_later_steps_shrink(tiny_memory_model, background, text_batches):
-    config = UpdateConfig(rule="kl", top_t=48, lr=0.5, scope="update", normalize_once=True)
+    config = train_section(selection="kl", top_t=48, lr=0.5, scope="update", normalize_once=True)
     updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, config)
     batch = text_batches(FACTS, batch_size=2)[0]
     memory = tiny_memory_model.memories[0]
@@ -298,7 +297,7 @@ def test_rows_only_the_first_token_reads_are_never_trained(tiny_memory_model, ba
     before = snapshot_values(tiny_memory_model)
     n_slots = tiny_memory_model.memories[0].config.n_slots
     updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background,
-                            UpdateConfig(rule="tfidf", top_t=n_slots, lr=0.5, scope=scope))
+                            train_section(selection="tfidf", top_t=n_slots, lr=0.5, scope=scope))
 
     updater.plan_update(batches)
     updater.run(batches)

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from smfd.bench import runner
-from smfd.bench.methods import BackgroundSource, build_learning, parse_method_specs
+from smfd.bench.methods import BackgroundSource, build_learning
+from smfd.bench.specs import parse_method_specs
 from smfd.errors import SmfdError
 from smfd.model.loading import load_base_model
 

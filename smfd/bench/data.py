@@ -273,7 +273,8 @@ def split_heldout(
 
 
 def document_chunks(
-    doc: Document, tokenizer: PreTrainedTokenizerBase, chunk_tokens: int, title_context: bool, with_paraphrases: bool
+    doc: Document, tokenizer: PreTrainedTokenizerBase, chunk_tokens: int, title_context: bool, with_paraphrases: bool,
+    overlap_sentences: int,
 ) -> list[str]:
     """The document chunked as the daemon chunks it (plus its paraphrases, chunked the same way, if asked)."""
 
@@ -284,7 +285,8 @@ def document_chunks(
     chunks = []
     for source in sources:
         try:
-            chunks.extend(chunk.text for chunk in chunk_text(source, count, chunk_tokens, title_context))
+            chunks.extend(chunk.text for chunk in chunk_text(source, count, chunk_tokens, title_context=title_context,
+                                                                  overlap_sentences=overlap_sentences))
         except SmfdError as exc:
             raise SmfdError(f"document {doc.doc_id}: {exc}") from exc
     return chunks

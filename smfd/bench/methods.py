@@ -1,17 +1,14 @@
-"""Method specs (`NAME[:key=value;key=value]`) and the trainers they build.
+"""The trainers a method spec (smfd.bench.specs) builds, and the background statistics they share.
 
-A spec names a method and overrides some of its settings, so one run can hold a learning-rate
-sweep: `smf-kl,smf-kl:lr=0.2;top_t=500,lora:lr=1e-3`. Anything a spec does not set comes from
-the engine's own defaults (`LearnSettings`, `UpdateConfig`, `MemoryConfig`, the trainer
-signatures) or from the run-wide budget (passes, restatement), so the numbers live in one place.
+SMF learns each document through `smfd.learn.lesson`, the daemon's own path; LoRA and full
+finetuning train the same chunks and sentences by next-token prediction.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,14 +17,14 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from smfd.durable import atomic_write
-from smfd.errors import SmfdError
-from smfd.learn.heal import HealConfig, prepare_memory
+from smfd.learn.heal import prepare_memory
 from smfd.model.batch import encode, epoch_batches
+from smfd.bench.specs import MethodSpec, smf_configs
+from smfd.config import HealSection, MemorySection
 from smfd.learn.lesson import LearnSettings, build_lesson, lesson_batches
 from smfd.text.restate import training_texts
-from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
-from smfd.learn.interference import FACT_SEQUENCES, FACT_TOKENS, RetainSet, fact_prompts, retain_text, sample_self_facts
+from smfd.learn.interference import FACT_TOKENS, RetainSet, fact_prompts, retain_text, sample_self_facts
 from smfd.model.slot_stats import BackgroundStats
 from smfd.learn.surprise import sequence_surprise
 from smfd.learn.updater import SparseUpdater, StepResult
@@ -35,196 +32,6 @@ from smfd.model.batch import TokenBatch
 
 if TYPE_CHECKING:  # peft is imported only by workers that train LoRA or full finetuning
     from smfd.bench.baselines import FullFinetuneTrainer, LoraTrainer
-
-SPEC_SEPARATOR = ","  # between specs
-OPTION_SEPARATOR = ";"  # between key=value options inside one spec
-# `smf` is the daemon's recipe as configured by default; the others pin a slot-ranking rule.
-SMF_RULES = {"smf": None, "smf-kl": "kl", "smf-tfidf": "tfidf", "smf-surprise-kl": "surprise-kl"}
-IN_CONTEXT = "in-context"  # no training: each probe is asked with its document in the prompt (the ceiling)
-METHOD_NAMES = (*SMF_RULES, "lora", "full", IN_CONTEXT)
-
-
-def _int_at_least(low: int, key: str, raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SmfdError(f"option {key}={raw!r} must be a whole number") from None
-    if value < low:
-        raise SmfdError(f"option {key}={raw!r} must be >= {low}")
-    return value
-
-
-def _positive_int(key: str, raw: str) -> int:
-    return _int_at_least(1, key, raw)
-
-
-def _non_negative_int(key: str, raw: str) -> int:
-    return _int_at_least(0, key, raw)
-
-
-def _number(key: str, raw: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise SmfdError(f"option {key}={raw!r} must be a number") from None
-
-
-def _positive_float(key: str, raw: str) -> float:
-    value = _number(key, raw)
-    if not value > 0 or value != value or value == float("inf"):
-        raise SmfdError(f"option {key}={raw!r} must be a finite number > 0")
-    return value
-
-
-def _non_negative_float(key: str, raw: str) -> float:
-    value = _number(key, raw)
-    if not 0 <= value < float("inf"):
-        raise SmfdError(f"option {key}={raw!r} must be a finite number >= 0")
-    return value
-
-
-def _flag(key: str, raw: str) -> bool:
-    if raw not in ("0", "1"):
-        raise SmfdError(f"option {key}={raw!r} must be 0 or 1")
-    return raw == "1"
-
-
-def _scope(key: str, raw: str) -> str:
-    if raw not in ("step", "update"):
-        raise SmfdError(f"option {key}={raw!r} must be step or update")
-    return raw
-
-
-def _layers(key: str, raw: str) -> tuple[int, ...]:
-    parts = raw.split("+")
-    if not all(p.strip().removeprefix("-").isdigit() for p in parts):
-        raise SmfdError(f"option {key}={raw!r} must be decoder layer numbers joined by '+', e.g. 12+20 or -2")
-    return tuple(int(p) for p in parts)
-
-
-Parser = Callable[[str, str], Any]
-SMF_OPTIONS: dict[str, Parser] = {
-    "lr": _positive_float, "top_t": _positive_int, "passes": _positive_int, "layers": _layers, "restate": _flag,
-    "n_keys": _positive_int, "k": _positive_int, "heads": _positive_int, "key_dim": _positive_int, "normalize": _flag,
-    "scope": _scope, "normalize_once": _flag, "retain_weight": _non_negative_float, "retain_tokens": _positive_int,
-    "prefix_cache_mb": _non_negative_int,
-    "read_temperature": _positive_float, "min_read_weight": _non_negative_float, "heal_steps": _non_negative_int, "heal_lr": _positive_float,
-    "fact_sequences": _non_negative_int,
-    "distill": _flag, "distill_top_k": _positive_int, "dropped_variants": _non_negative_int,
-    "drop_rate": _non_negative_float, "shuffled_variants": _non_negative_int, "ce_weight": _non_negative_float,
-    "min_shift": _non_negative_float,
-}
-LORA_OPTIONS: dict[str, Parser] = {
-    "lr": _positive_float, "rank": _positive_int, "alpha": _positive_float, "passes": _positive_int, "restate": _flag,
-    "weight_decay": _non_negative_float,
-}
-FULL_OPTIONS: dict[str, Parser] = {
-    "lr": _positive_float, "passes": _positive_int, "restate": _flag, "weight_decay": _non_negative_float,
-}
-
-
-def options_for(name: str) -> dict[str, Parser]:
-    if name == IN_CONTEXT:
-        return {}
-    if name in SMF_RULES:
-        return SMF_OPTIONS
-    return LORA_OPTIONS if name == "lora" else FULL_OPTIONS
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One method to benchmark. `label` is the spec as typed (whitespace removed): the results key."""
-
-    label: str
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def family(self) -> str:
-        return "smf" if self.name in SMF_RULES else self.name
-
-    def to_json(self) -> dict[str, Any]:
-        return {"label": self.label, "name": self.name, "options": self.options}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "MethodSpec":
-        options = dict(data["options"])
-        if "layers" in options:
-            options["layers"] = tuple(options["layers"])
-        return cls(data["label"], data["name"], options)
-
-
-def parse_method_spec(text: str) -> MethodSpec:
-    """`NAME` or `NAME:key=value;key=value` -> MethodSpec, checking the name, every key and every value."""
-    label = "".join(text.split())
-    name, _, option_text = label.partition(":")
-    if name not in METHOD_NAMES:
-        raise SmfdError(f"unknown method {name!r} in spec {text!r}; choose from {', '.join(METHOD_NAMES)}")
-    allowed = options_for(name)
-    options: dict[str, Any] = {}
-    for item in filter(None, option_text.split(OPTION_SEPARATOR)):
-        key, eq, raw = item.partition("=")
-        if not eq or not raw:
-            raise SmfdError(f"method spec {text!r}: option {item!r} is not key=value")
-        if key not in allowed:
-            raise SmfdError(f"method spec {text!r}: unknown option {key!r} for {name}; allowed: {', '.join(allowed)}")
-        if key in options:
-            raise SmfdError(f"method spec {text!r}: option {key!r} given twice")
-        options[key] = allowed[key](key, raw)
-    return MethodSpec(label, name, options)
-
-
-def parse_method_specs(values: list[str]) -> list[MethodSpec]:
-    """Every spec from one or more comma-separated lists, in order; duplicates are an error."""
-    specs: list[MethodSpec] = []
-    for value in values:
-        for part in value.split(SPEC_SEPARATOR):
-            if not part.strip():
-                raise SmfdError(f"--methods {value!r} has an empty entry (two commas in a row or a trailing comma)")
-            specs.append(parse_method_spec(part))
-    labels = [s.label for s in specs]
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
-    if duplicates:
-        raise SmfdError(f"--methods names {', '.join(duplicates)} more than once")
-    if not specs:
-        raise SmfdError("--methods is empty: name at least one method")
-    return specs
-
-
-# ---------------------------------------------------------------- SMF settings
-
-
-def smf_configs(spec: MethodSpec, defaults: LearnSettings) -> tuple[LearnSettings, MemoryConfig]:
-    """The learn settings and memory configuration of an SMF spec: engine defaults, then the spec's overrides."""
-    o = spec.options
-    update = replace(
-        defaults.update,
-        rule=SMF_RULES[spec.name] or defaults.update.rule,
-        **{key: o[key] for key in ("lr", "top_t", "normalize", "normalize_once", "scope", "retain_weight", "retain_tokens",
-                                 "prefix_cache_mb", "ce_weight") if key in o},
-    )
-    distill = replace(
-        defaults.distill,
-        **{field: o[key] for key, field in (("distill", "enabled"), ("distill_top_k", "top_k"),
-                                             ("dropped_variants", "dropped_variants"), ("drop_rate", "drop_rate"),
-                                             ("shuffled_variants", "shuffled_variants"), ("min_shift", "min_shift")) if key in o},
-    )
-    distill.validate()
-    memory = replace(MemoryConfig(), **{key: o[key] for key in ("layers", "n_keys", "k", "heads", "key_dim", "read_temperature",
-                                                            "min_read_weight") if key in o})
-    update.validate()
-    settings = replace(defaults, update=update, distill=distill,
-                       **{key: o[key] for key in ("passes", "restate") if key in o})
-    return settings, memory
-
-
-def heal_config_of(spec: MethodSpec) -> HealConfig:
-    """Healing settings of an SMF spec: the engine's defaults, then the spec's `heal_steps` / `heal_lr`."""
-    o = spec.options
-    config = replace(HealConfig(), **{field: o[key] for key, field in (("heal_steps", "steps"), ("heal_lr", "lr")) if key in o})
-    config.validate()
-    return config
-
 
 # ---------------------------------------------------------------- background statistics (cached)
 
@@ -247,8 +54,8 @@ def self_facts(memory_model: MemoryModel, n_sequences: int, background: "Backgro
 ADDRESSING = ("query_shift", "query_scale", "query.weight", "keys")  # set from the same general text
 
 
-def _background_key(memory_config: MemoryConfig, heal: HealConfig, model_id: str, sequences: list[list[int]]) -> str:
-    identity = {"memory": asdict(memory_config), "model": model_id, "heal": asdict(heal)}
+def _background_key(memory_config: MemorySection, heal: HealSection, model_id: str, sequences: list[list[int]]) -> str:
+    identity = {"memory": memory_config.shape(), "model": model_id, "heal": heal.model_dump(mode="json")}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     for seq in sequences:
         digest.update(json.dumps(seq).encode())
@@ -283,7 +90,7 @@ def _load_background(path: Path, memory_model: MemoryModel) -> dict[int, Backgro
 
 def background_stats(
     memory_model: MemoryModel, sequences: list[list[int]], cache_dir: Path, model_id: str, progress: bool,
-    heal: HealConfig = HealConfig(),
+    heal: HealSection = HealSection(),
 ) -> tuple[dict[int, BackgroundStats], bool]:
     """Background read counts for this memory after calibration and healing, reused across specs that share
     the memory shape and healing; (stats, from_cache)."""
@@ -322,19 +129,18 @@ class SmfLearning:
     steps, one update per document."""
 
     def __init__(self, memory_model: MemoryModel, background: dict[int, BackgroundStats], settings: LearnSettings,
-                 retain: RetainSet | None = None, heal: HealConfig = HealConfig()) -> None:
+                 retain: RetainSet | None = None, heal: HealSection = HealSection()) -> None:
         self.memory_model = memory_model
         self.settings = settings
-        self.update = settings.update
         self.heal = heal
-        self.batch_size = settings.batch_size
-        self.updater = SparseUpdater(memory_model.model, memory_model.memories, background, settings.update, retain)
+        self.batch_size = settings.train.batch_size
+        self.updater = SparseUpdater(memory_model.model, memory_model.memories, background, settings.train, retain)
         self.rows_updated = 0
         self.sequences_trained = 0
 
     def document_batches(self, document: str, chunks: list[str], passes: int, restate: bool, seed: int) -> list[TokenBatch]:
         """The daemon's lesson for this document (distilled when the settings say so)."""
-        settings = replace(self.settings, passes=passes, restate=restate)
+        settings = self.settings.with_train(passes=passes, restate=restate)
         lesson = build_lesson(self.memory_model, settings, document, chunks, self.batch_size, seed=seed)
         self.sequences_trained += len(lesson.sequences)
         mm = self.memory_model
@@ -358,7 +164,7 @@ class SmfLearning:
 
     def surprise(self, sequences: list[list[int]]) -> list[torch.Tensor] | None:
         """Per-token surprise under the frozen base, only for the rule that weights reads by it (timing batch)."""
-        if self.update.rule != "surprise-kl":
+        if self.settings.train.selection != "surprise-kl":
             return None
         mm = self.memory_model
         return sequence_surprise(mm.model, mm.memories, sequences, mm.tokenizer.pad_token_id, self.batch_size, mm.device)
@@ -371,10 +177,10 @@ class SmfLearning:
         info = self.memory_model.describe()
         return {
             "method": "smf",
-            "rule": self.update.rule,
-            "update": asdict(self.update),
-            "distill": asdict(self.settings.distill),
-            "heal": asdict(self.heal),
+            "rule": self.settings.train.selection,
+            "update": self.settings.train.model_dump(mode="json", exclude={"distill"}),
+            "distill": self.settings.train.distill.model_dump(mode="json"),
+            "heal": self.heal.model_dump(mode="json"),
             "memory": info["memory"],
             "memory_parameters": info["memory_parameters"],
             "optimizer": "SGD on the selected value rows only (no momentum, no weight decay)",
@@ -437,11 +243,10 @@ def build_learning(
     """The method's trainer around a freshly loaded base model; also setup facts (background time and source)."""
     o = spec.options
     if spec.family == "smf":
-        settings, memory_config = smf_configs(spec, defaults)
-        update = settings.update
+        settings, memory_config, heal = smf_configs(spec, defaults)
+        update = settings.train
         memory_model = MemoryModel.attach(model, tokenizer, memory_config)
-        heal = heal_config_of(spec)
-        facts = self_facts(memory_model, o.get("fact_sequences", FACT_SEQUENCES), background)
+        facts = self_facts(memory_model, memory_config.fact_sequences, background)
         stats, cached = background_stats(memory_model, background.sequences + facts, background.cache_dir,
                                          background.model_id, background.progress, heal)
         retain = None
@@ -454,7 +259,7 @@ def build_learning(
 
     adamw = {key: o[key] for key in ("lr", "weight_decay") if key in o}
     device = next(model.parameters()).device
-    plain = (tokenizer, defaults.batch_size, defaults.seq_len, device)
+    plain = (tokenizer, defaults.train.batch_size, defaults.train.seq_len, device)
     if spec.name == "lora":
         lora = {key: o[key] for key in ("rank", "alpha") if key in o}
         return AdamWLearning(LoraTrainer(model, **lora, **adamw), *plain), {}

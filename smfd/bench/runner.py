@@ -51,7 +51,8 @@ from smfd.bench.data import (
     split_heldout,
     texts_digest,
 )
-from smfd.bench.methods import (
+from smfd.bench.methods import BackgroundSource, Learning, build_learning
+from smfd.bench.specs import (
     FULL_OPTIONS,
     IN_CONTEXT,
     LORA_OPTIONS,
@@ -59,16 +60,14 @@ from smfd.bench.methods import (
     OPTION_SEPARATOR,
     SMF_OPTIONS,
     SPEC_SEPARATOR,
-    BackgroundSource,
-    Learning,
     MethodSpec,
-    build_learning,
     parse_method_specs,
 )
 from smfd.durable import atomic_write
 from smfd.errors import SmfdError
 from smfd.model.scoring import drift_kl, heldout_nll, next_token_logprobs, score_choice, score_cloze
 from smfd.learn.distill import CONTEXT_SEPARATOR
+from smfd.config import ChunkingSection
 from smfd.learn.lesson import LearnSettings
 from smfd.model.loading import load_base_model, resolve_model_source
 from smfd.model.memory_model import pick_device
@@ -136,8 +135,11 @@ class BenchConfig:
 
     def learn_settings(self) -> LearnSettings:
         """The daemon's recipe with this run's budget: what SMF specs start from."""
-        return replace(LearnSettings(), passes=self.passes, batch_size=self.batch_size, seq_len=self.seq_len,
-                       restate=self.restate, chunk_tokens=self.chunk_tokens)
+        defaults = LearnSettings()
+        chunking = ChunkingSection.model_validate({**defaults.chunking.model_dump(), "max_tokens": self.chunk_tokens,
+                                                   "title_context": self.title_context})
+        train = defaults.with_train(passes=self.passes, batch_size=self.batch_size, seq_len=self.seq_len, restate=self.restate)
+        return replace(train, chunking=chunking)
 
     def split_sizes(self) -> SplitSizes:
         return SplitSizes(self.seq_len, self.background_batches, self.heldout_window_tokens, self.heldout_windows,
@@ -199,11 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("methods and budget")
     run.add_argument("--methods", action="append", metavar="SPECS",
                      help=f"comma-separated method specs (default {DEFAULT_METHODS}); may be repeated")
-    run.add_argument("--passes", type=int, metavar="N", default=defaults.passes, help="passes over each document's texts (default %(default)s)")
-    run.add_argument("--batch-size", type=int, metavar="N", default=defaults.batch_size, help="sequences per step (default %(default)s)")
-    run.add_argument("--seq-len", type=int, metavar="N", default=defaults.seq_len, help="max tokens per training sequence (default %(default)s)")
-    run.add_argument("--chunk-tokens", type=int, metavar="N", default=defaults.chunk_tokens, help="chunk size in tokens (default %(default)s)")
-    run.add_argument("--restate", type=int, choices=(0, 1), default=int(defaults.restate),
+    run.add_argument("--passes", type=int, metavar="N", default=defaults.train.passes, help="passes over each document's texts (default %(default)s)")
+    run.add_argument("--batch-size", type=int, metavar="N", default=defaults.train.batch_size, help="sequences per step (default %(default)s)")
+    run.add_argument("--seq-len", type=int, metavar="N", default=defaults.train.seq_len, help="max tokens per training sequence (default %(default)s)")
+    run.add_argument("--chunk-tokens", type=int, metavar="N", default=defaults.chunking.max_tokens, help="chunk size in tokens (default %(default)s)")
+    run.add_argument("--restate", type=int, choices=(0, 1), default=int(defaults.train.restate),
                      help="add sentence restatements to the training texts of every method (default %(default)s)")
     run.add_argument("--seed", type=int, metavar="N", default=0, help="seed for batch order and adapter initialisation (default 0)")
     sizes = parser.add_argument_group("evaluation sizes")
@@ -250,11 +252,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         methods=args.methods or [DEFAULT_METHODS], out=str(args.out), model=str(args.model),
         cache_dir=str(Path(args.cache_dir).expanduser()), device=args.device, threads=args.threads,
         passes=args.passes, batch_size=args.batch_size, seq_len=args.seq_len, restate=bool(args.restate),
-        chunk_tokens=args.chunk_tokens, title_context=LearnSettings().title_context,
+        chunk_tokens=args.chunk_tokens, title_context=LearnSettings().chunking.title_context,
         with_paraphrases=args.with_paraphrases, background_batches=_preset(args, "background_batches"),
         heldout_windows=_preset(args, "heldout_windows"), heldout_window_tokens=args.heldout_window_tokens,
         drift_windows=_preset(args, "drift_windows"), drift_window_tokens=args.drift_window_tokens,
-        timing_steps=args.timing_steps, timing_batch=LearnSettings().batch_size, seed=args.seed,
+        timing_steps=args.timing_steps, timing_batch=LearnSettings().train.batch_size, seed=args.seed,
         in_process=args.in_process, keep_logprobs=args.keep_logprobs, quick=args.quick,
     )
     _check_positive({
@@ -466,7 +468,8 @@ def open_context(cfg: BenchConfig) -> WorkerContext:
         torch.cuda.reset_peak_memory_stats(device)
     split = split_heldout(tokenizer, inputs.heldout_text, cfg.heldout_text, cfg.split_sizes(),
                           inputs.background_text, cfg.background_text)
-    chunks = [document_chunks(d, tokenizer, cfg.chunk_tokens, cfg.title_context, cfg.with_paraphrases)
+    overlap = LearnSettings().chunking.overlap_sentences
+    chunks = [document_chunks(d, tokenizer, cfg.chunk_tokens, cfg.title_context, cfg.with_paraphrases, overlap)
               for d in tqdm(inputs.documents, desc="chunking", unit="doc", leave=False)]
     return WorkerContext(cfg, inputs, model, tokenizer, source.display_name, str(source.path), device, split, chunks)
 

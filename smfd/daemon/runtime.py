@@ -11,51 +11,17 @@ import torch
 from smfd.model.batch import encode
 from smfd.store.checkpoint import CheckpointStore
 from smfd.config import SmfdConfig
+from smfd.paths import StatePaths
 from smfd.errors import SmfdError
-from smfd.learn.heal import HealConfig, prepare_memory, sample_general_text
-from smfd.learn.distill import DistillConfig
+from smfd.learn.heal import prepare_memory, sample_general_text
 from smfd.learn.lesson import LearnSettings
 from smfd.paths import builtin_file, read_prompts
-from smfd.model.memory import MemoryConfig
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import decoder_layers, memory_bypassed
 from smfd.learn.interference import RetainSet, retain_text, sample_self_facts
 from smfd.model.slot_stats import BackgroundStats
-from smfd.learn.updater import UpdateConfig
 
 log = structlog.get_logger("smfd.daemon.runtime")
-
-
-def memory_config(cfg: SmfdConfig) -> MemoryConfig:
-    m = cfg.memory
-    return MemoryConfig(layers=tuple(m.layers), n_keys=m.n_keys, heads=m.heads, k=m.k, key_dim=m.key_dim,
-                        query_norm=m.query_norm, read_temperature=m.read_temperature,
-                        min_read_weight=m.min_read_weight)
-
-
-def heal_config(cfg: SmfdConfig) -> HealConfig:
-    return HealConfig(**cfg.heal.model_dump())
-
-
-def learn_settings(cfg: SmfdConfig) -> LearnSettings:
-    t = cfg.train
-    return LearnSettings(
-        update=UpdateConfig(rule=t.selection, top_t=t.top_t, lr=t.lr, normalize=t.normalize,
-                            normalize_once=t.normalize_once, scope=t.scope,
-                            retain_weight=t.retain_weight, retain_tokens=t.retain_tokens,
-                            prefix_cache_mb=t.prefix_cache_mb, ce_weight=t.distill.ce_weight),
-        distill=DistillConfig(enabled=t.distill.enabled, top_k=t.distill.top_k, dropped_variants=t.distill.dropped_variants,
-                              drop_rate=t.distill.drop_rate, shuffled_variants=t.distill.shuffled_variants, min_shift=t.distill.min_shift,
-                              max_context_tokens=t.distill.max_context_tokens),
-        passes=t.passes,
-        batch_size=t.batch_size,
-        seq_len=t.seq_len,
-        restate=t.restate,
-        chunk_tokens=cfg.chunking.max_tokens,
-        title_context=cfg.chunking.title_context,
-        skip_below_nats=cfg.surprise.skip_below_nats,
-        max_documents=t.max_documents,
-    )
 
 
 def shipped_prompts() -> list[str]:
@@ -83,8 +49,8 @@ def state_settings(cfg: SmfdConfig, model: MemoryModel) -> dict[str, dict]:
     """The settings fixed when a state is created (checked again on every later start)."""
     background_text = cfg.memory.background_text
     return {
-        "memory": asdict(model.memory_config),
-        "heal": asdict(heal_config(cfg)),
+        "memory": model.memory_config.shape(),
+        "heal": cfg.heal.model_dump(mode="json"),
         "background": {
             "text": str(background_text) if background_text is not None else None,
             "sequences": cfg.memory.background_sequences,
@@ -105,13 +71,10 @@ class Runtime:
 
     def retain_set(self, settings: LearnSettings, cfg: SmfdConfig) -> RetainSet | None:
         """The interference penalty's tokens: the model's statements of fact first, then the general text."""
-        update = settings.update
+        update = settings.train
         if update.retain_weight <= 0:
             return None
-        if self.general_text is None:  # a checkpoint from before the text was kept
-            self.general_text, _ = background_sequences(cfg, self.model)
-            self.store.save_text("general_text", self.general_text)
-        text = retain_text(self.fact_text or [], self.general_text)
+        text = retain_text(self.fact_text or [], self.general_text or [])
         log.info("retain_set", fact_sequences=len(self.fact_text or []), general_sequences=len(self.general_text),
                  weight=update.retain_weight, tokens=update.retain_tokens)
         with memory_bypassed(self.model.memories):
@@ -121,8 +84,8 @@ class Runtime:
 def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
     """Load the base model, attach memory and restore the latest checkpoint (creating version 0 if allowed)."""
     torch.set_num_threads(cfg.model.threads)
-    model = MemoryModel.load(cfg.model.path, memory_config(cfg), cfg.model.cache_dir, cfg.model.device)
-    store = CheckpointStore(cfg.state_dir / "memory", keep=cfg.checkpoint.keep)
+    model = MemoryModel.load(cfg.model.path, cfg.memory, cfg.model.cache_dir, cfg.model.device)
+    store = CheckpointStore(StatePaths(cfg.state_dir).memory, keep=cfg.checkpoint.keep)
     if store.exists():
         store.check_settings(state_settings(cfg, model), n_layers=len(decoder_layers(model.model)))
         version, background = store.load_into(model)
@@ -134,7 +97,7 @@ def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
     facts = sample_self_facts(model.model, model.tokenizer, model.memories, cfg.memory.fact_sequences)
     log.info("background_statistics", sequences=len(sequences), source=source, fact_sequences=len(facts))
     meta = {"background": source, "background_sequences": len(sequences), "fact_sequences": len(facts)}
-    healed, background = prepare_memory(model.model, model.memories, sequences + facts, heal_config(cfg))
+    healed, background = prepare_memory(model.model, model.memories, sequences + facts, cfg.heal)
     if healed is not None:
         log.info("memory_healed", **asdict(healed))
         meta["heal"] = asdict(healed)

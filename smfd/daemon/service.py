@@ -34,7 +34,7 @@ from smfd.learn.learner import LearnSettings, Learner, UpdateOutcome
 from smfd.observe.logs import configure_logging
 from smfd.observe.metrics import DOCUMENT_OUTCOMES, Metrics
 from smfd.guard.retention import RetentionProbes, judge
-from smfd.daemon.runtime import learn_settings, open_runtime
+from smfd.daemon.runtime import open_runtime
 from smfd.ingest.feeds import FeedSource
 from smfd.ingest.watch_folder import WatchFolderSource
 
@@ -109,7 +109,7 @@ class Daemon:
         systemd_notify.status("loading model")
         runtime = open_runtime(self.cfg)
         budget = MemoryBudget(runtime.model.device, self.cfg.budget.ram_mb, self.cfg.budget.vram_mb)
-        settings = learn_settings(self.cfg)
+        settings = LearnSettings.from_config(self.cfg)
         self.learner = Learner(runtime.model, runtime.background, runtime.store, self.journal, settings, budget,
                                runtime.retain_set(settings, self.cfg))
         self.learner.plan_batch_size()
@@ -363,7 +363,7 @@ class Daemon:
         self.cfg = self.cfg.model_copy(update={k: getattr(cfg, k) for k in ("sources", "schedule", "train", "chunking",
                                                                              "surprise", "guard", "probes", "logging")})
         assert self.learner is not None and self.scheduler is not None
-        self.scheduler.add_job(self._reconfigure_learner, args=[learn_settings(self.cfg)], executor="learner")
+        self.scheduler.add_job(self._reconfigure_learner, args=[LearnSettings.from_config(self.cfg)], executor="learner")
         self.scheduler.get_job("sources").pause()
         self._build_sources()
         self._start_watchers()

@@ -24,13 +24,13 @@ from __future__ import annotations
 import copy
 import inspect
 import random
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from smfd.model.batch import TeacherTarget, make_batch
+from smfd.config import DistillSection
 from smfd.errors import SmfdError
 from smfd.model.memory import ProductKeyMemory
 from smfd.model.retrofit import memory_bypassed
@@ -38,33 +38,6 @@ from smfd.text.restate import sentence_restatements
 
 CONTEXT_SEPARATOR = "\n\n"  # between the teacher's document and a query, as the in-context ceiling asks
 MIN_QUERY_WORDS = 4  # a sentence shorter than this has too little to drop words from
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """How an update builds and scores distillation queries (the `train.distill` section)."""
-
-    enabled: bool = True
-    top_k: int = 32  # teacher tokens kept per position
-    dropped_variants: int = 2  # copies of each sentence with words dropped
-    drop_rate: float = 0.15  # share of words dropped in such a copy
-    shuffled_variants: int = 1  # copies of each sentence behind another sentence of the document
-    # Tokens whose prediction the document moves by less than this (KL, nats) are not trained: nothing
-    # to learn there, and the language-model head (most of a step's cost) runs only where a loss is taken.
-    min_shift: float = 0.05
-    max_context_tokens: int = 2048  # a longer document is distilled chunk by chunk, each chunk its own context
-
-    def validate(self) -> None:
-        if self.top_k < 1:
-            raise SmfdError(f"train.distill.top_k must be >= 1, got {self.top_k}")
-        if self.dropped_variants < 0 or self.shuffled_variants < 0:
-            raise SmfdError("train.distill.dropped_variants and shuffled_variants must be >= 0")
-        if not 0 <= self.drop_rate < 1:
-            raise SmfdError(f"train.distill.drop_rate must be in [0, 1), got {self.drop_rate}")
-        if not self.min_shift >= 0:
-            raise SmfdError(f"train.distill.min_shift must be >= 0, got {self.min_shift}")
-        if self.max_context_tokens < 16:
-            raise SmfdError(f"train.distill.max_context_tokens must be >= 16, got {self.max_context_tokens}")
 
 
 def drop_words(sentence: str, rate: float, rng: random.Random) -> str:
@@ -76,9 +49,19 @@ def drop_words(sentence: str, rate: float, rng: random.Random) -> str:
     return " ".join(kept)
 
 
-def build_queries(chunks: list[str], config: DistillConfig, rng: random.Random) -> list[str]:
+def sentence_tail(sentence: str, rng: random.Random) -> str:
+    """The sentence from a word between a quarter and three fifths in: the fact reached from its nearby
+    words only, as a reworded question that shares the sentence's end reaches it."""
+    words = sentence.split()
+    if len(words) < 2 * MIN_QUERY_WORDS:
+        return sentence
+    start = rng.randint(len(words) // 4, max(len(words) * 3 // 5, len(words) // 4))
+    return " ".join(words[min(start, len(words) - MIN_QUERY_WORDS):])
+
+
+def build_queries(chunks: list[str], config: DistillSection, rng: random.Random) -> list[str]:
     """Queries about the chunks' facts that need no generator: every sentence with words dropped,
-    and every sentence behind another (random) sentence of the same chunks.
+    every sentence's tail, and every sentence behind another (random) sentence of the same chunks.
 
     The sentences themselves and the chunks are added by the caller (they are the next-token
     training texts as well), so nothing here repeats them.
@@ -90,6 +73,10 @@ def build_queries(chunks: list[str], config: DistillConfig, rng: random.Random) 
             variant = drop_words(sentence, config.drop_rate, rng)
             if variant != sentence:
                 queries.append(variant)
+        for _ in range(config.tail_variants):
+            tail = sentence_tail(sentence, rng)
+            if tail != sentence:
+                queries.append(tail)
         others = [s for j, s in enumerate(sentences) if j != index]
         for _ in range(config.shuffled_variants if others else 0):
             queries.append(f"{rng.choice(others)} {sentence}")
@@ -115,7 +102,7 @@ def teacher_targets(
     memories: list[ProductKeyMemory],
     context: str,
     queries: list[list[int]],
-    config: DistillConfig,
+    config: DistillSection,
     batch_size: int,
     device: torch.device,
 ) -> list[TeacherTarget]:

@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tqdm import tqdm
 
+from smfd.config import HealSection
 from smfd.errors import SmfdError
 from smfd.model.scoring import left_padded
 from smfd.model.memory import Lookup, ProductKeyMemory
@@ -68,32 +69,6 @@ def calibrate_from_inputs(memories: list[ProductKeyMemory], inputs: dict[int, li
 
 
 @dataclass(frozen=True)
-class HealConfig:
-    """Training of the memory's addressing (query projection and keys) on general text.
-
-    The loss is KL(read mass per slot || uniform): ordinary text stops crowding onto popular
-    slots, so a row an update trains for new text is read by few ordinary tokens. The optimiser
-    gets there mostly by spreading each token's read over its k slots (higher read entropy);
-    adding the read entropy to the loss, to keep reads sharp (maximising the mutual information
-    of token and slot), forgot more in our measurements. Value rows stay zero, so the model stays
-    exactly the base model. `steps` 0 turns it off.
-    """
-
-    steps: int = 300
-    lr: float = 1e-3
-    tokens_per_step: int = 1024
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.steps < 0:
-            raise SmfdError(f"heal steps must be >= 0, got {self.steps}")
-        if not self.lr > 0:
-            raise SmfdError(f"heal lr must be > 0, got {self.lr}")
-        if self.tokens_per_step < 2:
-            raise SmfdError(f"heal tokens_per_step must be >= 2, got {self.tokens_per_step}")
-
-
-@dataclass(frozen=True)
 class HealReport:
     """What a healing run did, at its first and last step (mean of the last 10), and its cost.
 
@@ -123,14 +98,13 @@ def read_entropy(lookup: Lookup) -> torch.Tensor:
 
 
 def heal_addressing(
-    memories: list[ProductKeyMemory], inputs: dict[int, list[torch.Tensor]], config: HealConfig
+    memories: list[ProductKeyMemory], inputs: dict[int, list[torch.Tensor]], config: HealSection
 ) -> HealReport | None:
     """Adam on each memory's query projection and keys, minimising the slot-usage imbalance.
 
     `inputs` are the base model's hidden states at each memory layer (`memory_inputs`): the
     addressing is all that changes, so one forward pass over the corpus serves every step.
     """
-    config.validate()
     if config.steps == 0:
         return None
     if any(bool(m.values.detach().any()) for m in memories):
@@ -173,7 +147,7 @@ def _tail_mean(values: list[float]) -> float:
 
 
 def prepare_memory(
-    model: PreTrainedModel, memories: list[ProductKeyMemory], sequences: list[list[int]], heal: HealConfig,
+    model: PreTrainedModel, memories: list[ProductKeyMemory], sequences: list[list[int]], heal: HealSection,
     progress: bool = False,
 ) -> tuple[HealReport | None, dict[int, BackgroundStats]]:
     """Query calibration, healing, then background statistics, all from one pass over the general text."""

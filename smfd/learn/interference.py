@@ -35,8 +35,6 @@ from smfd.paths import builtin_file, read_prompts
 
 FACT_PROMPTS = "fact_prompts.txt"  # shipped beside the default probes
 FACT_TOKENS = 48  # sampled tokens per statement: one or two sentences
-FACT_SEQUENCES = 256  # statements sampled by default (memory.fact_sequences)
-RETAIN_TOKENS = 16384  # tokens the penalty watches by default: all the statements, then general text
 
 
 @dataclass

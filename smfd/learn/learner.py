@@ -40,7 +40,8 @@ log = structlog.get_logger("smfd.learn.learner")
 
 def _step_footprint(settings: LearnSettings) -> tuple:
     """The settings that decide how much memory one update step holds."""
-    return settings.batch_size, settings.seq_len, settings.update.prefix_cache_mb, settings.update.rule
+    t = settings.train
+    return t.batch_size, t.seq_len, t.prefix_cache_mb, t.selection
 
 
 @dataclass
@@ -81,12 +82,12 @@ class Learner:
         self.model = model
         self.retain = retain
         self.budget = budget or MemoryBudget(model.device, None, None)
-        self.batch_size = settings.batch_size
+        self.batch_size = settings.train.batch_size
         self.background = background
         self.store = store
         self.journal = journal
         self.settings = settings
-        self.updater = SparseUpdater(model.model, model.memories, background, settings.update, retain)
+        self.updater = SparseUpdater(model.model, model.memories, background, settings.train, retain)
 
     def reconfigure(self, settings: LearnSettings) -> None:
         """Apply new learning settings (SIGHUP reload) between updates; a bad one leaves the old in force.
@@ -95,8 +96,8 @@ class Learner:
         rule) plans the batch again, so a reload cannot take the learner past its memory budget.
         Turning the retain penalty on needs a restart (its general-text tokens are collected at start).
         """
-        updater = SparseUpdater(self.model.model, self.model.memories, self.background, settings.update, self.retain)
-        batch_size = min(self.batch_size, settings.batch_size)
+        updater = SparseUpdater(self.model.model, self.model.memories, self.background, settings.train, self.retain)
+        batch_size = min(self.batch_size, settings.train.batch_size)
         if _step_footprint(settings) != _step_footprint(self.settings):
             batch_size = self._planned_batch_size(settings, updater)
         self.settings = settings
@@ -110,17 +111,17 @@ class Learner:
 
     def _planned_batch_size(self, settings: LearnSettings, updater: SparseUpdater) -> int:
         ids = self.model.tokenizer("The quick brown fox jumps over the lazy dog. " * 64, add_special_tokens=False).input_ids
-        sequence = ids[: settings.seq_len]
+        sequence = ids[: settings.train.seq_len]
         # The surprise-weighted rule ranks slots by each token's surprise: the measured step needs it too.
-        surprise = [self._sequence_surprise([sequence])[tuple(sequence)]] if settings.update.rule == "surprise-kl" else None
+        surprise = [self._sequence_surprise([sequence])[tuple(sequence)]] if settings.train.selection == "surprise-kl" else None
 
         def measure(n: int) -> None:
             batch = make_batch([sequence] * n, self.model.tokenizer.pad_token_id, None if surprise is None else surprise * n)
             updater.step(batch.to(self.model.device))
             apply_patches(self.model.memories, updater.finish_update(), revert=True)
 
-        cache_bytes = settings.update.prefix_cache_mb * MIB
-        batch_size = self.budget.plan_batch_size(settings.batch_size, measure, reserved_bytes=cache_bytes)
+        cache_bytes = settings.train.prefix_cache_mb * MIB
+        batch_size = self.budget.plan_batch_size(settings.train.batch_size, measure, reserved_bytes=cache_bytes)
         log.info("batch_planned", batch_size=batch_size, budget_bytes=self.budget.limit_bytes,
                  device=self.budget.device_label)
         return batch_size
@@ -131,11 +132,13 @@ class Learner:
     # ---- stage 1: documents -> chunks ------------------------------------------------
     def chunk_claimed_documents(self) -> int:
         """Claim queued documents and store their chunks in the journal; returns documents claimed."""
-        claimed = self.journal.claim_queued(self.settings.max_documents)
+        claimed = self.journal.claim_queued(self.settings.train.max_documents)
         for doc in claimed:
             try:
                 text = Path(doc.spool_path).read_text(encoding="utf-8")
-                chunks = chunk_text(text, self.count_tokens, self.settings.chunk_tokens, self.settings.title_context)
+                chunking = self.settings.chunking
+                chunks = chunk_text(text, self.count_tokens, chunking.max_tokens, title_context=chunking.title_context,
+                                    overlap_sentences=chunking.overlap_sentences)
             except (OSError, SmfdError) as exc:
                 log.warning("document_failed", doc_id=doc.id, reason=str(exc))
                 self.journal.mark_failed(doc.id, str(exc))
@@ -158,12 +161,12 @@ class Learner:
                 known.append(chunk)  # a single token carries no prediction to learn
             else:
                 scorable.append(chunk)
-        sequences = [encode(tokenizer, [c.text], self.settings.seq_len)[0] for c in scorable]
+        sequences = [encode(tokenizer, [c.text], self.settings.train.seq_len)[0] for c in scorable]
         scored = self._sequence_surprise(sequences)
         for chunk, sequence in zip(scorable, sequences):
             mean = float(scored[tuple(sequence)].sum()) / max(len(sequence) - 1, 1)
             means.append(mean)
-            (known if mean < self.settings.skip_below_nats else learn).append(chunk)
+            (known if mean < self.settings.surprise.skip_below_nats else learn).append(chunk)
         return learn, known, means, scored
 
     # ---- stage 3: the update ----------------------------------------------------------
@@ -229,7 +232,8 @@ class Learner:
         for doc_id, rows in by_document.items():
             texts = [c.text for c in rows]
             lesson = build_lesson(self.model, s, self._document_text(doc_id, texts), texts, self.batch_size, scored=scored)
-            batches += lesson_batches(lesson, self.batch_size, s.passes, self.model.tokenizer.pad_token_id, 0, self.model.device)
+            batches += lesson_batches(lesson, self.batch_size, s.train.passes, self.model.tokenizer.pad_token_id, 0,
+                                      self.model.device)
         return batches
 
     def _document_text(self, doc_id: int, chunk_texts: list[str]) -> str:

@@ -9,17 +9,18 @@ token's surprise (for slot ranking) and, with context distillation on, the teach
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import structlog
 import torch
 
 from smfd.model.batch import TeacherTarget, encode, epoch_batches
-from smfd.learn.distill import DistillConfig, build_queries, teacher_targets
+from smfd.learn.distill import build_queries, teacher_targets
 from smfd.model.memory_model import MemoryModel
 from smfd.text.restate import training_texts
 from smfd.learn.surprise import sequence_surprise
-from smfd.learn.updater import UpdateConfig
+from smfd.config import ChunkingSection, SmfdConfig, SurpriseSection, TrainSection
 from smfd.model.batch import TokenBatch
 
 log = structlog.get_logger("smfd.learn.lesson")
@@ -30,19 +31,22 @@ TokenSurprise = dict[tuple[int, ...], torch.Tensor]
 
 @dataclass(frozen=True)
 class LearnSettings:
-    """What an update does; built from the config's train/chunking/surprise sections."""
+    """A typed view of the config sections an update reads; every default lives in the schema."""
 
-    # The retain penalty on the model's own statements of fact (smfd.learn.interference) is part of the recipe.
-    update: UpdateConfig = UpdateConfig(retain_weight=5.0)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    passes: int = 8
-    batch_size: int = 8
-    seq_len: int = 128
-    restate: bool = True
-    chunk_tokens: int = 96
-    title_context: bool = True
-    skip_below_nats: float = 0.5
-    max_documents: int = 1
+    train: TrainSection = field(default_factory=TrainSection)
+    chunking: ChunkingSection = field(default_factory=ChunkingSection)
+    surprise: SurpriseSection = field(default_factory=SurpriseSection)
+
+    @classmethod
+    def from_config(cls, cfg: SmfdConfig) -> LearnSettings:
+        return cls(cfg.train, cfg.chunking, cfg.surprise)
+
+    def with_train(self, **changes: Any) -> LearnSettings:
+        """These settings with some train keys changed, validated by the schema (distill: a dict of its keys)."""
+        data = self.train.model_dump()
+        if "distill" in changes:
+            changes["distill"] = {**data["distill"], **changes["distill"]}
+        return replace(self, train=TrainSection.model_validate({**data, **changes}))
 
 
 @dataclass
@@ -83,15 +87,15 @@ def build_lesson(
     the document moves each prediction. A document that yields no query is learned by
     next-token training (logged). `scored` holds surprise already computed for some sequences.
     """
-    wants_surprise = settings.update.rule == "surprise-kl"
-    if settings.distill.enabled:
+    wants_surprise = settings.train.selection == "surprise-kl"
+    if settings.train.distill.enabled:
         rng = random.Random(seed)
-        groups = [(context, part, build_queries(part, settings.distill, rng))
-                  for context, part in teacher_contexts(memory_model, document, chunks, settings.distill.max_context_tokens)]
+        groups = [(context, part, build_queries(part, settings.train.distill, rng))
+                  for context, part in teacher_contexts(memory_model, document, chunks, settings.train.distill.max_context_tokens)]
         if any(queries for _, _, queries in groups):
             return _distilled_lesson(memory_model, settings, groups, batch_size, wants_surprise)
         log.info("distill_skipped", reason="no sentence long enough to build a query from; next-token training")
-    sequences = encode(memory_model.tokenizer, training_texts(chunks, settings.restate), settings.seq_len)
+    sequences = encode(memory_model.tokenizer, training_texts(chunks, settings.train.restate), settings.train.seq_len)
     surprise = _surprise(memory_model, sequences, batch_size, scored) if wants_surprise else None
     return Lesson(sequences, surprise, None)
 
@@ -104,8 +108,8 @@ def _distilled_lesson(
     teacher: list[TeacherTarget] = []
     mm = memory_model
     for context, part, queries in groups:
-        seqs = encode(mm.tokenizer, training_texts(part, settings.restate) + queries, settings.seq_len)
-        targets = teacher_targets(mm.model, mm.tokenizer, mm.memories, context, seqs, settings.distill, batch_size, mm.device)
+        seqs = encode(mm.tokenizer, training_texts(part, settings.train.restate) + queries, settings.train.seq_len)
+        targets = teacher_targets(mm.model, mm.tokenizer, mm.memories, context, seqs, settings.train.distill, batch_size, mm.device)
         kept = [(seq, target) for seq, target in zip(seqs, targets) if bool(target.trained.any())]  # else nothing to learn
         sequences += [seq for seq, _ in kept]
         teacher += [target for _, target in kept]

@@ -17,55 +17,16 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from smfd.config import TrainSection
 from smfd.errors import SmfdError
 from smfd.model.batch import TokenBatch
 from smfd.model.memory import Lookup, ProductKeyMemory
 from smfd.model.prefix import PrefixCache
 from smfd.model.retrofit import decoder_layers
-from smfd.learn.interference import RETAIN_TOKENS, RetainSet
+from smfd.learn.interference import RetainSet
 from smfd.store.patches import LayerPatch, PatchRecorder
-from smfd.learn.selection import RULES, batch_reads, select_slots, top_slots
+from smfd.learn.selection import batch_reads, select_slots, top_slots
 from smfd.model.slot_stats import BackgroundStats
-
-
-@dataclass(frozen=True)
-class UpdateConfig:
-    rule: str = "surprise-kl"
-    top_t: int = 1000
-    lr: float = 12.0
-    normalize: bool = True
-    # With normalize: divide by the RMS of the update's first gradient (per layer) instead of each
-    # step's own, so steps shrink as the loss falls instead of staying lr-sized forever.
-    normalize_once: bool = False
-    # "step": top-t chosen afresh for every optimizer step (Lin et al.); "update": chosen once from all
-    # of an update's training text, so one update (one document batch) touches at most top_t rows per layer.
-    scope: str = "update"
-    # Weight of the interference penalty (smfd.learn.interference): squared change of the memory's output on
-    # the retain tokens, relative to the MLP's output; 0 turns it off. The daemon's and the
-    # benchmark's recipe (LearnSettings) turns it on, with the model's own statements of fact.
-    retain_weight: float = 0.0
-    retain_tokens: int = RETAIN_TOKENS  # tokens in the retain set
-    # MiB for each sequence's hidden state entering the lowest memory layer, kept for the rest of
-    # the update (smfd.model.prefix): same results, later passes skip the blocks below; 0 turns it off.
-    prefix_cache_mb: int = 256
-    # Weight of the next-token NLL beside the distillation KL, for batches with teacher targets (smfd.learn.distill).
-    ce_weight: float = 0.0
-
-    def validate(self) -> None:
-        if self.scope not in ("step", "update"):
-            raise SmfdError(f"selection scope must be 'step' or 'update', got {self.scope!r}")
-        if self.rule not in RULES:
-            raise SmfdError(f"unknown selection rule {self.rule!r}; choose one of {', '.join(RULES)}")
-        if self.top_t < 1:
-            raise SmfdError(f"top_t must be >= 1, got {self.top_t}")
-        if not self.lr > 0:
-            raise SmfdError(f"learning rate must be > 0, got {self.lr}")
-        if not self.retain_weight >= 0:
-            raise SmfdError(f"retain_weight must be >= 0, got {self.retain_weight}")
-        if not self.ce_weight >= 0:
-            raise SmfdError(f"ce_weight must be >= 0, got {self.ce_weight}")
-        if self.prefix_cache_mb < 0:
-            raise SmfdError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
 
 
 @dataclass
@@ -86,16 +47,22 @@ def distill_loss(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logpro
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
-def causal_lm_loss(model: PreTrainedModel, batch: TokenBatch, ce_weight: float = 1.0) -> torch.Tensor:
-    """The training loss over trained tokens, applying the LM head only where a loss is taken (the big vocab matmul).
-
-    A batch with teacher targets is trained on KL(teacher ‖ student) plus `ce_weight` times the
-    next-token NLL; any other batch on the NLL alone.
-    """
+def _trained_logits(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
+    """Logits at the positions whose next token is trained: the LM head (the big vocab matmul) runs only there."""
     hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    predict_from = batch.loss_mask[:, 1:].bool()
-    logits = model.get_output_embeddings()(hidden[:, :-1][predict_from])
-    nll = F.cross_entropy(logits.float(), batch.input_ids[:, 1:][predict_from])
+    return model.get_output_embeddings()(hidden[:, :-1][batch.loss_mask[:, 1:].bool()])
+
+
+def causal_lm_loss(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
+    """Mean next-token NLL over trained tokens."""
+    return F.cross_entropy(_trained_logits(model, batch).float(), batch.input_ids[:, 1:][batch.loss_mask[:, 1:].bool()])
+
+
+def lesson_loss(model: PreTrainedModel, batch: TokenBatch, ce_weight: float) -> torch.Tensor:
+    """An update's loss: KL(teacher ‖ student) plus `ce_weight` times the next-token NLL for a batch
+    with teacher targets (smfd.learn.distill); the next-token NLL alone for any other batch."""
+    logits = _trained_logits(model, batch)
+    nll = F.cross_entropy(logits.float(), batch.input_ids[:, 1:][batch.loss_mask[:, 1:].bool()])
     if batch.teacher_ids is None or batch.teacher_logprobs is None:
         return nll
     trained = batch.loss_mask.bool()
@@ -129,10 +96,9 @@ class SparseUpdater:
         model: PreTrainedModel,
         memories: list[ProductKeyMemory],
         background: dict[int, BackgroundStats],
-        config: UpdateConfig,
+        config: TrainSection,
         retain: RetainSet | None = None,
     ) -> None:
-        config.validate()
         if config.retain_weight > 0 and retain is None:
             raise SmfdError("retain_weight > 0 needs a retain set of general-text tokens")
         missing = [m.layer_index for m in memories if m.layer_index not in background]
@@ -178,7 +144,7 @@ class SparseUpdater:
                 with self.prefix.forward_for(batch):
                     self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                 mask, surprise = read_weights(batch)
-                weights = mask.double() if surprise is None or self.config.rule != "surprise-kl" else mask.double() * surprise.double().clamp_min(0)
+                weights = mask.double() if surprise is None or self.config.selection != "surprise-kl" else mask.double() * surprise.double().clamp_min(0)
                 for memory in self.memories:
                     reads[memory.layer_index].append(batch_reads(memory.last_lookup, weights))
         finally:
@@ -186,7 +152,7 @@ class SparseUpdater:
                 memory.record_lookup = False
                 memory.last_lookup = None
         self.planned = {
-            layer: top_slots(self.config.rule, torch.cat([r for r, _ in pairs]), torch.cat([w for _, w in pairs]),
+            layer: top_slots(self.config.selection, torch.cat([r for r, _ in pairs]), torch.cat([w for _, w in pairs]),
                              self.background[layer], self.config.top_t)
             for layer, pairs in reads.items()
         }
@@ -196,7 +162,7 @@ class SparseUpdater:
             if self.planned is not None:
                 return self.planned[memory.layer_index]
             stats = self.background[memory.layer_index]
-            return select_slots(self.config.rule, lookup, mask, surprise, stats, self.config.top_t)
+            return select_slots(self.config.selection, lookup, mask, surprise, stats, self.config.top_t)
 
         return choose
 
@@ -237,7 +203,7 @@ class SparseUpdater:
             memory.select_rows = selector
         try:
             with self.prefix.forward_for(batch):
-                loss = causal_lm_loss(self.model, batch, self.config.ce_weight)
+                loss = lesson_loss(self.model, batch, self.config.distill.ce_weight)
             total = loss + self._interference(loss)
             if total.requires_grad:  # else no slot qualified (e.g. every sequence is one trained token long)
                 total.backward()

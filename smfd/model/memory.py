@@ -19,65 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smfd.errors import SmfdError
-
-
-@dataclass(frozen=True)
-class MemoryConfig:
-    """Sizes of every memory layer retrofitted into a model."""
-
-    # Decoder layers that get a memory; negative numbers count from the top (-1 is the last block),
-    # so one config fits models of any depth. Near the top a reworded prompt reads more of the rows
-    # its original wording trained, so learned facts answer more paraphrases (measured: README).
-    layers: tuple[int, ...] = (-2,)
-    n_keys: int = 512
-    heads: int = 4
-    k: int = 8
-    key_dim: int = 128
-    seed: int = 0
-    # Standardise each query dimension with statistics of general text (smfd.learn.heal.calibrate_from_inputs):
-    # a pretrained model's hidden states share a large common direction, so raw queries all land on
-    # the same popular slots, and a row trained for new text is then read by most ordinary tokens.
-    query_norm: bool = True
-    # Softmax temperature over the k slot scores of each head. Below 1 a token's read concentrates on
-    # its best-matching slots: an update then trains the rows its text really addresses, and ordinary
-    # text that merely has such a row somewhere in its top-k reads it with a small weight.
-    read_temperature: float = 0.3
-    # Reads whose softmax weight (within the head) is at most this count for nothing: neither in
-    # the output nor in slot statistics and selection. A row trained for new text then changes
-    # only the tokens that address it squarely, not the many that have it among their weak
-    # candidates, which is where most known facts were lost. 0 turns it off.
-    min_read_weight: float = 0.2
-
-    @property
-    def n_slots(self) -> int:
-        return self.n_keys * self.n_keys
-
-    def layer_indices(self, n_layers: int) -> list[int]:
-        """The chosen decoder layers as indices into a stack of `n_layers`, negative ones counted from the top."""
-        if not self.layers:
-            raise SmfdError("memory.layers is empty: name at least one decoder layer")
-        bad = [layer for layer in self.layers if not -n_layers <= layer < n_layers]
-        if bad:
-            raise SmfdError(f"memory.layers {bad} out of range: the model has {n_layers} decoder layers "
-                            f"(0..{n_layers - 1}, or -{n_layers}..-1 counted from the top)")
-        indices = [layer % n_layers for layer in self.layers]
-        if len(set(indices)) != len(indices):
-            raise SmfdError(f"memory.layers {list(self.layers)} names a layer twice (model of {n_layers} layers)")
-        return sorted(indices)
-
-    def validate(self, n_layers: int) -> None:
-        self.layer_indices(n_layers)
-        if self.key_dim % 2:
-            raise SmfdError(f"memory.key_dim must be even (it is split in two halves), got {self.key_dim}")
-        if not 1 <= self.k <= self.n_keys:
-            raise SmfdError(f"memory.k={self.k} must be between 1 and memory.n_keys={self.n_keys}")
-        if self.heads < 1:
-            raise SmfdError(f"memory.heads must be >= 1, got {self.heads}")
-        if not self.read_temperature > 0:
-            raise SmfdError(f"memory.read_temperature must be > 0, got {self.read_temperature}")
-        if not 0 <= self.min_read_weight < 1:
-            raise SmfdError(f"memory.min_read_weight must be in [0, 1), got {self.min_read_weight}")
+from smfd.config import MemorySection
 
 
 @dataclass
@@ -111,7 +53,7 @@ SelectRows = Callable[["ProductKeyMemory", Lookup], torch.Tensor]
 class ProductKeyMemory(nn.Module):
     """A product-key memory read additively beside a decoder layer's MLP. Zero values => zero output."""
 
-    def __init__(self, hidden_size: int, config: MemoryConfig, layer_index: int) -> None:
+    def __init__(self, hidden_size: int, config: MemorySection, layer_index: int) -> None:
         super().__init__()
         self.config = config
         self.layer_index = layer_index

@@ -7,7 +7,7 @@ benchmark and the CLI hold one each.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +15,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from smfd.errors import SmfdError
 from smfd.model.loading import ModelSource, load_base_model
-from smfd.model.memory import MemoryConfig, ProductKeyMemory
+from smfd.config import MemorySection
+from smfd.model.memory import ProductKeyMemory
 from smfd.model.retrofit import attach_memory, memory_bypassed
 
 
@@ -32,14 +33,14 @@ class MemoryModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     memories: list[ProductKeyMemory]
-    memory_config: MemoryConfig
+    memory_config: MemorySection
     source: ModelSource | None = None
 
     @classmethod
     def load(
         cls,
         model_path: str | Path,
-        memory_config: MemoryConfig,
+        memory_config: MemorySection,
         cache_dir: Path | None = None,
         device: str = "auto",
     ) -> "MemoryModel":
@@ -52,7 +53,7 @@ class MemoryModel:
         cls,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        memory_config: MemoryConfig,
+        memory_config: MemorySection,
         source: ModelSource | None = None,
     ) -> "MemoryModel":
         memories = attach_memory(model, memory_config)
@@ -99,7 +100,7 @@ class MemoryModel:
             "model": self.source.display_name if self.source else type(self.model).__name__,
             "base_parameters": n_base,
             "memory_parameters": n_memory,
-            "memory": asdict(self.memory_config),
+            "memory": self.memory_config.shape(),
         }
 
 

@@ -13,7 +13,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from smfd.errors import SmfdError
-from smfd.model.memory import MemoryAugmentedMLP, MemoryConfig, ProductKeyMemory
+from smfd.config import MemorySection
+from smfd.model.memory import MemoryAugmentedMLP, ProductKeyMemory
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
@@ -26,10 +27,9 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     return layers
 
 
-def attach_memory(model: PreTrainedModel, config: MemoryConfig) -> list[ProductKeyMemory]:
+def attach_memory(model: PreTrainedModel, config: MemorySection) -> list[ProductKeyMemory]:
     """Wrap each chosen layer's MLP so it adds a memory read; returns the memory modules in layer order."""
     layers = decoder_layers(model)
-    config.validate(len(layers))
     hidden_size = int(model.config.hidden_size)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,12 +27,14 @@ from safetensors.torch import load_file, save_file
 
 from smfd.durable import atomic_write, atomic_write_json
 from smfd.errors import SmfdError
-from smfd.model.memory import MemoryConfig
+from smfd.config import MemorySection
 from smfd.model.memory_model import MemoryModel
 from smfd.store.patches import LayerPatch, apply_patches, load_patches, save_patches
 from smfd.model.slot_stats import BackgroundStats
 
-FORMAT = 1
+# The state format. 2: settings recorded as the config schema's sections (memory shape incl. seed,
+# healing incl. seed), no fallbacks for states that did not record them. Older formats are refused.
+FORMAT = 2
 
 
 def _values_key(layer: int) -> str:
@@ -61,7 +62,11 @@ class CheckpointStore:
         except json.JSONDecodeError as exc:
             raise SmfdError(f"checkpoint manifest {self.manifest_path} is corrupt: {exc}") from exc
         if manifest.get("format") != FORMAT:
-            raise SmfdError(f"checkpoint {self.folder} has format {manifest.get('format')}, expected {FORMAT}")
+            raise SmfdError(
+                f"checkpoint {self.folder} has state format {manifest.get('format')}, this smfd reads format {FORMAT}: "
+                "move the state_dir away to start learning again from the base model (the documents in its "
+                "spool can be dropped into the inbox again), or run the smfd version that wrote it"
+            )
         return manifest
 
     def check_settings(self, settings: dict, n_layers: int | None = None) -> None:
@@ -70,13 +75,11 @@ class CheckpointStore:
         Memory shape, read temperature, healing and the background text are baked into version 0
         (healed keys, calibrated queries, slot statistics) and every patch since was learned
         under them; loading the rows under other settings would read them wrongly without any
-        error. A state from before settings were recorded is checked on its memory shape only.
-        With the model's depth `n_layers`, memory layers are compared as the blocks they name,
+        error. With the model's depth `n_layers`, memory layers are compared as the blocks they name,
         so `[28]` and `[-2]` are the same on a 30-layer model.
         """
         manifest = self.manifest()
         recorded = dict(manifest.get("settings") or {})
-        recorded.setdefault("memory", manifest.get("memory"))
         changed = _changed_settings(recorded, settings, n_layers)
         if changed:
             raise SmfdError(
@@ -109,7 +112,7 @@ class CheckpointStore:
             "format": FORMAT,
             "version": 0,
             "base_version": 0,
-            "memory": asdict(model.memory_config),
+            "memory": model.memory_config.shape(),
             "model": model.source.display_name if model.source else None,
             "created_at": time.time(),
             "settings": settings or {},
@@ -223,10 +226,6 @@ class CheckpointStore:
         return target
 
 
-# Settings added after states were first recorded: a state without the key was made with this value.
-_BEFORE_RECORDED = {("memory", "min_read_weight"): 0.0}
-
-
 def _changed_settings(recorded: dict, settings: dict, n_layers: int | None = None) -> list[str]:
     """'section.key: state has X, config says Y' for every recorded setting the config changes."""
     changed = []
@@ -234,7 +233,6 @@ def _changed_settings(recorded: dict, settings: dict, n_layers: int | None = Non
         old = recorded.get(section)
         if not isinstance(old, dict):
             continue
-        old = {**{key: value for (name, key), value in _BEFORE_RECORDED.items() if name == section}, **old}
         for key, value in values.items():
             if key in old and not _same_setting(section, key, old[key], value, n_layers):
                 changed.append(f"{section}.{key}: state has {_normalised(old[key])!r}, config says {_normalised(value)!r}")
@@ -250,8 +248,8 @@ def _same_setting(section: str, key: str, old: object, new: object, n_layers: in
 def _blocks(layers: object, n_layers: int) -> object:
     """Layer numbers as the block indices the memory attaches to; values that name no blocks as they are."""
     try:
-        return MemoryConfig(layers=tuple(layers)).layer_indices(n_layers)  # type: ignore[arg-type]
-    except (SmfdError, TypeError):
+        return MemorySection(layers=tuple(layers)).layer_indices(n_layers)  # type: ignore[arg-type]
+    except (SmfdError, TypeError, ValueError):
         return _normalised(layers)
 
 

@@ -204,8 +204,9 @@ def chunk_text(
     text: str,
     count_tokens: TokenCounter,
     max_tokens: int,
-    title_context: bool = True,
-    overlap_sentences: int = 0,
+    *,
+    title_context: bool,
+    overlap_sentences: int,
 ) -> list[Chunk]:
     """Split ``text`` into chunks of whole sentences, each at most ``max_tokens`` tokens.
 
