@@ -17,7 +17,8 @@ import pytest
 
 from smfd import __version__
 from smfd.errors import ConfigError, SmfdError
-from smfd.ingest.feeds import FeedSource, html_to_text, parse_retry_after
+from smfd.ingest.feed_entries import html_to_text, parse_retry_after
+from smfd.ingest.feeds import FeedSource
 
 RSS_TEMPLATE = """<?xml version="1.0" encoding="utf-8"?>
 <rss version="2.0"><channel><title>Test feed</title><link>http://example.org/</link>

@@ -10,21 +10,15 @@ from smfd.learn.budget import MemoryBudget
 from smfd.config import GuardSection, ProbesSection
 from smfd.errors import SmfdError
 from smfd.learn.learner import Learner
-from smfd.guard.retention import RetentionProbes, judge
+from smfd.guard.retention import RetentionProbes
+from smfd.guard.verdict import Guard, RollbackReason, judge
 
 
 from test_learner import SETTINGS, make_learner, submit_all
 
 
 def guard_for(probes: RetentionProbes, section: GuardSection):
-    accepted = probes.measure(fast=True)
-
-    def check():
-        after = probes.measure(fast=True)
-        ok, reason = judge(accepted, after, section)
-        return ok, reason, {"before": accepted, "after": after}
-
-    return check
+    return Guard(probes, section).check
 
 
 def test_guard_reverts_a_harmful_update_bit_exactly(tmp_path, tiny_memory_model, background, store, journal,
@@ -66,18 +60,18 @@ def test_guard_accepts_a_gentle_update(tmp_path, tiny_memory_model, background, 
 def test_judge_names_the_measure_that_failed():
     before = {"facts": {"accuracy": 0.9, "nll": 2.0}, "drift": {"kl": 0.01}}
     section = GuardSection(max_accuracy_drop=0.02, max_nll_increase_ratio=0.02, max_drift_kl=0.05)
-    assert judge(before, {"facts": {"accuracy": 0.85, "nll": 2.0}}, section) == (False, "accuracy")
-    assert judge({"heldout": {"nll": 2.0}}, {"heldout": {"nll": 2.1}}, section) == (False, "nll")
-    assert judge(before, {"drift": {"kl": 0.07}}, section) == (False, "drift")
-    assert judge(before, {"facts": {"accuracy": 0.89, "nll": 2.03}, "drift": {"kl": 0.05}}, section) == (True, "")
+    assert judge(before, {"facts": {"accuracy": 0.85, "nll": 2.0}}, section) is RollbackReason.ACCURACY
+    assert judge({"heldout": {"nll": 2.0}}, {"heldout": {"nll": 2.1}}, section) is RollbackReason.NLL
+    assert judge(before, {"drift": {"kl": 0.07}}, section) is RollbackReason.DRIFT
+    assert judge(before, {"facts": {"accuracy": 0.89, "nll": 2.03}, "drift": {"kl": 0.05}}, section) is None
 
 
 def test_judge_takes_a_fact_suites_accuracy_over_its_answer_nll():
     section = GuardSection(max_accuracy_drop=0.02, max_nll_increase_ratio=0.02)
     before = {"facts": {"accuracy": 1.0, "nll": 0.60}}
     # A 15% rise of a small answer NLL with every answer still right is not a loss of the facts.
-    assert judge(before, {"facts": {"accuracy": 1.0, "nll": 0.69}}, section) == (True, "")
-    assert judge(before, {"facts": {"accuracy": 0.875, "nll": 0.61}}, section) == (False, "accuracy")
+    assert judge(before, {"facts": {"accuracy": 1.0, "nll": 0.69}}, section) is None
+    assert judge(before, {"facts": {"accuracy": 0.875, "nll": 0.61}}, section) is RollbackReason.ACCURACY
 
 
 def test_a_budget_that_cannot_fit_one_sequence_is_a_clear_error(tiny_memory_model, background, store, journal):

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from smfd.errors import SmfdError
-from smfd.ingest.journal import DOCUMENT_STATES, Journal
+from smfd.ingest.journal import DOCUMENT_STATES, ChunkState, Journal
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def test_same_content_hash_is_recorded_as_duplicate_and_not_queued(journal):
 
     assert (first_dup, second_dup) == (False, True)
     assert journal.get_document(second).duplicate_of == first
-    assert [row.id for row in journal.next_queued(10)] == [first]
+    assert [row.id for row in journal.documents("queued", 10)] == [first]
     counts = journal.counts()
     assert set(counts) == set(DOCUMENT_STATES)
     assert counts["queued"] == 1 and counts["duplicate"] == 1
@@ -42,7 +42,7 @@ def test_processing_rows_are_requeued_by_a_new_instance_after_a_crash(tmp_path):
 
     restarted = Journal(path)
     assert restarted.requeue_processing() == 1
-    assert [row.id for row in restarted.next_queued(10)] == [a, b]
+    assert [row.id for row in restarted.documents("queued", 10)] == [a, b]
     assert restarted.counts()["processing"] == 0
     restarted.close()
     crashed.close()
@@ -70,7 +70,7 @@ def test_quarantined_content_arriving_again_is_a_duplicate(journal):
 def test_chunk_lifecycle_and_done_only_from_processing(journal):
     doc_id, _ = journal.add_document("hc", "watch", "c.txt", None, 100)
     other, _ = journal.add_document("hd", "watch", "d.txt", None, 100)
-    journal.mark_processing([doc_id])
+    assert [row.id for row in journal.claim_queued(1)] == [doc_id]
     ids = journal.add_chunks(doc_id, [("first chunk", 7), ("second chunk", 5)])
 
     assert journal.pending_chunk_count() == 2
@@ -78,8 +78,8 @@ def test_chunk_lifecycle_and_done_only_from_processing(journal):
     assert [chunk.text for chunk in journal.pending_chunks(limit=1)] == ["first chunk"]
     assert journal.finished_processing_ids() == []
 
-    journal.set_chunk_state(ids, "learned", surprise=[3.5, 0.25])
-    assert [chunk.surprise for chunk in journal.chunks_for(doc_id)] == [3.5, 0.25]
+    assert journal.set_chunk_state(ids, ChunkState.LEARNED) == 2
+    assert [chunk.state for chunk in journal.chunks_for(doc_id)] == ["learned", "learned"]
     assert journal.finished_processing_ids() == [doc_id]
     assert journal.pending_token_count() == 0
 
@@ -101,8 +101,6 @@ def test_bad_states_and_unknown_documents_are_refused(journal):
         journal.set_chunk_state([1], "eaten")
     with pytest.raises(SmfdError, match="no document with id 99"):
         journal.mark_failed(99, "x")
-    with pytest.raises(SmfdError, match="2 chunk ids but 1 surprise"):
-        journal.set_chunk_state([1, 2], "known", surprise=[0.1])
 
 
 def test_updates_are_recorded_and_read_back_newest_first(journal):

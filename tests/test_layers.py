@@ -8,6 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "smfd"
+MAX_MODULE_LINES = 400
 # Lowest first. A module may import its own layer and the layers below it, never a layer above.
 LAYERS = [
     ("__init__", "errors", "durable", "config", "paths"),  # shared ground: no stage knowledge
@@ -15,8 +16,8 @@ LAYERS = [
     ("model",),  # loading, memory layers, batch types, slot statistics, scoring
     ("store",),  # checkpoints and patches
     ("ingest",),  # sources, intake, journal, sidecars
-    ("learn",),  # surprise, lesson, selection, update, the learner
-    ("guard",),  # probes and the verdict
+    ("guard",),  # retention probes and the verdict the learner acts on
+    ("learn",),  # surprise, lesson, selection, update, the learner (which asks the guard)
     ("observe",),  # metrics, HTTP, logs, systemd
     ("daemon",),  # start-up and the loop
     ("bench",),  # the benchmark drives the same stages
@@ -82,3 +83,9 @@ def test_no_import_circle():
         if module not in state:
             visit(module, [])
 
+
+
+def test_no_module_outgrows_a_readable_size():
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert long == {}, f"modules over {MAX_MODULE_LINES} lines: {long}"

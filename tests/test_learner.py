@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from smfd.config import ChunkingSection, SurpriseSection
+from smfd.guard.verdict import RollbackReason, Verdict
 from smfd.ingest.journal import Journal
 from smfd.learn.learner import Learner, LearnSettings
 from engine_settings import learn_settings, train_section
@@ -66,7 +67,7 @@ def test_update_learns_queued_documents_and_marks_them_done_with_the_checkpoint_
 
     def guard():
         seen_by_guard.append(not bit_identical(snapshot_values(tiny_memory_model), before))
-        return True, "", {"drift": 0.01}
+        return Verdict(True, None, {"drift": 0.01})
 
     outcome = make_learner(tiny_memory_model, background, store, journal).update(guard=guard)
 
@@ -131,7 +132,7 @@ def test_rejecting_guard_leaves_memory_untouched_and_records_an_unaccepted_updat
     before = snapshot_values(tiny_memory_model)
 
     outcome = make_learner(tiny_memory_model, background, store, journal).update(
-        guard=lambda: (False, "drift", {"drift": 0.9, "probe": "known_facts"})
+        guard=lambda: Verdict(False, RollbackReason.DRIFT, {"drift": 0.9, "probe": "known_facts"})
     )
 
     assert not outcome.accepted and outcome.reason == "drift" and outcome.version == 0

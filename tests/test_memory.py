@@ -14,7 +14,7 @@ from smfd.learn.heal import calibrate_from_inputs, memory_inputs
 from smfd.config import MemorySection
 from smfd.model.memory import ProductKeyMemory
 from smfd.model.memory_model import MemoryModel
-from smfd.model.retrofit import attach_memory, find_memories
+from smfd.model.retrofit import attach_memory
 from engine_settings import changed
 
 
@@ -43,7 +43,7 @@ def test_attach_on_several_layers_also_leaves_logits_bit_identical(make_base_mod
     model = MemoryModel.attach(make_base_model(), tokenizer, config)
 
     assert [m.layer_index for m in model.memories] == [0, 2]
-    assert [m.layer_index for m in find_memories(model.model)] == [0, 2]
+    assert [m.layer_index for m in _memories(model.model)] == [0, 2]
     assert torch.equal(logits(model.model, input_ids), base)
 
 
@@ -73,7 +73,7 @@ def test_layers_the_model_lacks_raise_smfd_error_and_leave_the_model_alone(make_
     with pytest.raises(SmfdError, match=re.escape(named)):
         MemoryModel.attach(base, tokenizer, bad)
     # Validation happens before any layer is wrapped: the model is left as it was.
-    assert find_memories(base) == []
+    assert _memories(base) == []
     assert all(torch.equal(p, before[name]) for name, p in base.named_parameters())
 
 
@@ -251,3 +251,8 @@ def test_reads_at_or_below_min_read_weight_count_for_nothing():
 def test_min_read_weight_must_be_a_fraction():
     with pytest.raises(ValidationError, match="min_read_weight"):
         MemorySection(layers=(0,), min_read_weight=1.0)
+
+
+def _memories(model: torch.nn.Module) -> list[ProductKeyMemory]:
+    """The memory layers a model holds, in layer order."""
+    return sorted((m for m in model.modules() if isinstance(m, ProductKeyMemory)), key=lambda m: m.layer_index)

@@ -26,7 +26,7 @@ FACTS = [
 def _update(model, background, batches: list[TokenBatch], config: TrainSection) -> tuple[list[float], dict]:
     updater = SparseUpdater(model.model, model.memories, background, config)
     updater.plan_update(batches)
-    losses = [result.loss for result in updater.run(batches)]
+    losses = [updater.step(batch).loss for batch in batches]
     updater.finish_update()
     return losses, {layer: values.clone() for layer, values in model.values().items()}
 
@@ -75,7 +75,8 @@ def test_steps_after_the_selection_forward_skip_the_blocks_below_memory(tiny_mem
 
     updater.plan_update(batches)
     planned = below.count
-    updater.run(batches)
+    for batch in batches:
+        updater.step(batch)
 
     assert planned > 0 and below.count == planned  # no step ran block 0
     assert memory_block.count == planned + len(batches)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from smfd import systemd_notify
+from smfd.observe import systemd_notify
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "smfd.service"

@@ -137,19 +137,6 @@ def test_step_reports_loss_before_the_step_and_tokens(tiny_memory_model, backgro
     assert 0 < result.rows_selected[1] <= 16
 
 
-def test_run_checks_should_stop_between_steps(tiny_memory_model, background, text_batches):
-    batches = text_batches(FACTS * 3, batch_size=2)
-    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, train_section(selection="kl", top_t=16, lr=0.05))
-    checks = []
-
-    def stop_after_two_steps() -> bool:
-        checks.append(True)
-        return len(checks) > 2
-
-    results = updater.run(batches, should_stop=stop_after_two_steps)
-    assert len(batches) > 2 and len(results) == 2
-
-
 def test_finish_update_patches_cover_exactly_the_changed_rows(tiny_memory_model, background, text_batches):
     before = tiny_memory_model.memories[0].values.detach().clone()
     updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, train_section(selection="tfidf", top_t=8, lr=0.05))
@@ -199,7 +186,8 @@ def test_update_scope_touches_at_most_top_t_rows_per_layer_over_a_whole_update(
     updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, config)
 
     updater.plan_update(batches)
-    updater.run(batches)
+    for batch in batches:
+        updater.step(batch)
     patches = updater.finish_update()
 
     after = snapshot_values(tiny_memory_model)
@@ -300,7 +288,8 @@ def test_rows_only_the_first_token_reads_are_never_trained(tiny_memory_model, ba
                             train_section(selection="tfidf", top_t=n_slots, lr=0.5, scope=scope))
 
     updater.plan_update(batches)
-    updater.run(batches)
+    for batch in batches:
+        updater.step(batch)
     updater.finish_update()
 
     after = snapshot_values(tiny_memory_model)

@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from smfd.errors import SmfdError
-from smfd.learn.updater import StepResult, causal_lm_loss, run_steps
+from smfd.learn.updater import StepResult, causal_lm_loss
 from smfd.model.batch import TokenBatch
 
 
@@ -34,6 +34,19 @@ def _check_optimizer_settings(lr: float, weight_decay: float) -> None:
 
 def _count(parameters: Iterable[torch.nn.Parameter]) -> int:
     return sum(p.numel() for p in parameters)
+
+
+
+def run_steps(
+    step: Callable[[TokenBatch], StepResult], batches: Iterable[TokenBatch], should_stop: Callable[[], bool]
+) -> list[StepResult]:
+    """Step through batches, checking `should_stop` between optimizer steps."""
+    results = []
+    for batch in batches:
+        if should_stop():
+            break
+        results.append(step(batch))
+    return results
 
 
 class _AdamWTrainer:

@@ -15,53 +15,36 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from smfd import systemd_notify
+from smfd.observe import systemd_notify
 from smfd.learn.budget import MemoryBudget
 from smfd.config import SmfdConfig, load_config, validate_model_path
 from smfd.paths import StatePaths
 from smfd.errors import ConfigError, SmfdError
 from smfd.observe.http_server import MetricsServer
-from smfd.ingest.intake import Intake, IntakeResult
-from smfd.ingest.journal import Journal
+from smfd.ingest.intake import Intake
+from smfd.ingest.journal import DocState, Journal
 from smfd.learn.learner import LearnSettings, Learner, UpdateOutcome
 from smfd.observe.logs import configure_logging
-from smfd.observe.metrics import DOCUMENT_OUTCOMES, Metrics
-from smfd.guard.retention import RetentionProbes, judge
+from smfd.observe.metrics import Metrics
+from smfd.daemon.health import HEARTBEAT_STALE_SECONDS, Heartbeats
+from smfd.daemon.probing import Probing
 from smfd.daemon.runtime import open_runtime
-from smfd.ingest.feeds import FeedSource
-from smfd.ingest.watch_folder import WatchFolderSource
+from smfd.daemon.sources import Sources
 
 log = structlog.get_logger("smfd.daemon.service")
 
-HEARTBEAT_STALE_SECONDS = 600.0
 
 
 def _skip_expected_overlap(record: logging.LogRecord) -> bool:
     """Drop APScheduler's warning that a tick found its job still running: the learner drains the
     queue inside one run, so an update tick during a long update is normal, not a warning."""
     return "maximum number of running instances reached" not in record.getMessage()
-
-
-@dataclass
-class Heartbeats:
-    """Last time each worker proved it was alive; the systemd watchdog is only fed while all are fresh."""
-
-    beats: dict[str, float] = field(default_factory=dict)
-    busy: set[str] = field(default_factory=set)
-
-    def beat(self, name: str) -> None:
-        self.beats[name] = time.monotonic()
-
-    def healthy(self, stale_after: float) -> bool:
-        now = time.monotonic()
-        return all(name in self.busy or now - t < stale_after for name, t in self.beats.items())
 
 
 class Daemon:
@@ -79,10 +62,8 @@ class Daemon:
         self.server: MetricsServer | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.learner: Learner | None = None
-        self.watchers: list[WatchFolderSource] = []
-        self.feeds: list[FeedSource] = []
-        self.probes: RetentionProbes | None = None
-        self.accepted_measures: dict = {}
+        self.probing = Probing(self.cfg, self.metrics, self.heartbeats)
+        self.sources: Sources | None = None
 
     def _load(self) -> SmfdConfig:
         cfg = load_config(self.config_path, self.environ)
@@ -113,8 +94,9 @@ class Daemon:
         self.learner = Learner(runtime.model, runtime.background, runtime.store, self.journal, settings, budget,
                                runtime.retain_set(settings, self.cfg))
         self.learner.plan_batch_size()
-        self._start_probes(runtime.model)
-        self._build_sources()
+        self.probing.start(runtime.model)
+        self.sources = Sources(self.cfg, self.intake, self.journal, self.metrics, self.heartbeats, self.paths)
+        self.sources.build(self.cfg)
         self.metrics.set_checkpoint(runtime.version, time.time())
         last = self.journal.last_update()
         if last is not None:
@@ -123,117 +105,20 @@ class Daemon:
         self._report_memory()
         self.ready = True
 
-    def _start_probes(self, model) -> None:
-        """Record the base model's probe results (once) and measure the current state as the accepted one."""
-        if not (self.cfg.probes.builtin or self.cfg.probes.suites):
-            self.probes = None
-            return
-        systemd_notify.status("measuring base probes")
-        self.probes = RetentionProbes(model, self.cfg.probes, self.cfg.state_dir, include_builtin=self.cfg.probes.builtin)
-        base = self.probes.establish_baseline()
-        for suite, values in base.items():
-            self.metrics.set_probe_base(suite, values.get("accuracy"), values["nll"])
-        self.accepted_measures = self.probes.measure(fast=True)
-
-    def guard(self) -> tuple[bool, str, dict]:
-        """Post-update retention check on the learner thread: fast probes versus the last accepted state."""
-        if self.probes is None or not self.cfg.guard.enabled:
-            return True, "", {}
-        started = time.perf_counter()
-        after = self.probes.measure(fast=True)
-        self.metrics.observe_probe_duration(time.perf_counter() - started)
-        ok, reason = judge(self.accepted_measures, after, self.cfg.guard)
-        measures = {"before": self.accepted_measures, "after": after, "probe_seconds": time.perf_counter() - started}
-        if not ok and self.cfg.guard.action == "alert":
-            log.warning("retention_alert", reason=reason, measures=measures)
-            ok = True
-        if ok:
-            self.accepted_measures = after
-            if "drift" in after:
-                self.metrics.set_drift_kl(after["drift"]["kl"])
-        else:
-            self.metrics.rollback(reason)
-        return ok, reason, measures
-
     def run_probes(self) -> None:
         """The full probe set, on a schedule (learner thread only)."""
-        if self.probes is None:
-            return
-        self.heartbeats.busy.add("learner")
-        try:
-            started = time.perf_counter()
-            measures = self.probes.measure(fast=False)
-            recall = self.probes.measure_recall()
-            if recall is not None:
-                measures["recall"] = recall
-                by_kind = {key.removeprefix("accuracy."): value for key, value in recall.items() if key.startswith("accuracy.")}
-                self.metrics.set_recall_accuracy(recall["accuracy"], by_kind)
-            self.metrics.observe_probe_duration(time.perf_counter() - started)
-            for suite, values in measures.items():
-                if suite == "drift":
-                    self.metrics.set_drift_kl(values["kl"])
-                elif suite != "recall":
-                    self.metrics.set_probe(suite, values.get("accuracy"), values["nll"])
-            self.probes.record_last(measures, self.learner.store.version if self.learner else 0)
-            log.info("probes_measured", seconds=round(time.perf_counter() - started, 2), measures=measures)
-        finally:
-            self.heartbeats.busy.discard("learner")
-            self.heartbeats.beat("learner")
-
-    def _start_watchers(self) -> None:
-        """File-system events (hints) for the long-running daemon; `--once` only scans."""
-        for watcher in self.watchers:
-            watcher.start()
-
-    def _build_sources(self) -> None:
-        for watcher in self.watchers:
-            watcher.stop()
-        s = self.cfg.sources
-        self.watchers = [
-            WatchFolderSource(
-                w.path, self.intake, recursive=w.recursive, include=w.include, exclude=w.exclude, polling=w.polling,
-                settle_seconds=s.settle_seconds, rescan_seconds=s.rescan_seconds, move=w.move, jsonl_field=w.jsonl_field,
-            )
-            for w in s.watch
-        ]
-        for w in s.watch:
-            w.path.mkdir(parents=True, exist_ok=True)
-        self.feeds = [
-            FeedSource(f.url, self.intake.submit_text, f.interval_seconds, f.timeout_seconds,
-                       self.paths.feeds / f"feed-{index}.json")
-            for index, f in enumerate(s.feeds)
-        ]
-
-    # ---- work ----------------------------------------------------------------------------
-    def _count_intake(self, results: list[IntakeResult], source: str) -> None:
-        for result in results:
-            if result.outcome in DOCUMENT_OUTCOMES:
-                self.metrics.document(source, result.outcome)
+        self.probing.run_full(self.learner.store.version if self.learner else 0)
 
     def poll_sources(self, settle: bool = True) -> None:
-        """Take what the sources have (runs on the default executor; never touches the model)."""
-        self.heartbeats.beat("sources")
-        for watcher in self.watchers:
-            before = watcher.rescans_total
-            results = watcher.poll() if settle else watcher.scan_once(settle=False)
-            for _ in range(watcher.rescans_total - before):
-                self.metrics.watcher_rescan()
-            self._count_intake(results, "watch")
-        now = time.monotonic()
-        for feed in self.feeds:
-            if not settle or feed.next_due() <= now:
-                result = feed.poll_once()
-                if result.error:
-                    self.metrics.feed_fetch_error(_feed_error_label(result.error))
-                self._count_intake(list(result.intake_results), "feed")
-        self.metrics.set_queue(self.journal.pending_chunk_count(), self.journal.pending_token_count())
+        """Take what the sources have (default executor); enough pending work starts an update early."""
+        self.sources.poll(settle)
         if settle and self._pending_work() >= self.cfg.schedule.pending_chunks_trigger and self.scheduler:
             job = self.scheduler.get_job("update")
             if job is not None and job.next_run_time and job.next_run_time.timestamp() > time.time() + 1:
                 job.modify(next_run_time=_now(self.scheduler))
 
     def _pending_work(self) -> int:
-        return self.journal.counts()["queued"] + self.journal.pending_chunk_count()
+        return self.journal.counts()[DocState.QUEUED] + self.journal.pending_chunk_count()
 
     def run_update(self) -> UpdateOutcome | None:
         """Learn what is pending, one update (up to train.max_documents documents) after another (learner thread only).
@@ -247,7 +132,7 @@ class Daemon:
             outcome = None
             while self._pending_work() and not self.stop_event.is_set():
                 systemd_notify.status("learning")
-                outcome = self.learner.update(self.stop_event.is_set, guard=self.guard)
+                outcome = self.learner.update(self.stop_event.is_set, guard=self.probing.check)
                 self._record(outcome)
                 self.heartbeats.beat("learner")
                 if not (outcome.chunks_learned or outcome.chunks_known or outcome.documents):
@@ -256,7 +141,7 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - the learner thread must survive; the batch is retried, then quarantined
             log.exception("update_failed", reason=str(exc))
             self.metrics.record_update("failed", 0.0)
-            for doc in self.journal.documents(state="processing"):
+            for doc in self.journal.documents(state=DocState.PROCESSING):
                 if self.intake.fail_document(doc.id, f"update failed: {exc}") == "failed":
                     self.metrics.document(doc.source if doc.source in ("watch", "feed") else "watch", "failed")
             return None
@@ -278,8 +163,7 @@ class Daemon:
             )
         if outcome.accepted:
             self.metrics.set_checkpoint(outcome.version or 0, time.time())
-            if self.probes is not None:
-                self.probes.add_recall(outcome.recall_items)
+            self.probing.add_recall(outcome.recall_items)
         for source, settled in outcome.documents_settled:
             self.metrics.document(source if source in ("watch", "feed") else "watch", settled)
         self.metrics.set_queue(self.journal.pending_chunk_count(), self.journal.pending_token_count())
@@ -306,7 +190,8 @@ class Daemon:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.start()
         self._install_signals()
-        self._start_watchers()
+        assert self.sources is not None
+        self.sources.start_watchers()
         self.scheduler = self._build_scheduler()
         self.scheduler.start()
         systemd_notify.ready()
@@ -365,8 +250,10 @@ class Daemon:
         assert self.learner is not None and self.scheduler is not None
         self.scheduler.add_job(self._reconfigure_learner, args=[LearnSettings.from_config(self.cfg)], executor="learner")
         self.scheduler.get_job("sources").pause()
-        self._build_sources()
-        self._start_watchers()
+        assert self.sources is not None
+        self.sources.build(self.cfg)
+        self.sources.start_watchers()
+        self.probing.reconfigure(self.cfg)
         self.scheduler.get_job("sources").resume()
         self.scheduler.reschedule_job("update", trigger="interval", seconds=self.cfg.schedule.interval_seconds)
         self.scheduler.reschedule_job("probes", trigger="interval", seconds=self.cfg.schedule.probe_interval_seconds)
@@ -384,8 +271,8 @@ class Daemon:
     def shutdown(self) -> None:
         systemd_notify.stopping()
         self.stop_event.set()
-        for watcher in self.watchers:
-            watcher.stop()
+        if self.sources is not None:
+            self.sources.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
         if self.server is not None:
@@ -399,13 +286,3 @@ def _now(scheduler: BackgroundScheduler):
     from datetime import datetime
 
     return datetime.now(scheduler.timezone)
-
-
-def _feed_error_label(error: str) -> str:
-    if error.startswith("timeout"):
-        return "timeout"
-    if error.startswith("http"):
-        return "http"
-    if error.startswith("malformed") or error.startswith("not a feed"):
-        return "malformed"
-    return "other"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from smfd.config import GuardSection, ProbesSection, ProbeSuite
+from smfd.config import ProbesSection, ProbeSuite
 from smfd.durable import atomic_write_json, atomic_write_text
 from smfd.errors import SmfdError
 from smfd.model.scoring import continuation_scores, drift_kl, heldout_nll, next_token_logprobs, score_choice, score_cloze, text_windows
@@ -193,23 +193,3 @@ class RetentionProbes:
 
     def record_last(self, measures: Measures, version: int) -> None:
         atomic_write_json(self.last_file, {"version": version, "timestamp": time.time(), "summary": measures})
-
-
-def judge(before: Measures, after: Measures, guard: GuardSection) -> tuple[bool, str]:
-    """Compare a post-update measurement with the last accepted one; returns (ok, reason label).
-
-    A suite with an accuracy is judged by it; its answer NLL is reported but not judged, because a
-    known answer's NLL is small (about 0.6 nats) and a ratio of it turns a harmless 0.02-nat shift
-    into a rejection. The NLL ratio judges the suites whose measure is a likelihood: held-out text,
-    and choice suites in the fast check (the right ending's NLL).
-    """
-    for suite, now in after.items():
-        then = before.get(suite, {})
-        if "accuracy" in now and "accuracy" in then:
-            if then["accuracy"] - now["accuracy"] > guard.max_accuracy_drop:
-                return False, "accuracy"
-        elif "nll" in now and "nll" in then and now["nll"] > then["nll"] * (1 + guard.max_nll_increase_ratio):
-            return False, "nll"
-        if "kl" in now and now["kl"] - then.get("kl", 0.0) > guard.max_drift_kl:
-            return False, "drift"
-    return True, ""

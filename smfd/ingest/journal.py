@@ -20,240 +20,40 @@ Chunks of a document are stored in `chunks` with states pending, learned, known
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from smfd.errors import SmfdError
-
-SCHEMA_VERSION = 1
-
-DOCUMENT_STATES = ("queued", "processing", "done", "failed", "quarantined", "duplicate")
-CHUNK_STATES = ("pending", "learned", "known", "rejected")
-DEFAULT_MAX_ATTEMPTS = 3
-BUSY_TIMEOUT_MS = 10_000
-
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS documents (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    content_hash TEXT,
-    source TEXT NOT NULL,
-    name TEXT NOT NULL,
-    spool_path TEXT,
-    size_bytes INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL CHECK (state IN {DOCUMENT_STATES!r}),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    reason TEXT,
-    duplicate_of INTEGER REFERENCES documents(id),
-    checkpoint_version INTEGER,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
--- At most one live (non-duplicate, non-failed) document per content hash.
-CREATE UNIQUE INDEX IF NOT EXISTS documents_live_hash
-    ON documents(content_hash) WHERE state NOT IN ('duplicate', 'failed');
-CREATE INDEX IF NOT EXISTS documents_state ON documents(state, id);
-
-CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    doc_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
-    idx INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    n_tokens INTEGER NOT NULL,
-    surprise REAL,
-    state TEXT NOT NULL CHECK (state IN {CHUNK_STATES!r}),
-    updated_at REAL NOT NULL,
-    UNIQUE (doc_id, idx)
-);
-CREATE INDEX IF NOT EXISTS chunks_state ON chunks(state, id);
-
-CREATE TABLE IF NOT EXISTS updates (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    version INTEGER NOT NULL,
-    timestamp REAL NOT NULL,
-    n_chunks INTEGER NOT NULL,
-    n_rows INTEGER NOT NULL,
-    seconds REAL NOT NULL,
-    accepted INTEGER NOT NULL CHECK (accepted IN (0, 1)),
-    measures TEXT NOT NULL
-);
-
--- Files a watch folder has already taken, so a read-only inbox is not re-read
--- on every rescan or restart.
-CREATE TABLE IF NOT EXISTS seen_files (
-    path TEXT PRIMARY KEY,
-    size_bytes INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    doc_id INTEGER,
-    seen_at REAL NOT NULL
-);
-"""
+from smfd.ingest.journal_schema import (
+    CHUNK_STATES,
+    DOCUMENT_STATES,
+    JournalConnection,
+    ChunkRow,
+    ChunkState,
+    DocState,
+    DocumentRow,
+    UpdateRow,
+    _chunk,
+    _document,
+    _update,
+)
 
 
-@dataclass(frozen=True)
-class DocumentRow:
-    """One journaled document."""
-
-    id: int
-    content_hash: str | None
-    source: str
-    name: str
-    spool_path: str | None
-    size_bytes: int
-    state: str
-    attempts: int
-    reason: str | None
-    duplicate_of: int | None
-    checkpoint_version: int | None
-    created_at: float
-    updated_at: float
-
-
-@dataclass(frozen=True)
-class ChunkRow:
-    """One chunk of a document, the unit the learner scores and learns."""
-
-    id: int
-    doc_id: int
-    idx: int
-    text: str
-    n_tokens: int
-    surprise: float | None
-    state: str
-
-
-@dataclass(frozen=True)
-class UpdateRow:
-    """One memory update written by the learner."""
-
-    id: int
-    version: int
-    timestamp: float
-    n_chunks: int
-    n_rows: int
-    seconds: float
-    accepted: bool
-    measures: dict[str, Any]
-
-
-def _document(row: sqlite3.Row) -> DocumentRow:
-    return DocumentRow(**{key: row[key] for key in row.keys()})
-
-
-def _chunk(row: sqlite3.Row) -> ChunkRow:
-    return ChunkRow(
-        id=row["id"], doc_id=row["doc_id"], idx=row["idx"], text=row["text"],
-        n_tokens=row["n_tokens"], surprise=row["surprise"], state=row["state"],
-    )
-
-
-def _update(row: sqlite3.Row) -> UpdateRow:
-    return UpdateRow(
-        id=row["id"], version=row["version"], timestamp=row["timestamp"], n_chunks=row["n_chunks"],
-        n_rows=row["n_rows"], seconds=row["seconds"], accepted=bool(row["accepted"]),
-        measures=json.loads(row["measures"]),
-    )
+__all__ = ["CHUNK_STATES", "DOCUMENT_STATES", "ChunkRow", "ChunkState", "DocState", "DocumentRow", "Journal", "UpdateRow"]
 
 
 def _placeholders(values: Sequence[Any]) -> str:
     return ",".join("?" * len(values))
 
 
-class Journal:
+class Journal(JournalConnection):
     """The document/chunk/update journal. One connection, guarded by a lock, shared by threads.
 
     Every public method is one transaction: either all of it is on disk or none of it.
     Open with ``readonly=True`` from another process (``smfd status``) while the daemon runs.
     """
-
-    def __init__(self, path: Path | str, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS, readonly: bool = False):
-        if max_attempts < 1:
-            raise SmfdError(f"journal max_attempts must be >= 1, got {max_attempts}")
-        self.path = Path(path)
-        self.max_attempts = max_attempts
-        self.readonly = readonly
-        self._lock = threading.Lock()
-        self._conn = self._connect()
-        try:
-            self._prepare()
-        except sqlite3.DatabaseError as exc:
-            self._conn.close()
-            raise SmfdError(f"journal {self.path} is not a usable SQLite database: {exc}") from exc
-
-    # ----------------------------------------------------------------- setup
-    def _connect(self) -> sqlite3.Connection:
-        if self.readonly:
-            if not self.path.exists():
-                raise SmfdError(f"journal {self.path} does not exist (has the daemon run yet?)")
-            uri = f"{self.path.resolve().as_uri()}?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
-        else:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            except (OSError, sqlite3.OperationalError) as exc:
-                raise SmfdError(f"cannot open journal {self.path}: {exc}") from exc
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        return conn
-
-    def _prepare(self) -> None:
-        """Create or check the schema. A newer schema than ours is refused, never rewritten."""
-        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise SmfdError(
-                f"journal {self.path} has schema version {version}, newer than this smfd supports "
-                f"({SCHEMA_VERSION}); upgrade smfd"
-            )
-        if self.readonly:
-            if version == 0:
-                raise SmfdError(f"journal {self.path} has no smfd schema")
-            return
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        # FULL: a committed state change survives power loss, not only a process crash.
-        self._conn.execute("PRAGMA synchronous = FULL")
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        if version < SCHEMA_VERSION:
-            # executescript manages its own transaction: schema and version land together.
-            with self._lock:
-                self._conn.executescript(
-                    "BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                )
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """Hold the lock and run the body as one write transaction (committed or rolled back)."""
-        if self.readonly:
-            raise SmfdError(f"journal {self.path} was opened read-only")
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            yield self._conn
-
-    def close(self) -> None:
-        """Close the connection; further calls fail."""
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> Journal:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ------------------------------------------------------------- documents
     def add_document(
@@ -319,16 +119,8 @@ class Journal:
         with self._read() as conn:
             return [_document(row) for row in conn.execute(sql, params)]
 
-    def next_queued(self, limit: int) -> list[DocumentRow]:
-        """The oldest queued documents (not claimed; see claim_queued)."""
-        return self.documents("queued", limit)
-
-    def mark_processing(self, doc_ids: Sequence[int]) -> int:
-        """queued -> processing for these ids; returns how many moved."""
-        return self._transition(doc_ids, "processing", from_states=("queued",))
-
     def claim_queued(self, limit: int) -> list[DocumentRow]:
-        """next_queued + mark_processing in one transaction (safe with several workers)."""
+        """The oldest queued documents, moved to processing in one transaction (safe with several workers)."""
         now = time.time()
         with self._tx() as conn:
             rows = conn.execute(
@@ -470,27 +262,16 @@ class Journal:
                 conn.execute("SELECT COALESCE(SUM(n_tokens), 0) FROM chunks WHERE state = 'pending'").fetchone()[0]
             )
 
-    def set_chunk_state(
-        self, chunk_ids: Sequence[int], state: str, surprise: float | Sequence[float] | None = None
-    ) -> int:
-        """Set the state of chunks; surprise is None (unchanged), one value, or one per id."""
+    def set_chunk_state(self, chunk_ids: Sequence[int], state: ChunkState | str) -> int:
+        """Set the state of chunks; returns how many changed."""
         self._check_state(state, CHUNK_STATES)
-        ids = list(chunk_ids)
-        if surprise is None or isinstance(surprise, (int, float)):
-            surprises: list[float | None] = [None if surprise is None else float(surprise)] * len(ids)
-        else:
-            surprises = [float(value) for value in surprise]
-            if len(surprises) != len(ids):
-                raise SmfdError(f"set_chunk_state got {len(ids)} chunk ids but {len(surprises)} surprise values")
         now = time.time()
         with self._tx() as conn:
-            changed = 0
-            for chunk_id, value in zip(ids, surprises):
-                changed += conn.execute(
-                    "UPDATE chunks SET state = ?, surprise = COALESCE(?, surprise), updated_at = ? WHERE id = ?",
-                    (state, value, now, chunk_id),
-                ).rowcount
-            return changed
+            return sum(
+                conn.execute("UPDATE chunks SET state = ?, updated_at = ? WHERE id = ?",
+                             (str(ChunkState(state).value), now, chunk_id)).rowcount
+                for chunk_id in chunk_ids
+            )
 
     def finished_processing_ids(self) -> list[int]:
         """Documents in processing that have chunks and none of them pending: ready for mark_done

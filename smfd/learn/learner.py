@@ -24,7 +24,8 @@ from smfd.model.batch import encode, make_batch
 from smfd.store.checkpoint import CheckpointStore
 from smfd.text.chunker import chunk_text
 from smfd.errors import SmfdError
-from smfd.ingest.journal import ChunkRow, Journal
+from smfd.guard.verdict import GuardCheck, Verdict
+from smfd.ingest.journal import ChunkRow, ChunkState, DocState, Journal
 from smfd.learn.lesson import LearnSettings, TokenSurprise, build_lesson, lesson_batches
 from smfd.model.memory_model import MemoryModel
 from smfd.store.patches import LayerPatch, apply_patches
@@ -64,7 +65,6 @@ class UpdateOutcome:
     surprise: list[float] = field(default_factory=list)
 
 
-GuardCheck = Callable[[], tuple[bool, str, dict]]
 __all__ = ["Learner", "LearnSettings", "UpdateOutcome"]
 
 
@@ -179,7 +179,7 @@ class Learner:
             return outcome
         learn, known, outcome.surprise, scored = self.split_known(chunks)
         if known:
-            self.journal.set_chunk_state([c.id for c in known], "known")
+            self.journal.set_chunk_state([c.id for c in known], ChunkState.KNOWN)
         outcome.chunks_known = len(known)
         if learn:
             patches = self._train(learn, scored, outcome, should_stop)
@@ -258,11 +258,13 @@ class Learner:
     def _accept_or_reject(
         self, chunks: list[ChunkRow], patches: list[LayerPatch], outcome: UpdateOutcome, guard: GuardCheck | None
     ) -> None:
-        accepted, reason, measures = guard() if guard is not None else (True, "", {})
+        verdict = guard() if guard is not None else Verdict.unguarded()
+        measures = verdict.measures
         chunk_ids = [c.id for c in chunks]
-        if not accepted:
+        if not verdict.accepted:
             apply_patches(self.model.memories, patches, revert=True)
-            self.journal.set_chunk_state(chunk_ids, "rejected")
+            self.journal.set_chunk_state(chunk_ids, ChunkState.REJECTED)
+            reason = verdict.reason.value if verdict.reason is not None else "rejected"
             outcome.version, outcome.accepted, outcome.reason = self.store.version, False, reason
             self.journal.record_update(outcome.version, len(chunks), outcome.rows_updated, outcome.seconds, False, measures)
             log.warning("update_rolled_back", reason=reason, **{k: v for k, v in measures.items() if isinstance(v, (int, float))})
@@ -271,7 +273,7 @@ class Learner:
         outcome.version = self.store.commit(self.model, patches, meta)
         outcome.accepted = True
         outcome.recall_items = self.recall_items(chunks)
-        self.journal.set_chunk_state(chunk_ids, "learned")
+        self.journal.set_chunk_state(chunk_ids, ChunkState.LEARNED)
         self.journal.record_update(outcome.version, len(chunks), outcome.rows_updated, outcome.seconds, True, measures)
         log.info("update_committed", version=outcome.version, chunks=len(chunks), rows=outcome.rows_updated,
                  steps=outcome.steps, tokens=outcome.tokens)
@@ -307,5 +309,6 @@ class Learner:
             row = self.journal.get_document(doc_id)
             if row is not None:
                 states = {chunk.state for chunk in self.journal.chunks_for(doc_id)}
-                settled.append((row.source, "rejected" if "rejected" in states and "learned" not in states else "done"))
+                rejected = ChunkState.REJECTED in states and ChunkState.LEARNED not in states
+                settled.append((row.source, "rejected" if rejected else DocState.DONE.value))
         return settled

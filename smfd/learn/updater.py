@@ -10,7 +10,7 @@ and every other parameter of the model is left bit-identical.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -232,21 +232,6 @@ class SparseUpdater:
         self.grad_scale = {}
         self.prefix.clear()
         return self.recorder.finish(self.memories)
-
-    def run(self, batches: Iterable[TokenBatch], should_stop: Callable[[], bool] = lambda: False) -> list[StepResult]:
-        return run_steps(self.step, batches, should_stop)
-
-
-def run_steps(
-    step: Callable[[TokenBatch], StepResult], batches: Iterable[TokenBatch], should_stop: Callable[[], bool]
-) -> list[StepResult]:
-    """Step through batches, checking `should_stop` between optimizer steps (shared by every trainer)."""
-    results = []
-    for batch in batches:
-        if should_stop():
-            break
-        results.append(step(batch))
-    return results
 
 
 def split_batch(batch: TokenBatch) -> tuple[TokenBatch, TokenBatch] | None:

@@ -47,12 +47,6 @@ def attach_memory(model: PreTrainedModel, config: MemorySection) -> list[Product
     return memories
 
 
-def find_memories(model: nn.Module) -> list[ProductKeyMemory]:
-    """All memory modules of a retrofitted model, in layer order."""
-    found = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
-    return sorted(found, key=lambda m: m.layer_index)
-
-
 @contextlib.contextmanager
 def memory_bypassed(memories: list[ProductKeyMemory]) -> Iterator[None]:
     """Run the frozen base model: every memory read returns zero while inside."""

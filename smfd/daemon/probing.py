@@ -1,0 +1,88 @@
+"""The daemon's probes: the base model's reference results, the guard after each update, and the
+scheduled full probe run, each reported to the metrics. Runs on the learner thread only."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from smfd.config import SmfdConfig
+from smfd.daemon.health import Heartbeats
+from smfd.guard.retention import RetentionProbes
+from smfd.guard.verdict import Guard, Verdict
+from smfd.model.memory_model import MemoryModel
+from smfd.observe import systemd_notify
+from smfd.observe.metrics import Metrics
+
+log = structlog.get_logger("smfd.daemon.probing")
+
+
+class Probing:
+    """Probe runs and the guard, for one daemon; absent suites make every update accepted."""
+
+    def __init__(self, cfg: SmfdConfig, metrics: Metrics, heartbeats: Heartbeats) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.heartbeats = heartbeats
+        self.probes: RetentionProbes | None = None
+        self.guard: Guard | None = None
+
+    def start(self, model: MemoryModel) -> None:
+        """Record the base model's probe results (once) and take the current state as the accepted one."""
+        if not (self.cfg.probes.builtin or self.cfg.probes.suites):
+            return
+        systemd_notify.status("measuring base probes")
+        self.probes = RetentionProbes(model, self.cfg.probes, self.cfg.state_dir, include_builtin=self.cfg.probes.builtin)
+        for suite, values in self.probes.establish_baseline().items():
+            self.metrics.set_probe_base(suite, values.get("accuracy"), values["nll"])
+        self.guard = Guard(self.probes, self.cfg.guard)
+
+    def reconfigure(self, cfg: SmfdConfig) -> None:
+        """New thresholds from a reload (the suites stay: they are measured against the base)."""
+        self.cfg = cfg
+        if self.guard is not None:
+            self.guard.section = cfg.guard
+
+    def check(self) -> Verdict:
+        """The guard's verdict on the update just made, with its probe time, drift and rollback counted."""
+        if self.guard is None or not self.cfg.guard.enabled:
+            return Verdict.unguarded()
+        verdict = self.guard.check()
+        self.metrics.observe_probe_duration(verdict.measures["probe_seconds"])
+        if verdict.accepted:
+            after = verdict.measures["after"]
+            if "drift" in after:
+                self.metrics.set_drift_kl(after["drift"]["kl"])
+        elif verdict.reason is not None:
+            self.metrics.rollback(verdict.reason.value)
+        return verdict
+
+    def run_full(self, version: int) -> None:
+        """The full probe set and the recall of learned documents, on a schedule."""
+        if self.probes is None:
+            return
+        self.heartbeats.busy.add("learner")
+        try:
+            started = time.perf_counter()
+            measures = self.probes.measure(fast=False)
+            recall = self.probes.measure_recall()
+            if recall is not None:
+                measures["recall"] = recall
+                by_kind = {key.removeprefix("accuracy."): value for key, value in recall.items() if key.startswith("accuracy.")}
+                self.metrics.set_recall_accuracy(recall["accuracy"], by_kind)
+            self.metrics.observe_probe_duration(time.perf_counter() - started)
+            for suite, values in measures.items():
+                if suite == "drift":
+                    self.metrics.set_drift_kl(values["kl"])
+                elif suite != "recall":
+                    self.metrics.set_probe(suite, values.get("accuracy"), values["nll"])
+            self.probes.record_last(measures, version)
+            log.info("probes_measured", seconds=round(time.perf_counter() - started, 2), measures=measures)
+        finally:
+            self.heartbeats.busy.discard("learner")
+            self.heartbeats.beat("learner")
+
+    def add_recall(self, items: list) -> None:
+        if self.probes is not None:
+            self.probes.add_recall(items)
