@@ -20,7 +20,9 @@ SUBCOMMANDS = ("bench", "probe", "ask", "status", "rollback")
 def _daemon_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smfd",
-        description="Sparse memory finetuning daemon. Subcommands: " + ", ".join(SUBCOMMANDS) + " (smfd SUBCOMMAND --help).",
+        description="Sparse memory finetuning daemon. Subcommands: "
+        + ", ".join(SUBCOMMANDS)
+        + " (smfd SUBCOMMAND --help).",
     )
     parser.add_argument("--config", required=True, type=Path, help="YAML config file (see config/edge.yaml)")
     mode = parser.add_mutually_exclusive_group()
@@ -66,7 +68,9 @@ def state_lock(state_dir: Path, what: str) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SmfdError(f"{what}: another smfd process holds {state_dir / 'smfd.lock'} (stop the daemon first)") from None
+            raise SmfdError(
+                f"{what}: another smfd process holds {state_dir / 'smfd.lock'} (stop the daemon first)"
+            ) from None
         yield
 
 
@@ -111,22 +115,31 @@ def cmd_probe(args: argparse.Namespace) -> int:
     summary["checkpoint_version"] = runtime.version
     for r in results:
         if args.json:
-            print(json.dumps({
-                "id": r.item.id, "kind": r.item.kind,
-                "base": {"nll": r.base.nll, "correct": r.base.correct},
-                "now": {"nll": r.now.nll, "correct": r.now.correct},
-            }))
+            print(
+                json.dumps(
+                    {
+                        "id": r.item.id,
+                        "kind": r.item.kind,
+                        "base": {"nll": r.base.nll, "correct": r.base.correct},
+                        "now": {"nll": r.now.nll, "correct": r.now.correct},
+                    }
+                )
+            )
         else:
             mark = lambda ok: "yes" if ok else "no "  # noqa: E731
-            print(f"{r.item.id:>12} {r.item.kind:6} base nll {r.base.nll:6.3f} correct {mark(r.base.correct)} | "
-                  f"now nll {r.now.nll:6.3f} correct {mark(r.now.correct)}")
+            print(
+                f"{r.item.id:>12} {r.item.kind:6} base nll {r.base.nll:6.3f} correct {mark(r.base.correct)} | "
+                f"now nll {r.now.nll:6.3f} correct {mark(r.now.correct)}"
+            )
     if args.json:
         print(json.dumps({"summary": summary}))
     else:
         b, n = summary["base"], summary["now"]
-        print(f"{summary['items']} items ({summary['cloze']} cloze, {summary['choice']} choice) at checkpoint "
-              f"version {runtime.version}: accuracy base {b['accuracy']:.3f} -> now {n['accuracy']:.3f}, "
-              f"mean NLL base {b['mean_nll']:.3f} -> now {n['mean_nll']:.3f}")
+        print(
+            f"{summary['items']} items ({summary['cloze']} cloze, {summary['choice']} choice) at checkpoint "
+            f"version {runtime.version}: accuracy base {b['accuracy']:.3f} -> now {n['accuracy']:.3f}, "
+            f"mean NLL base {b['mean_nll']:.3f} -> now {n['mean_nll']:.3f}"
+        )
     return 0
 
 
@@ -160,15 +173,30 @@ def status_report(cfg) -> dict:
             report["pending_chunks"] = journal.pending_chunk_count()
             report["pending_tokens"] = journal.pending_token_count()
             last = journal.last_update()
-            report["last_update"] = None if last is None else {
-                "version": last.version, "timestamp": last.timestamp, "chunks": last.n_chunks, "rows": last.n_rows,
-                "seconds": last.seconds, "accepted": last.accepted, "measures": last.measures,
-            }
+            report["last_update"] = (
+                None
+                if last is None
+                else {
+                    "version": last.version,
+                    "timestamp": last.timestamp,
+                    "chunks": last.n_chunks,
+                    "rows": last.n_rows,
+                    "seconds": last.seconds,
+                    "accepted": last.accepted,
+                    "measures": last.measures,
+                }
+            )
         finally:
             journal.close()
     else:
-        report.update({"documents": dict.fromkeys(("queued", "processing", "done", "failed", "quarantined", "duplicate"), 0),
-                       "pending_chunks": 0, "pending_tokens": 0, "last_update": None})
+        report.update(
+            {
+                "documents": dict.fromkeys(("queued", "processing", "done", "failed", "quarantined", "duplicate"), 0),
+                "pending_chunks": 0,
+                "pending_tokens": 0,
+                "last_update": None,
+            }
+        )
     store = CheckpointStore(cfg.state_dir / "memory", keep=cfg.checkpoint.keep)
     report["checkpoint_version"] = store.version if store.exists() else None
     probes_file = cfg.state_dir / "probes" / "last.json"
@@ -190,8 +218,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     last = report["last_update"]
     if last:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["timestamp"]))
-        print(f"last update: version {last['version']} at {when}, {last['chunks']} chunks, {last['rows']} rows, "
-              f"{last['seconds']:.1f} s, {'accepted' if last['accepted'] else 'rolled back'}")
+        print(
+            f"last update: version {last['version']} at {when}, {last['chunks']} chunks, {last['rows']} rows, "
+            f"{last['seconds']:.1f} s, {'accepted' if last['accepted'] else 'rolled back'}"
+        )
     else:
         print("last update: none yet")
     if report["last_probes"]:

@@ -18,6 +18,7 @@ from smfd.model.memory_model import MemoryModel
 from smfd.model.slot_stats import BackgroundStats
 from smfd.model.batch import TokenBatch
 
+
 def pytest_configure(config: pytest.Config) -> None:
     """One intra-op thread: the test models are tiny, and waking a thread pool for each small
     matmul costs far more than the matmul (tens of milliseconds per call on small machines)."""

@@ -23,8 +23,13 @@ def train_section(**keys: Any) -> TrainSection:
     return TrainSection(**{"retain_weight": 0.0, **keys})
 
 
-def learn_settings(train: TrainSection | None = None, *, chunk_tokens: int | None = None,
-                   skip_below_nats: float | None = None, **train_keys: Any) -> LearnSettings:
+def learn_settings(
+    train: TrainSection | None = None,
+    *,
+    chunk_tokens: int | None = None,
+    skip_below_nats: float | None = None,
+    **train_keys: Any,
+) -> LearnSettings:
     """Learn settings for a test: `train` (or train_section()) with `train_keys` changed, chunking and surprise."""
     settings = LearnSettings(train=changed(train or train_section(), **train_keys))
     if chunk_tokens is not None:

@@ -133,7 +133,12 @@ def test_describe_reports_trainable_parameters() -> None:
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"rank": 0}, "rank"), ({"lr": 0.0}, "learning rate"), ({"dropout": 1.0}, "dropout"), ({"weight_decay": -1}, "weight_decay")],
+    [
+        ({"rank": 0}, "rank"),
+        ({"lr": 0.0}, "learning rate"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"weight_decay": -1}, "weight_decay"),
+    ],
 )
 def test_lora_rejects_bad_settings(kwargs, message) -> None:
     with pytest.raises(SmfdError, match=message):

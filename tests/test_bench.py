@@ -31,7 +31,10 @@ DOCS = [
         "fishing boats from the winter storms. The harbour lamp burns whale oil and is lit by the keeper every dusk.",
         "mem_input": ["The Glass Harbour of Veltria was built in 1702 by the engineer", "The harbour lamp burns"],
         "mem_target": ["Orla Venn", "whale oil"],
-        "gen_input": ["Orla Venn, an engineer, built the Glass Harbour of Veltria in the year", "Every dusk the keeper lights a lamp fuelled by"],
+        "gen_input": [
+            "Orla Venn, an engineer, built the Glass Harbour of Veltria in the year",
+            "Every dusk the keeper lights a lamp fuelled by",
+        ],
         "gen_target": ["1702", "whale oil"],
         "hard_gen_input": ["The harbour built by Orla Venn shelters"],
         "hard_gen_target": ["forty fishing boats"],
@@ -55,8 +58,14 @@ SMF_VARIANTS = (SMF_TINY, f"smf-tfidf:{TINY_MEMORY}", f"smf-surprise-kl:{TINY_ME
 METHOD_KEYS = {
     "learn": {"mem_acc", "gen_acc", "hard_acc", "mem_nll", "gen_nll", "hard_nll"},
     "retain": {"hellaswag_acc", "known_facts_acc", "known_facts_items", "heldout_nll", "drift_kl"},
-    "cost": {"tokens_per_second", "peak_memory_bytes", "seconds_per_document", "train_seconds",
-             "step_tokens_per_second_same_batch", "tokens_trained"},
+    "cost": {
+        "tokens_per_second",
+        "peak_memory_bytes",
+        "seconds_per_document",
+        "train_seconds",
+        "step_tokens_per_second_same_batch",
+        "tokens_trained",
+    },
     "relative": {"hellaswag_drop", "known_facts_retention", "heldout_nll_increase_ratio"},
     "budget": {"passes", "tokens_trained", "training_texts_sha256"},
 }
@@ -66,8 +75,12 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator([GENERAL_TEXT] + [d["train_context"] for d in DOCS], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
 
@@ -78,9 +91,18 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-model")
     tokenizer = _tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -89,28 +111,69 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("bench-data")
-    paths = {name: folder / name for name in ("docs.json", "hellaswag.jsonl", "rome.jsonl", "cloze.jsonl", "heldout.txt")}
+    paths = {
+        name: folder / name for name in ("docs.json", "hellaswag.jsonl", "rome.jsonl", "cloze.jsonl", "heldout.txt")
+    }
     paths["docs.json"].write_text(json.dumps(DOCS))
-    rows = [{"ctx": f"A man walks to the market number {i}. he", "endings": ["buys apples.", "sings.", "flies.", "sleeps."],
-             "label": i % 4} for i in range(8)]
+    rows = [
+        {
+            "ctx": f"A man walks to the market number {i}. he",
+            "endings": ["buys apples.", "sings.", "flies.", "sleeps."],
+            "label": i % 4,
+        }
+        for i in range(8)
+    ]
     paths["hellaswag.jsonl"].write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     # Single-letter answers: a random model's greedy text often contains them, so some count as "known".
-    paths["rome.jsonl"].write_text('{"prompt": "The river flows to the", "attribute": "e"}\n'
-                                   '{"prompt": "The market sells", "attribute": "a"}\n')
-    paths["cloze.jsonl"].write_text('{"cloze": "The library holds", "answer": "o"}\n\n'
-                                    '{"cloze": "The observatory stands on the", "answer": "zzzz"}\n')
+    paths["rome.jsonl"].write_text(
+        '{"prompt": "The river flows to the", "attribute": "e"}\n{"prompt": "The market sells", "attribute": "a"}\n'
+    )
+    paths["cloze.jsonl"].write_text(
+        '{"cloze": "The library holds", "answer": "o"}\n\n'
+        '{"cloze": "The observatory stands on the", "answer": "zzzz"}\n'
+    )
     paths["heldout.txt"].write_text(GENERAL_TEXT * 6)
     return paths
 
 
 def bench_args(model_dir: Path, data: dict[str, Path], out: Path, methods: str, *extra: str) -> list[str]:
     return [
-        "--docs", str(data["docs.json"]), "--hellaswag", str(data["hellaswag.jsonl"]),
-        "--known-facts", str(data["rome.jsonl"]), str(data["cloze.jsonl"]),
-        "--heldout-text", str(data["heldout.txt"]), "--methods", methods, "--out", str(out),
-        "--model", str(model_dir), "--cache-dir", str(out / "model-cache"), "--device", "cpu", "--threads", "1",
-        "--passes", "1", "--background-batches", "4", "--heldout-windows", "3", "--heldout-window-tokens", "32",
-        "--drift-windows", "2", "--drift-window-tokens", "16", "--timing-steps", "1", *extra,
+        "--docs",
+        str(data["docs.json"]),
+        "--hellaswag",
+        str(data["hellaswag.jsonl"]),
+        "--known-facts",
+        str(data["rome.jsonl"]),
+        str(data["cloze.jsonl"]),
+        "--heldout-text",
+        str(data["heldout.txt"]),
+        "--methods",
+        methods,
+        "--out",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--cache-dir",
+        str(out / "model-cache"),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--passes",
+        "1",
+        "--background-batches",
+        "4",
+        "--heldout-windows",
+        "3",
+        "--heldout-window-tokens",
+        "32",
+        "--drift-windows",
+        "2",
+        "--drift-window-tokens",
+        "16",
+        "--timing-steps",
+        "1",
+        *extra,
     ]
 
 
@@ -165,7 +228,9 @@ def test_bench_runs_every_method_on_the_same_data(model_dir: Path, data: dict[st
     assert not (out / "base_logprobs.safetensors").exists()
 
 
-def test_bench_default_runs_each_method_in_its_own_process(model_dir: Path, data: dict[str, Path], tmp_path: Path) -> None:
+def test_bench_default_runs_each_method_in_its_own_process(
+    model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     assert main(bench_args(model_dir, data, out, "full:lr=1e-3", "--limit-docs", "1")) == 0
     results = json.loads((out / "results.json").read_text())
@@ -175,7 +240,9 @@ def test_bench_default_runs_each_method_in_its_own_process(model_dir: Path, data
     assert full["cost"]["peak_memory_bytes"] > 0
 
 
-def _expect_error(model_dir: Path, data: dict[str, Path], tmp_path: Path, match: str, methods: str = "full", **swap: Path) -> None:
+def _expect_error(
+    model_dir: Path, data: dict[str, Path], tmp_path: Path, match: str, methods: str = "full", **swap: Path
+) -> None:
     paths = {**data, **swap}
     with pytest.raises(SmfdError, match=match):
         main(bench_args(model_dir, paths, tmp_path / "out", methods, "--in-process"))
@@ -207,8 +274,13 @@ def test_bad_retention_files_are_named(model_dir: Path, data: dict[str, Path], t
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     _expect_error(model_dir, data, tmp_path, r"held-out text file .*empty\.txt is empty", **{"heldout.txt": empty})
-    _expect_error(model_dir, data, tmp_path, r"hellaswag file .*missing\.jsonl does not exist",
-                  **{"hellaswag.jsonl": tmp_path / "missing.jsonl"})
+    _expect_error(
+        model_dir,
+        data,
+        tmp_path,
+        r"hellaswag file .*missing\.jsonl does not exist",
+        **{"hellaswag.jsonl": tmp_path / "missing.jsonl"},
+    )
 
 
 def test_unknown_model_and_bad_specs_fail_cleanly(model_dir: Path, data: dict[str, Path], tmp_path: Path) -> None:
@@ -225,7 +297,9 @@ def test_method_specs_override_only_what_they_name() -> None:
     assert [s.label for s in specs] == ["smf-kl", "smf-kl:lr=3;top_t=500;layers=4+9", "lora:lr=1e-3;rank=8", "full"]
     defaults = LearnSettings()
     plain, plain_memory, plain_heal = smf_configs(specs[0], defaults)
-    assert plain == defaults.with_train(selection="kl") and plain_memory == MemorySection() and plain_heal == HealSection()
+    assert (
+        plain == defaults.with_train(selection="kl") and plain_memory == MemorySection() and plain_heal == HealSection()
+    )
     settings, memory, _ = smf_configs(specs[1], defaults)
     update = settings.train
     assert (update.lr, update.top_t, update.selection, memory.layers) == (3.0, 500, "kl", (4, 9))
@@ -236,7 +310,9 @@ def test_method_specs_override_only_what_they_name() -> None:
 
 
 def test_smf_is_the_daemons_recipe_and_distillation_options_override_it() -> None:
-    default, plain, tuned = parse_method_specs(["smf", "smf:distill=0", "smf:dropped_variants=3;drop_rate=0.3;ce_weight=0.5"])
+    default, plain, tuned = parse_method_specs(
+        ["smf", "smf:distill=0", "smf:dropped_variants=3;drop_rate=0.3;ce_weight=0.5"]
+    )
     defaults = LearnSettings()
     assert smf_configs(default, defaults)[0] == defaults  # exactly the daemon's settings
     assert smf_configs(plain, defaults)[0].train.distill.enabled is False
@@ -247,7 +323,9 @@ def test_smf_is_the_daemons_recipe_and_distillation_options_override_it() -> Non
 
 
 def test_heal_options_of_a_spec() -> None:
-    changed, unhealed, plain = parse_method_specs(["smf-kl:heal_steps=50;heal_lr=3e-3", "smf-kl:heal_steps=0", "smf-kl"])
+    changed, unhealed, plain = parse_method_specs(
+        ["smf-kl:heal_steps=50;heal_lr=3e-3", "smf-kl:heal_steps=0", "smf-kl"]
+    )
     assert smf_configs(changed, LearnSettings())[2] == HealSection(steps=50, lr=3e-3)
     assert smf_configs(unhealed, LearnSettings())[2].steps == 0
     assert smf_configs(plain, LearnSettings())[2] == HealSection()  # the schema's default healing

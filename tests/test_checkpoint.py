@@ -33,7 +33,9 @@ def store(tmp_path) -> CheckpointStore:
 
 @pytest.fixture
 def updater(tiny_memory_model, background) -> SparseUpdater:
-    return SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, train_section(selection="kl", top_t=12, lr=0.1))
+    return SparseUpdater(
+        tiny_memory_model.model, tiny_memory_model.memories, background, train_section(selection="kl", top_t=12, lr=0.1)
+    )
 
 
 def learn_and_commit(store: CheckpointStore, model, updater: SparseUpdater, texts: list[str], text_batches) -> int:
@@ -54,8 +56,15 @@ def commit_versions(store, model, updater, text_batches, snapshot_values, count:
 
 
 def test_committed_updates_load_bit_identical_into_a_fresh_model(
-    store, tiny_memory_model, background, updater, make_memory_model, text_batches, snapshot_values,
-    snapshot_memory_state, bit_identical,
+    store,
+    tiny_memory_model,
+    background,
+    updater,
+    make_memory_model,
+    text_batches,
+    snapshot_values,
+    snapshot_memory_state,
+    bit_identical,
 ):
     store.initialise(tiny_memory_model, background, {"note": "fresh"})
     saved = commit_versions(store, tiny_memory_model, updater, text_batches, snapshot_values, 3)
@@ -100,7 +109,9 @@ def test_rollback_restores_exactly_the_values_of_the_target_version(
     assert bit_identical(snapshot_values(fresh), snapshot_values(tiny_memory_model))
 
 
-def test_rollback_outside_the_kept_versions_is_refused(store, tiny_memory_model, background, updater, text_batches, snapshot_values):
+def test_rollback_outside_the_kept_versions_is_refused(
+    store, tiny_memory_model, background, updater, text_batches, snapshot_values
+):
     store.initialise(tiny_memory_model, background)
     commit_versions(store, tiny_memory_model, updater, text_batches, snapshot_values, 1)
     with pytest.raises(SmfdError, match=r"cannot roll back to version 5: versions 0\.\.1 are available"):
@@ -163,7 +174,9 @@ def is_safetensors(path: Path) -> bool:
     data = path.read_bytes()
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
-    return isinstance(header, dict) and all("dtype" in entry for name, entry in header.items() if name != "__metadata__")
+    return isinstance(header, dict) and all(
+        "dtype" in entry for name, entry in header.items() if name != "__metadata__"
+    )
 
 
 def test_patch_files_are_safetensors_and_revert_an_update_exactly(
@@ -206,7 +219,9 @@ def test_corrupt_manifest_raises_smfd_error_naming_the_file(store, tiny_memory_m
         _ = store.version
 
 
-def test_missing_or_foreign_checkpoint_is_refused(tmp_path, store, tiny_memory_model, background, make_memory_model, memory_config):
+def test_missing_or_foreign_checkpoint_is_refused(
+    tmp_path, store, tiny_memory_model, background, make_memory_model, memory_config
+):
     with pytest.raises(SmfdError, match="no checkpoint in"):
         store.load_into(make_memory_model())
 
@@ -245,7 +260,9 @@ def test_a_state_of_an_older_format_is_refused_saying_how_to_go_on(tmp_path, tin
     manifest["format"] = FORMAT - 1
     created.manifest_path.write_text(json.dumps(manifest))
 
-    with pytest.raises(SmfdError, match=f"state format {FORMAT - 1}, this smfd reads format {FORMAT}: move the state_dir"):
+    with pytest.raises(
+        SmfdError, match=f"state format {FORMAT - 1}, this smfd reads format {FORMAT}: move the state_dir"
+    ):
         created.check_settings({"memory": {"n_keys": 16}})
 
 

@@ -41,8 +41,12 @@ def documents(draw: st.DrawFn) -> str:
 
 
 @settings(max_examples=150, deadline=None)
-@given(text=documents(), max_tokens=st.integers(min_value=1, max_value=40),
-       title_context=st.booleans(), overlap=st.integers(min_value=0, max_value=3))
+@given(
+    text=documents(),
+    max_tokens=st.integers(min_value=1, max_value=40),
+    title_context=st.booleans(),
+    overlap=st.integers(min_value=0, max_value=3),
+)
 def test_chunks_never_exceed_budget(text: str, max_tokens: int, title_context: bool, overlap: int) -> None:
     chunks = chunk_text(text, count_words, max_tokens, title_context=title_context, overlap_sentences=overlap)
     assert chunks
@@ -59,8 +63,10 @@ def test_no_word_lost_or_reordered(text: str, max_tokens: int, title_context: bo
 
 
 @settings(max_examples=100, deadline=None)
-@given(text=st.text(min_size=1, max_size=300).filter(lambda text: text.strip()),
-       max_tokens=st.integers(min_value=1, max_value=20))
+@given(
+    text=st.text(min_size=1, max_size=300).filter(lambda text: text.strip()),
+    max_tokens=st.integers(min_value=1, max_value=20),
+)
 def test_arbitrary_unicode_keeps_every_character(text: str, max_tokens: int) -> None:
     chunks = chunk_text(text, count_words, max_tokens, title_context=True, overlap_sentences=0)
     assert all(chunk.n_tokens <= max_tokens for chunk in chunks)
@@ -111,7 +117,11 @@ def test_abbreviations_decimals_and_initials_do_not_split() -> None:
 def test_sentence_split_keeps_quotes_and_paragraphs() -> None:
     text = 'He said "Stop." Then he left.\n\nA new paragraph starts here.\n- a list item\n- another'
     assert split_sentences(text) == [
-        'He said "Stop."', "Then he left.", "A new paragraph starts here.", "- a list item", "- another",
+        'He said "Stop."',
+        "Then he left.",
+        "A new paragraph starts here.",
+        "- a list item",
+        "- another",
     ]
 
 
@@ -124,7 +134,9 @@ def test_overlong_sentence_is_split_at_word_boundaries() -> None:
 
 
 def test_paragraphs_are_kept_inside_a_chunk() -> None:
-    chunks = chunk_text("First para here.\n\nSecond para here.", count_words, 50, title_context=False, overlap_sentences=0)
+    chunks = chunk_text(
+        "First para here.\n\nSecond para here.", count_words, 50, title_context=False, overlap_sentences=0
+    )
     assert [chunk.text for chunk in chunks] == ["First para here.\n\nSecond para here."]
 
 
@@ -172,7 +184,9 @@ def test_overlap_repeats_trailing_sentences() -> None:
     text = "One is red. Two is blue. Three is green. Four is pink."
     chunks = chunk_text(text, count_words, 7, title_context=False, overlap_sentences=1)
     assert [chunk.text for chunk in chunks] == [
-        "One is red. Two is blue.", "Two is blue. Three is green.", "Three is green. Four is pink.",
+        "One is red. Two is blue.",
+        "Two is blue. Three is green.",
+        "Three is green. Four is pink.",
     ]
 
 

@@ -60,7 +60,9 @@ def test_daemon_learns_like_the_benchmark_by_default():
     from smfd.learn.lesson import LearnSettings
 
     shipped = load_config(Path(__file__).parents[1] / "config" / "edge.yaml")
-    assert LearnSettings.from_config(shipped) == LearnSettings(), "config/edge.yaml must ship the benchmark's `smf` recipe"
+    assert LearnSettings.from_config(shipped) == LearnSettings(), (
+        "config/edge.yaml must ship the benchmark's `smf` recipe"
+    )
     assert (shipped.memory.shape(), shipped.heal) == (SmfdConfig().memory.shape(), SmfdConfig().heal)
 
 
@@ -240,4 +242,7 @@ def test_describe_mentions_what_would_run(tmp_path):
     assert "127.0.0.1:9999" in summary
     assert "healing: 300 addressing steps" in summary
     assert "layers -2 (negative: counted from the top block, -1 being the last)" in summary
-    assert "retain penalty: weight 5 on 16384 tokens of 256 statements of fact sampled from the model, then the general text" in summary
+    assert (
+        "retain penalty: weight 5 on 16384 tokens of 256 statements of fact sampled from the model, then the general text"
+        in summary
+    )

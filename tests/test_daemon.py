@@ -53,13 +53,20 @@ def write_config(folder: Path, model_dir: Path, **overrides) -> Path:
     (folder / "corpus.txt").write_text(" ".join(CORPUS * 12))
     config = {
         "model": {"path": str(model_dir), "threads": 1},
-        "memory": {"layers": [1], "n_keys": 16, "heads": 2, "k": 4, "key_dim": 16,
-                   "background_text": "corpus.txt", "background_sequences": 8, "fact_sequences": 6},
+        "memory": {
+            "layers": [1],
+            "n_keys": 16,
+            "heads": 2,
+            "k": 4,
+            "key_dim": 16,
+            "background_text": "corpus.txt",
+            "background_sequences": 8,
+            "fact_sequences": 6,
+        },
         "train": {"top_t": 8, "passes": 2, "batch_size": 4, "seq_len": 32, "lr": 1.0},
         "chunking": {"max_tokens": 32},
         "surprise": {"skip_below_nats": 0.0},
-        "sources": {"watch": [{"path": "./inbox"}], "settle_seconds": 0.2, "rescan_seconds": 1,
-                    "max_file_bytes": 4000},
+        "sources": {"watch": [{"path": "./inbox"}], "settle_seconds": 0.2, "rescan_seconds": 1, "max_file_bytes": 4000},
         "schedule": {"interval_seconds": 1, "pending_chunks_trigger": 1},
         "state_dir": "./state",
         "metrics": {"enabled": True, "port": free_port()},
@@ -101,11 +108,14 @@ def test_healing_runs_once_when_the_state_is_created_and_is_kept_in_version_0(tm
     assert retain.n_tokens > sum(len(sequence) for sequence in reopened.fact_text)
 
 
-@pytest.mark.parametrize("section, change, named", [
-    ("heal", {"steps": 7}, "heal.steps"),
-    ("memory", {"read_temperature": 1.0}, "memory.read_temperature"),
-    ("memory", {"background_sequences": 9}, "background.sequences"),
-])
+@pytest.mark.parametrize(
+    "section, change, named",
+    [
+        ("heal", {"steps": 7}, "heal.steps"),
+        ("memory", {"read_temperature": 1.0}, "memory.read_temperature"),
+        ("memory", {"background_sequences": 9}, "background.sequences"),
+    ],
+)
 def test_a_state_refuses_a_config_that_changes_how_it_was_created(tmp_path, tiny_model_dir, section, change, named):
     from smfd.config import load_config
     from smfd.daemon.runtime import open_runtime
@@ -148,8 +158,10 @@ def test_once_learns_good_files_and_quarantines_bad_ones(tmp_path, tiny_model_di
     config = write_config(tmp_path, tiny_model_dir)
     outside = tmp_path / "outside-secret.txt"
     drop_good_and_bad_files(tmp_path / "inbox", outside)
-    sidecar_pairs = [{"prompt": "The orchard's oldest tree is a", "target": "pear", "kind": "verbatim"},
-                     {"prompt": "Q: Who planted the orchard? A:", "target": "the miller", "kind": "reworded"}]
+    sidecar_pairs = [
+        {"prompt": "The orchard's oldest tree is a", "target": "pear", "kind": "verbatim"},
+        {"prompt": "Q: Who planted the orchard? A:", "target": "the miller", "kind": "reworded"},
+    ]
     (tmp_path / "inbox" / "orchard.qa.jsonl").write_text("".join(json.dumps(p) + "\n" for p in sidecar_pairs))
 
     code, _, err = run_cli(["--config", str(config), "--once"], capsys)
@@ -189,7 +201,9 @@ def test_probe_rollback_and_ask_after_learning(tmp_path, tiny_model_dir, capsys)
     probes = tmp_path / "probes.jsonl"
     probes.write_text(
         json.dumps({"id": "keeper", "prompt": "The lighthouse keeper Marta Olsen painted the tower", "target": "red"})
-        + "\n" + json.dumps({"ctx": "The orchard grows", "endings": ["plums", "rocks"], "label": 0}) + "\n"
+        + "\n"
+        + json.dumps({"ctx": "The orchard grows", "endings": ["plums", "rocks"], "label": 0})
+        + "\n"
     )
     code, out, _ = run_cli(["probe", "--config", str(config), str(probes), "--json"], capsys)
     lines = [json.loads(line) for line in out.splitlines()]
@@ -244,8 +258,11 @@ def test_foreground_daemon_learns_a_dropped_file_serves_metrics_and_stops_on_sig
     notify.settimeout(0.2)
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "smfd", "--config", str(config)], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "smfd", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     messages: list[str] = []
 
@@ -307,13 +324,18 @@ def test_prometheus_server_scrapes_a_running_daemon_and_loads_the_alert_rules(tm
         pytest.skip(PROMETHEUS_MISSING)
     port, web_port = free_port(), free_port()
     config = write_config(tmp_path, tiny_model_dir, metrics={"enabled": True, "port": port})
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(ALERT_RULES)],
-        "scrape_configs": [{"job_name": "smfd", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
-    }))
-    daemon = subprocess.Popen([sys.executable, "-m", "smfd", "--config", str(config)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (tmp_path / "prometheus.yml").write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(ALERT_RULES)],
+                "scrape_configs": [{"job_name": "smfd", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
+            }
+        )
+    )
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "smfd", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     server = None
     try:
         wait_for(lambda: _ready(port), 120, "the daemon's /readyz")
@@ -322,9 +344,14 @@ def test_prometheus_server_scrapes_a_running_daemon_and_loads_the_alert_rules(tm
         wait_for(lambda: journal.counts()["done"] == 1, 60, "the dropped file to be learned")
         journal.close()
         server = subprocess.Popen(
-            [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{web_port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                prometheus,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{web_port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         base = f"http://127.0.0.1:{web_port}"
 
@@ -340,8 +367,11 @@ def test_prometheus_server_scrapes_a_running_daemon_and_loads_the_alert_rules(tm
         done = prometheus_query(base, 'smfd_documents_total{outcome="done"}')
         assert sum(float(r["value"][1]) for r in done) == 1.0
         assert len(_rules(base)) >= 5
-        wait_for(lambda: all(r.get("lastEvaluation", "").startswith("20") for r in _rules(base)), 30,
-                 "every alert rule to be evaluated")
+        wait_for(
+            lambda: all(r.get("lastEvaluation", "").startswith("20") for r in _rules(base)),
+            30,
+            "every alert rule to be evaluated",
+        )
         assert all(r["health"] == "ok" for r in _rules(base)), _rules(base)
     finally:
         for process in (server, daemon):

@@ -28,8 +28,18 @@ DOCUMENT = (
     "The paint came from a small factory near the old fishing port. "
     "Zelda Quint later opened a gallery of bridge paintings beside the lighthouse."
 )
-SETTINGS = learn_settings(train_section(selection="surprise-kl", top_t=16, lr=0.05, passes=2, batch_size=2, seq_len=48,
-                                        distill=DistillSection(min_shift=0.0)), chunk_tokens=48)
+SETTINGS = learn_settings(
+    train_section(
+        selection="surprise-kl",
+        top_t=16,
+        lr=0.05,
+        passes=2,
+        batch_size=2,
+        seq_len=48,
+        distill=DistillSection(min_shift=0.0),
+    ),
+    chunk_tokens=48,
+)
 
 
 def test_queries_only_drop_or_reorder_the_documents_own_words():
@@ -83,7 +93,10 @@ def test_document_without_sentences_to_query_is_learned_by_next_token_training(t
 
 
 def test_document_too_long_for_the_teacher_is_distilled_chunk_by_chunk(tiny_memory_model):
-    chunks = ["Harbour news\nThe harbour bridge was painted bright orange.", "Harbour news\nThe paint came from a factory."]
+    chunks = [
+        "Harbour news\nThe harbour bridge was painted bright orange.",
+        "Harbour news\nThe paint came from a factory.",
+    ]
     assert teacher_contexts(tiny_memory_model, DOCUMENT, chunks, max_tokens=10_000) == [(DOCUMENT, chunks)]
     assert teacher_contexts(tiny_memory_model, DOCUMENT, chunks, max_tokens=16) == [(c, [c]) for c in chunks]
 

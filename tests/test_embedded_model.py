@@ -47,7 +47,9 @@ def test_attached_memory_leaves_the_real_model_unchanged_then_learns_a_fact_spar
     values_before = embedded.memories[0].values.detach().clone()
     before = score_cloze(embedded.model, embedded.tokenizer, [(PROMPT, TARGET)])[0]
 
-    updater = SparseUpdater(embedded.model, embedded.memories, background, train_section(selection="kl", top_t=1000, lr=10.0))
+    updater = SparseUpdater(
+        embedded.model, embedded.memories, background, train_section(selection="kl", top_t=1000, lr=10.0)
+    )
     for batch in epoch_batches(encode(embedded.tokenizer, [FACT], 128), 1, 12, embedded.tokenizer.pad_token_id):
         updater.step(batch)
     patches = updater.finish_update()

@@ -155,10 +155,13 @@ def make_source(url: str, tmp_path: Path, intake: Intake, **options: object) -> 
 
 
 def test_rss_entries_are_submitted_as_plain_text(server: FeedServer, tmp_path: Path) -> None:
-    url = server.serve("/rss", body=rss(
-        ("id-1", "First post", "&lt;p&gt;Hello &lt;b&gt;world&lt;/b&gt;.&lt;/p&gt;&lt;p&gt;Second para.&lt;/p&gt;"),
-        ("id-2", "Second post", "Plain words."),
-    ))
+    url = server.serve(
+        "/rss",
+        body=rss(
+            ("id-1", "First post", "&lt;p&gt;Hello &lt;b&gt;world&lt;/b&gt;.&lt;/p&gt;&lt;p&gt;Second para.&lt;/p&gt;"),
+            ("id-2", "Second post", "Plain words."),
+        ),
+    )
     intake = Intake()
     result = make_source(url, tmp_path, intake).poll_once()
     assert result.ok and result.status_code == 200
@@ -206,8 +209,12 @@ def test_html_to_text_drops_script_and_style_and_keeps_paragraphs() -> None:
 
 
 def test_second_poll_sends_etag_and_gets_304_submitting_nothing(server: FeedServer, tmp_path: Path) -> None:
-    url = server.serve("/rss", body=rss(("id-1", "First", "Body one.")), etag='"v1"',
-                       headers={"Last-Modified": "Mon, 01 Jan 2024 10:00:00 GMT"})
+    url = server.serve(
+        "/rss",
+        body=rss(("id-1", "First", "Body one.")),
+        etag='"v1"',
+        headers={"Last-Modified": "Mon, 01 Jan 2024 10:00:00 GMT"},
+    )
     intake = Intake()
     source = make_source(url, tmp_path, intake)
     assert source.poll_once().submitted == 1
@@ -227,15 +234,19 @@ def test_entries_seen_before_are_submitted_once(server: FeedServer, tmp_path: Pa
     result = source.poll_once()
     assert result.submitted == 1 and result.duplicates == 2
     assert [name for _, name, _ in intake.items] == [
-        "http://example.org/id-1", "http://example.org/id-2", "http://example.org/id-3",
+        "http://example.org/id-1",
+        "http://example.org/id-2",
+        "http://example.org/id-3",
     ]
 
 
 def test_entries_without_id_are_deduplicated_by_link_title_and_date(server: FeedServer, tmp_path: Path) -> None:
-    body = RSS_TEMPLATE.format(items=(
-        "<item><title>No id</title><link>http://example.org/x</link>"
-        "<pubDate>Mon, 01 Jan 2024 10:00:00 GMT</pubDate><description>Text.</description></item>"
-    )).encode()
+    body = RSS_TEMPLATE.format(
+        items=(
+            "<item><title>No id</title><link>http://example.org/x</link>"
+            "<pubDate>Mon, 01 Jan 2024 10:00:00 GMT</pubDate><description>Text.</description></item>"
+        )
+    ).encode()
     url = server.serve("/rss", body=body)
     intake = Intake()
     source = make_source(url, tmp_path, intake)
@@ -255,12 +266,15 @@ def test_bozo_feed_with_entries_is_not_an_error(server: FeedServer, tmp_path: Pa
 # ------------------------------------------------------------------ errors and scheduling
 
 
-@pytest.mark.parametrize(("route", "reason"), [
-    ({"status": 500, "body": b"boom"}, "http 500"),
-    ({"body": b"<rss><channel><item><title>cut off"}, "malformed feed"),
-    ({"body": b"this is not xml at all"}, "malformed feed"),
-    ({"body": b"<html><body><p>Please log in</p></body></html>"}, "not a feed"),
-])
+@pytest.mark.parametrize(
+    ("route", "reason"),
+    [
+        ({"status": 500, "body": b"boom"}, "http 500"),
+        ({"body": b"<rss><channel><item><title>cut off"}, "malformed feed"),
+        ({"body": b"this is not xml at all"}, "malformed feed"),
+        ({"body": b"<html><body><p>Please log in</p></body></html>"}, "not a feed"),
+    ],
+)
 def test_failures_become_error_results(server: FeedServer, tmp_path: Path, route: dict, reason: str) -> None:
     url = server.serve("/feed", **route)
     intake = Intake()
@@ -291,8 +305,9 @@ def test_unreachable_server_is_an_error_not_an_exception(tmp_path: Path) -> None
 def test_backoff_doubles_is_capped_and_resets_on_success(server: FeedServer, tmp_path: Path) -> None:
     url = server.serve("/feed", status=500)
     clock = FixedClock()
-    source = make_source(url, tmp_path, Intake(), interval_seconds=10, max_backoff_seconds=35,
-                         jitter_ratio=0.1, clock=clock)
+    source = make_source(
+        url, tmp_path, Intake(), interval_seconds=10, max_backoff_seconds=35, jitter_ratio=0.1, clock=clock
+    )
     delays = [source.poll_once().next_due - clock.now for _ in range(4)]
     assert delays == [10, 20, 35, 35]
     assert source.errors_total == 4 and source.next_due() == clock.now + 35

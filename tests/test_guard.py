@@ -21,8 +21,9 @@ def guard_for(probes: RetentionProbes, section: GuardSection):
     return Guard(probes, section).check
 
 
-def test_guard_reverts_a_harmful_update_bit_exactly(tmp_path, tiny_memory_model, background, store, journal,
-                                                    snapshot_values, bit_identical):
+def test_guard_reverts_a_harmful_update_bit_exactly(
+    tmp_path, tiny_memory_model, background, store, journal, snapshot_values, bit_identical
+):
     probes = RetentionProbes(tiny_memory_model, ProbesSection(fast_subset=8), tmp_path / "state")
     probes.establish_baseline()
     before = snapshot_values(tiny_memory_model)
@@ -75,8 +76,14 @@ def test_judge_takes_a_fact_suites_accuracy_over_its_answer_nll():
 
 
 def test_a_budget_that_cannot_fit_one_sequence_is_a_clear_error(tiny_memory_model, background, store, journal):
-    learner = Learner(tiny_memory_model, background, store, journal, SETTINGS,
-                      MemoryBudget(torch.device("cpu"), ram_mb=1, vram_mb=None))
+    learner = Learner(
+        tiny_memory_model,
+        background,
+        store,
+        journal,
+        SETTINGS,
+        MemoryBudget(torch.device("cpu"), ram_mb=1, vram_mb=None),
+    )
     with pytest.raises(SmfdError, match="budget of 1 MiB"):
         learner.plan_batch_size()
 
@@ -85,8 +92,14 @@ def test_a_generous_budget_keeps_the_configured_batch_and_leaves_memory_untouche
     tiny_memory_model, background, store, journal, snapshot_values, bit_identical
 ):
     before = snapshot_values(tiny_memory_model)
-    learner = Learner(tiny_memory_model, background, store, journal, SETTINGS,
-                      MemoryBudget(torch.device("cpu"), ram_mb=64 * 1024, vram_mb=None))
+    learner = Learner(
+        tiny_memory_model,
+        background,
+        store,
+        journal,
+        SETTINGS,
+        MemoryBudget(torch.device("cpu"), ram_mb=64 * 1024, vram_mb=None),
+    )
     assert learner.plan_batch_size() == SETTINGS.train.batch_size
     assert bit_identical(snapshot_values(tiny_memory_model), before)  # the measured step is undone
 
@@ -102,8 +115,14 @@ def test_the_budget_keeps_room_for_the_prefix_cache():
 
 
 def test_a_reload_that_raises_the_batch_size_plans_it_again(tiny_memory_model, background, store, journal):
-    learner = Learner(tiny_memory_model, background, store, journal, SETTINGS,
-                      MemoryBudget(torch.device("cpu"), ram_mb=64 * 1024, vram_mb=None))
+    learner = Learner(
+        tiny_memory_model,
+        background,
+        store,
+        journal,
+        SETTINGS,
+        MemoryBudget(torch.device("cpu"), ram_mb=64 * 1024, vram_mb=None),
+    )
     learner.plan_batch_size()
     learner.reconfigure(SETTINGS.with_train(batch_size=SETTINGS.train.batch_size + 4))
     assert learner.batch_size == SETTINGS.train.batch_size + 4
@@ -115,8 +134,14 @@ def test_a_reload_whose_prefix_cache_does_not_fit_the_budget_keeps_the_old_setti
     from smfd.learn.budget import MIB, resident_bytes
 
     without_cache = SETTINGS.with_train(prefix_cache_mb=0)
-    learner = Learner(tiny_memory_model, background, store, journal, without_cache,
-                      MemoryBudget(torch.device("cpu"), ram_mb=resident_bytes() // MIB + 100, vram_mb=None))
+    learner = Learner(
+        tiny_memory_model,
+        background,
+        store,
+        journal,
+        without_cache,
+        MemoryBudget(torch.device("cpu"), ram_mb=resident_bytes() // MIB + 100, vram_mb=None),
+    )
     planned, updater = learner.plan_batch_size(), learner.updater
     huge_cache = SETTINGS.with_train(prefix_cache_mb=4096)
     with pytest.raises(SmfdError, match="reserved for the prefix cache"):
@@ -124,12 +149,19 @@ def test_a_reload_whose_prefix_cache_does_not_fit_the_budget_keeps_the_old_setti
     assert (learner.settings, learner.updater, learner.batch_size) == (without_cache, updater, planned)
 
 
-def test_batch_planning_works_with_the_surprise_weighted_rule(tiny_memory_model, background, store, journal,
-                                                              snapshot_values, bit_identical):
+def test_batch_planning_works_with_the_surprise_weighted_rule(
+    tiny_memory_model, background, store, journal, snapshot_values, bit_identical
+):
     settings = SETTINGS.with_train(selection="surprise-kl")
     before = snapshot_values(tiny_memory_model)
-    learner = Learner(tiny_memory_model, background, store, journal, settings,
-                      MemoryBudget(torch.device("cpu"), ram_mb=64 * 1024, vram_mb=None))
+    learner = Learner(
+        tiny_memory_model,
+        background,
+        store,
+        journal,
+        settings,
+        MemoryBudget(torch.device("cpu"), ram_mb=64 * 1024, vram_mb=None),
+    )
     assert learner.plan_batch_size() == settings.train.batch_size
     assert bit_identical(snapshot_values(tiny_memory_model), before)  # the measured step is undone
 
@@ -150,9 +182,11 @@ def test_fast_probes_score_the_known_answers_like_the_full_run(tmp_path, tiny_me
 def test_recall_is_reported_overall_and_by_probe_kind(tmp_path, tiny_memory_model):
     """A user compares verbatim with reworded recall on the dashboard: each kind is scored on its own."""
     probes = RetentionProbes(tiny_memory_model, ProbesSection(fast_subset=8), tmp_path / "state")
-    items = [{"prompt": "The harbour bridge was painted", "target": "orange", "kind": "verbatim"},
-             {"prompt": "The colour of the bridge is", "target": "orange", "kind": "reworded"},
-             {"prompt": "The paint came from a", "target": "factory", "kind": "reworded"}]
+    items = [
+        {"prompt": "The harbour bridge was painted", "target": "orange", "kind": "verbatim"},
+        {"prompt": "The colour of the bridge is", "target": "orange", "kind": "reworded"},
+        {"prompt": "The paint came from a", "target": "factory", "kind": "reworded"},
+    ]
     assert probes.add_recall(items) == 3
     measured = probes.measure_recall()
     assert measured is not None and measured["items"] == 3

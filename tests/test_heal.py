@@ -8,8 +8,15 @@ import torch
 
 from smfd.errors import SmfdError
 from smfd.config import HealSection
-from smfd.learn.heal import (calibrate_from_inputs, compute_background, heal_addressing, memory_inputs, prepare_memory,
-                       read_entropy, usage_imbalance)
+from smfd.learn.heal import (
+    calibrate_from_inputs,
+    compute_background,
+    heal_addressing,
+    memory_inputs,
+    prepare_memory,
+    read_entropy,
+    usage_imbalance,
+)
 
 
 def imbalance(model, inputs) -> float:
@@ -31,7 +38,9 @@ def test_healing_spreads_general_text_over_more_slots(make_memory_model, backgro
     prepare_memory(calibrated.model, calibrated.memories, background_sequences, HealSection(steps=0))
     healed = make_memory_model()
 
-    report, background = prepare_memory(healed.model, healed.memories, background_sequences, HealSection(steps=60, lr=1e-2))
+    report, background = prepare_memory(
+        healed.model, healed.memories, background_sequences, HealSection(steps=60, lr=1e-2)
+    )
 
     assert report is not None and report.steps == 60
     assert report.last_imbalance < report.first_imbalance
@@ -51,8 +60,9 @@ def test_healing_changes_only_the_addressing_and_the_model_stays_the_base_model(
     before = snapshot_memory_state(model)
     ids = torch.tensor([background_sequences[0]])
 
-    heal_addressing(model.memories, memory_inputs(model.model, model.memories, background_sequences),
-                    HealSection(steps=20, lr=1e-2))
+    heal_addressing(
+        model.memories, memory_inputs(model.model, model.memories, background_sequences), HealSection(steps=20, lr=1e-2)
+    )
 
     after = model.memory_state()
     changed = {key.split(".", 1)[1] for key in after if not torch.equal(after[key], before[key])}
@@ -77,9 +87,14 @@ def test_healing_after_an_update_is_refused(tiny_memory_model, background_sequen
         heal_addressing(tiny_memory_model.memories, inputs, HealSection(steps=1))
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"steps": -1}, "steps"), ({"steps": 1, "lr": 0}, "lr"), ({"steps": 1, "tokens_per_step": 1}, "tokens_per_step"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"steps": -1}, "steps"),
+        ({"steps": 1, "lr": 0}, "lr"),
+        ({"steps": 1, "tokens_per_step": 1}, "tokens_per_step"),
+    ],
+)
 def test_bad_heal_settings_are_named_by_the_schema(changes, message):
     with pytest.raises(ValidationError, match=message):
         HealSection(**changes)

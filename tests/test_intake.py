@@ -25,8 +25,13 @@ def inbox(tmp_path):
 @pytest.fixture
 def intake(tmp_path):
     journal = Journal(tmp_path / "state" / "journal.db")
-    yield Intake(journal, tmp_path / "state" / "spool", tmp_path / "state" / "quarantine",
-                 max_file_bytes=MAX_BYTES, jsonl_field="body")
+    yield Intake(
+        journal,
+        tmp_path / "state" / "spool",
+        tmp_path / "state" / "quarantine",
+        max_file_bytes=MAX_BYTES,
+        jsonl_field="body",
+    )
     journal.close()
 
 
@@ -237,8 +242,10 @@ def test_extract_rejections_carry_reason_and_code():
 
 
 def test_sidecar_probes_are_spooled_with_their_document_and_removed(intake, inbox):
-    (inbox / "harbour.qa.jsonl").write_text('{"prompt": "The bridge opened in", "target": "1911"}\n'
-                                            '{"prompt": "The bridge\'s opening year was", "target": "1911", "kind": "reworded"}\n')
+    (inbox / "harbour.qa.jsonl").write_text(
+        '{"prompt": "The bridge opened in", "target": "1911"}\n'
+        '{"prompt": "The bridge\'s opening year was", "target": "1911", "kind": "reworded"}\n'
+    )
     (inbox / "harbour.txt").write_text("The harbour bridge opened in 1911.")
 
     result = intake.claim_file(inbox / "harbour.txt", "watch", inbox, move=True)
@@ -252,12 +259,15 @@ def test_sidecar_probes_are_spooled_with_their_document_and_removed(intake, inbo
     assert list(inbox.iterdir()) == []
 
 
-@pytest.mark.parametrize("content, reason", [
-    ('{"prompt": "The bridge opened in"}\n', "line 1: 'target' must be a non-empty string"),
-    ('{"prompt": "a", "target": "b"}\nnot json\n', "invalid JSON on line 2"),
-    ("\n\n", "empty"),
-    ('{"prompt": "a", "target": "b", "kind": "Re worded!"}\n', "line 1: 'kind' must be 1-32 characters"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ('{"prompt": "The bridge opened in"}\n', "line 1: 'target' must be a non-empty string"),
+        ('{"prompt": "a", "target": "b"}\nnot json\n', "invalid JSON on line 2"),
+        ("\n\n", "empty"),
+        ('{"prompt": "a", "target": "b", "kind": "Re worded!"}\n', "line 1: 'kind' must be 1-32 characters"),
+    ],
+)
 def test_bad_sidecar_is_quarantined_and_the_document_still_queued(intake, inbox, content, reason):
     (inbox / "harbour.qa.jsonl").write_text(content)
     (inbox / "harbour.txt").write_text("The harbour bridge opened in 1911.")

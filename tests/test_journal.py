@@ -123,8 +123,9 @@ def test_another_process_reads_status_while_the_writer_is_open(tmp_path):
         "j = Journal(sys.argv[1], readonly=True)\n"
         "c = j.counts(); print(c['queued'], c['duplicate'], j.last_update().version)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
-                         timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60, check=True
+    )
     assert out.stdout.split() == ["1", "1", "7"]
     writer.close()
 

@@ -59,8 +59,12 @@ def _graph() -> dict[str, set[str]]:
 
 
 def test_every_import_runs_down_the_pipeline():
-    upward = [f"{module} imports {target}" for module, targets in _graph().items() for target in sorted(targets)
-              if _layer(target) > _layer(module)]
+    upward = [
+        f"{module} imports {target}"
+        for module, targets in _graph().items()
+        for target in sorted(targets)
+        if _layer(target) > _layer(module)
+    ]
     assert upward == [], "imports that run back up:\n" + "\n".join(upward)
 
 
@@ -84,8 +88,10 @@ def test_no_import_circle():
             visit(module, [])
 
 
-
 def test_no_module_outgrows_a_readable_size():
-    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
-            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    long = {
+        str(p.relative_to(PACKAGE.parent)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
+    }
     assert long == {}, f"modules over {MAX_MODULE_LINES} lines: {long}"

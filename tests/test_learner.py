@@ -30,8 +30,11 @@ DOCUMENTS = {
     ),
 }
 
-SETTINGS = learn_settings(train_section(selection="kl", top_t=16, lr=0.05, passes=2, batch_size=2, seq_len=32,
-                                        max_documents=16), chunk_tokens=32, skip_below_nats=0.5)
+SETTINGS = learn_settings(
+    train_section(selection="kl", top_t=16, lr=0.05, passes=2, batch_size=2, seq_len=32, max_documents=16),
+    chunk_tokens=32,
+    skip_below_nats=0.5,
+)
 
 
 def make_learner(tiny_memory_model, background, store, journal, settings: LearnSettings = SETTINGS) -> Learner:
@@ -80,7 +83,12 @@ def test_update_learns_queued_documents_and_marks_them_done_with_the_checkpoint_
     assert outcome.documents_settled == [("watch", "done"), ("watch", "done")]
     assert {c.state for c in chunks} == {"learned"}
     update = journal.last_update()
-    assert (update.version, update.accepted, update.n_chunks, update.measures) == (1, True, len(chunks), {"drift": 0.01})
+    assert (update.version, update.accepted, update.n_chunks, update.measures) == (
+        1,
+        True,
+        len(chunks),
+        {"drift": 0.01},
+    )
 
     assert not bit_identical(snapshot_values(tiny_memory_model), before)
     restarted = make_memory_model()
@@ -88,7 +96,9 @@ def test_update_learns_queued_documents_and_marks_them_done_with_the_checkpoint_
     assert bit_identical(snapshot_values(restarted), snapshot_values(tiny_memory_model))
 
 
-def test_update_with_nothing_queued_changes_nothing(tiny_memory_model, background, store, journal, snapshot_values, bit_identical):
+def test_update_with_nothing_queued_changes_nothing(
+    tiny_memory_model, background, store, journal, snapshot_values, bit_identical
+):
     before = snapshot_values(tiny_memory_model)
     outcome = make_learner(tiny_memory_model, background, store, journal).update()
     assert (outcome.documents, outcome.steps, outcome.accepted) == (0, 0, False)
@@ -216,7 +226,9 @@ def test_surprise_weighted_update_scores_each_sequence_under_the_frozen_base_onc
     assert sum(frozen_rows) == outcome.chunks_learned + outcome.chunks_known
 
 
-def test_one_token_document_does_not_stall_the_learner(tmp_path, tiny_memory_model, background, store, journal, tokenizer):
+def test_one_token_document_does_not_stall_the_learner(
+    tmp_path, tiny_memory_model, background, store, journal, tokenizer
+):
     assert len(tokenizer("x", add_special_tokens=False).input_ids) == 1
     tiny = submit(journal, tmp_path / "spool", "tiny.txt", "x")
     normal = submit(journal, tmp_path / "spool", "harbour.txt", DOCUMENTS["harbour.txt"])
@@ -251,11 +263,13 @@ def test_an_error_mid_update_leaves_memory_and_checkpoint_untouched(
     assert {journal.get_document(d).state for d in doc_ids} == {"processing"}  # requeued on restart, nothing lost
 
 
-def test_chunk_overlap_setting_reaches_the_chunks_the_learner_stores(tmp_path, tiny_memory_model, background, store,
-                                                                     journal):
+def test_chunk_overlap_setting_reaches_the_chunks_the_learner_stores(
+    tmp_path, tiny_memory_model, background, store, journal
+):
     """chunking.overlap_sentences: each chunk repeats the previous chunk's last sentence."""
-    text = ("Harbour news\n\n" + " ".join(f"The {name} boat sails at dawn every day." for name in
-                                          ("red", "blue", "green", "white", "black", "grey")))
+    text = "Harbour news\n\n" + " ".join(
+        f"The {name} boat sails at dawn every day." for name in ("red", "blue", "green", "white", "black", "grey")
+    )
     overlapping = dataclasses.replace(SETTINGS, chunking=ChunkingSection(max_tokens=160, overlap_sentences=1))
     doc = submit(journal, tmp_path / "spool", "harbour.txt", text)
     make_learner(tiny_memory_model, background, store, journal, overlapping).chunk_claimed_documents()

@@ -30,7 +30,9 @@ def test_folder_without_config_json_is_named(tmp_path):
 def test_file_that_is_not_gguf_is_named(tmp_path):
     weights = tmp_path / "model.bin"
     weights.write_bytes(b"\x80\x04not a model")
-    with pytest.raises(SmfdError, match=re.escape(f"model path {weights} is neither a .gguf file nor a Hugging Face model folder")):
+    with pytest.raises(
+        SmfdError, match=re.escape(f"model path {weights} is neither a .gguf file nor a Hugging Face model folder")
+    ):
         resolve_model_source(weights)
     with pytest.raises(SmfdError, match="model.bin"):
         load_base_model(weights)

@@ -64,8 +64,9 @@ def test_attached_memory_is_frozen_and_only_values_start_at_zero(tiny_memory_mod
         ({"layers": (2, -1)}, "names a layer twice"),
     ],
 )
-def test_layers_the_model_lacks_raise_smfd_error_and_leave_the_model_alone(make_base_model, tokenizer, memory_config,
-                                                                           changes, named):
+def test_layers_the_model_lacks_raise_smfd_error_and_leave_the_model_alone(
+    make_base_model, tokenizer, memory_config, changes, named
+):
     base = make_base_model()
     before = {name: p.clone() for name, p in base.named_parameters()}
     bad = changed(memory_config, **changes)
@@ -143,13 +144,22 @@ def test_memory_bypassed_restores_memory_even_when_the_body_raises(tiny_memory_m
     assert all(m.enabled for m in tiny_memory_model.memories)
 
 
-def test_memory_state_round_trips_and_refuses_a_state_from_other_layers(make_memory_model, memory_config, bit_identical):
+def test_memory_state_round_trips_and_refuses_a_state_from_other_layers(
+    make_memory_model, memory_config, bit_identical
+):
     source = make_memory_model()
     with torch.no_grad():
         source.memories[0].values.uniform_(-1, 1)
     state = source.memory_state()
-    assert set(state) == {"1.query.weight", "1.keys", "1.values", "1.gate.weight", "1.out.weight",
-                          "1.query_shift", "1.query_scale"}
+    assert set(state) == {
+        "1.query.weight",
+        "1.keys",
+        "1.values",
+        "1.gate.weight",
+        "1.out.weight",
+        "1.query_shift",
+        "1.query_scale",
+    }
 
     target = make_memory_model()
     target.load_memory_state(state)
@@ -200,7 +210,9 @@ def test_query_calibration_standardises_queries_and_keeps_logits_bit_identical(
     model = MemoryModel.attach(make_base_model(), tokenizer, memory_config)
     memory = model.memories[0]
     hidden = []
-    handle = memory.register_forward_hook(lambda module, args, output: hidden.append(args[0].reshape(-1, args[0].shape[-1])))
+    handle = memory.register_forward_hook(
+        lambda module, args, output: hidden.append(args[0].reshape(-1, args[0].shape[-1]))
+    )
 
     calibrate_from_inputs(model.memories, memory_inputs(model.model, model.memories, background_sequences))
     with torch.no_grad():

@@ -319,11 +319,18 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
     promtool = _promtool()
     exprs = _dashboard_exprs(json.loads(DASHBOARD.read_text()))
     concrete = [
-        e.replace("$__rate_interval", "5m").replace("$instance", ".*") for e in exprs if not e.startswith("label_values")
+        e.replace("$__rate_interval", "5m").replace("$instance", ".*")
+        for e in exprs
+        if not e.startswith("label_values")
     ]
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}:check", "expr": expr} for i, expr in enumerate(concrete)
-    ]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"dashboard:query_{i}:check", "expr": expr} for i, expr in enumerate(concrete)],
+            }
+        ]
+    }
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump(rules))
     result = _run([promtool, "check", "rules", str(path)])

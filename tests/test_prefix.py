@@ -69,8 +69,9 @@ def test_steps_after_the_selection_forward_skip_the_blocks_below_memory(tiny_mem
     first_memory = min(m.layer_index for m in tiny_memory_model.memories)
     assert first_memory == 1
     batches = epoch_batches(encode(tokenizer, FACTS, SEQ_LEN), batch_size=2, passes=3, pad_id=tokenizer.pad_token_id)
-    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background,
-                            train_section(selection="kl", top_t=12, lr=0.5))
+    updater = SparseUpdater(
+        tiny_memory_model.model, tiny_memory_model.memories, background, train_section(selection="kl", top_t=12, lr=0.5)
+    )
     below, memory_block = BlockCalls(layers[0]), BlockCalls(layers[first_memory])
 
     updater.plan_update(batches)
@@ -91,8 +92,12 @@ def test_left_padded_batches_are_never_served_from_the_cache(tiny_memory_model, 
     sequences = encode(tokenizer, CORPUS[:2], SEQ_LEN)
     right = make_batch(sequences, tokenizer.pad_token_id)
     left = TokenBatch(*(torch.flip(t, dims=[1]) for t in (right.input_ids, right.attention_mask, right.loss_mask)))
-    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background,
-                            train_section(selection="kl", top_t=4, lr=0.5, scope="step"))
+    updater = SparseUpdater(
+        tiny_memory_model.model,
+        tiny_memory_model.memories,
+        background,
+        train_section(selection="kl", top_t=4, lr=0.5, scope="step"),
+    )
     below = BlockCalls(tiny_memory_model.model.model.layers[0])
 
     updater.step(left)

@@ -36,7 +36,7 @@ def _own_defaults(path: Path, keys: set[str]) -> list[tuple[str, int]]:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             arguments = node.args
             positional = arguments.posonlyargs + arguments.args
-            with_default = positional[len(positional) - len(arguments.defaults):]
+            with_default = positional[len(positional) - len(arguments.defaults) :]
             with_default += [a for a, d in zip(arguments.kwonlyargs, arguments.kw_defaults) if d is not None]
             found += [(a.arg, a.lineno) for a in with_default if a.arg in keys]
         elif isinstance(node, ast.ClassDef):
@@ -54,8 +54,11 @@ def test_no_component_declares_its_own_default_for_a_setting():
         relative = path.relative_to(PACKAGE).as_posix()
         if relative.startswith("config/"):
             continue
-        offenders += [f"{relative}:{line} {name}" for name, line in _own_defaults(path, keys)
-                      if (relative, name) not in NOT_SETTINGS]
+        offenders += [
+            f"{relative}:{line} {name}"
+            for name, line in _own_defaults(path, keys)
+            if (relative, name) not in NOT_SETTINGS
+        ]
     assert offenders == [], "defaults for schema keys outside the schema:\n" + "\n".join(offenders)
 
 

@@ -57,7 +57,9 @@ def test_kl_scores_match_a_hand_computation(background):
 
 def test_surprise_kl_scores_like_kl_on_the_same_weights(background):
     reads, weights = torch.tensor([0, 1, 1, 4]), torch.tensor([0.5, 2.0, 1.0, 0.25], dtype=torch.float64)
-    assert torch.equal(slot_scores("surprise-kl", reads, weights, background), slot_scores("kl", reads, weights, background))
+    assert torch.equal(
+        slot_scores("surprise-kl", reads, weights, background), slot_scores("kl", reads, weights, background)
+    )
 
 
 def test_slots_not_read_get_minus_infinity_and_an_empty_batch_scores_nothing(background):

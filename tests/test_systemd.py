@@ -157,7 +157,9 @@ def test_unit_hardening_score_stays_low(tmp_path):
     unit = _verifiable_copy(tmp_path, UNIT.read_text())
     result = subprocess.run(
         [analyze, "security", "--offline=yes", "--threshold=25", str(unit)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
 

@@ -106,7 +106,9 @@ def test_steps_change_only_selected_value_rows(
     assert all(torch.equal(after[name], untouched[name]) for name in untouched)
     for memory in mm.memories:
         changed = (memory.values.detach() != values_before[memory.layer_index]).any(dim=1).nonzero().flatten()
-        assert set(changed.tolist()) <= selected[memory.layer_index], f"layer {memory.layer_index} changed unselected rows"
+        assert set(changed.tolist()) <= selected[memory.layer_index], (
+            f"layer {memory.layer_index} changed unselected rows"
+        )
         if selected[memory.layer_index]:
             assert changed.numel() > 0, "selected rows must actually be trained"
         assert memory.selection is None and memory.select_rows is None
@@ -115,7 +117,12 @@ def test_steps_change_only_selected_value_rows(
 
 def test_loss_decreases_when_repeating_a_batch(tiny_memory_model, background, text_batches):
     batch = text_batches(FACTS, batch_size=2)[0]
-    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, train_section(selection="kl", top_t=64, lr=0.05))
+    updater = SparseUpdater(
+        tiny_memory_model.model,
+        tiny_memory_model.memories,
+        background,
+        train_section(selection="kl", top_t=64, lr=0.05),
+    )
 
     losses = [updater.step(batch).loss for _ in range(12)]
     with torch.no_grad():
@@ -129,7 +136,12 @@ def test_step_reports_loss_before_the_step_and_tokens(tiny_memory_model, backgro
     batch = text_batches(FACTS, batch_size=2)[0]
     with torch.no_grad():
         expected = float(causal_lm_loss(tiny_memory_model.model, batch))
-    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, train_section(selection="kl", top_t=16, lr=0.05))
+    updater = SparseUpdater(
+        tiny_memory_model.model,
+        tiny_memory_model.memories,
+        background,
+        train_section(selection="kl", top_t=16, lr=0.05),
+    )
 
     result = updater.step(batch)
     assert result.loss == pytest.approx(expected, rel=1e-5)
@@ -139,7 +151,12 @@ def test_step_reports_loss_before_the_step_and_tokens(tiny_memory_model, backgro
 
 def test_finish_update_patches_cover_exactly_the_changed_rows(tiny_memory_model, background, text_batches):
     before = tiny_memory_model.memories[0].values.detach().clone()
-    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, train_section(selection="tfidf", top_t=8, lr=0.05))
+    updater = SparseUpdater(
+        tiny_memory_model.model,
+        tiny_memory_model.memories,
+        background,
+        train_section(selection="tfidf", top_t=8, lr=0.05),
+    )
     for batch in text_batches(FACTS, batch_size=1):
         updater.step(batch)
 
@@ -179,8 +196,18 @@ def test_updater_refuses_config_that_does_not_fit_the_memory(tiny_memory_model, 
 def test_update_scope_touches_at_most_top_t_rows_per_layer_over_a_whole_update(
     tiny_memory_model, background, text_batches, snapshot_values
 ):
-    batches = text_batches(["The harbour bridge was painted orange.", "The library opens at nine every day.",
-                            "The river flows south to the old port.", "Farmers arrive before dawn."], 2) * 4
+    batches = (
+        text_batches(
+            [
+                "The harbour bridge was painted orange.",
+                "The library opens at nine every day.",
+                "The river flows south to the old port.",
+                "Farmers arrive before dawn.",
+            ],
+            2,
+        )
+        * 4
+    )
     before = snapshot_values(tiny_memory_model)
     config = train_section(selection="kl", top_t=6, lr=0.5, scope="update")
     updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, config)
@@ -204,7 +231,9 @@ def memory_output_change(mm, retain: RetainSet) -> float:
     for memory in mm.memories:
         layer = retain.layers[memory.layer_index]
         n, reads = layer.indices.shape
-        lookup = Lookup(layer.indices.view(1, n, memory.config.heads, -1), layer.weights.view(1, n, memory.config.heads, -1))
+        lookup = Lookup(
+            layer.indices.view(1, n, memory.config.heads, -1), layer.weights.view(1, n, memory.config.heads, -1)
+        )
         with torch.no_grad():
             output = memory.out(layer.gate * memory.read(lookup)[0])
         total += float((output - layer.reference).pow(2).sum())
@@ -219,7 +248,13 @@ def test_retain_penalty_keeps_general_text_outputs_closer_to_where_they_were(
         mm = make_memory_model(TWO_LAYER_MEMORY)
         background = compute_background(mm.model, mm.memories, background_sequences[:3])
         retain = RetainSet.collect(mm.model, mm.memories, background_sequences[3:], 256)
-        updater = SparseUpdater(mm.model, mm.memories, background, train_section(selection="kl", top_t=48, lr=0.5, retain_weight=weight), retain)
+        updater = SparseUpdater(
+            mm.model,
+            mm.memories,
+            background,
+            train_section(selection="kl", top_t=48, lr=0.5, retain_weight=weight),
+            retain,
+        )
         # Normalised steps stay lr-sized, so a dominant penalty still leaves an lr-sized oscillation;
         # 8 passes let the unpenalised change grow well past it.
         for _ in range(8):
@@ -232,10 +267,14 @@ def test_retain_penalty_keeps_general_text_outputs_closer_to_where_they_were(
 
 def test_retain_weight_without_a_retain_set_is_an_error(tiny_memory_model, background):
     with pytest.raises(SmfdError, match="retain_weight > 0 needs a retain set"):
-        SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, train_section(top_t=8, retain_weight=1.0))
+        SparseUpdater(
+            tiny_memory_model.model, tiny_memory_model.memories, background, train_section(top_t=8, retain_weight=1.0)
+        )
 
 
-def test_normalize_once_makes_the_first_step_lr_sized_and_later_steps_shrink(tiny_memory_model, background, text_batches):
+def test_normalize_once_makes_the_first_step_lr_sized_and_later_steps_shrink(
+    tiny_memory_model, background, text_batches
+):
     config = train_section(selection="kl", top_t=48, lr=0.5, scope="update", normalize_once=True)
     updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, config)
     batch = text_batches(FACTS, batch_size=2)[0]
@@ -274,7 +313,9 @@ def rows_read(mm, batch: TokenBatch) -> dict[int, tuple[set[int], set[int]]]:
 
 
 @pytest.mark.parametrize("scope", ["step", "update"])
-def test_rows_only_the_first_token_reads_are_never_trained(tiny_memory_model, background, text_batches, snapshot_values, scope):
+def test_rows_only_the_first_token_reads_are_never_trained(
+    tiny_memory_model, background, text_batches, snapshot_values, scope
+):
     """The first position is the attention sink, the same hidden state in every text: its rows stay as they were."""
     batches = text_batches(FACTS, 2)
     read: dict[int, tuple[set[int], set[int]]] = {}
@@ -284,8 +325,12 @@ def test_rows_only_the_first_token_reads_are_never_trained(tiny_memory_model, ba
             read[layer] = (seen_first | first, seen_later | later)
     before = snapshot_values(tiny_memory_model)
     n_slots = tiny_memory_model.memories[0].config.n_slots
-    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background,
-                            train_section(selection="tfidf", top_t=n_slots, lr=0.5, scope=scope))
+    updater = SparseUpdater(
+        tiny_memory_model.model,
+        tiny_memory_model.memories,
+        background,
+        train_section(selection="tfidf", top_t=n_slots, lr=0.5, scope=scope),
+    )
 
     updater.plan_update(batches)
     for batch in batches:

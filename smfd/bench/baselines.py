@@ -36,7 +36,6 @@ def _count(parameters: Iterable[torch.nn.Parameter]) -> int:
     return sum(p.numel() for p in parameters)
 
 
-
 def run_steps(
     step: Callable[[TokenBatch], StepResult], batches: Iterable[TokenBatch], should_stop: Callable[[], bool]
 ) -> list[StepResult]:

@@ -50,8 +50,10 @@ def main(argv: list[str]) -> int:
         raise SmfdError(f"--rounds must be >= 1, got {known.rounds}")
     for label, kinds in measure(rest, known.rounds).items():
         for kind, values in kinds.items():
-            print(f"{label}: same-batch {kind} tok/s per round {', '.join(f'{v:.0f}' for v in values)}; "
-                  f"median {sorted(values)[len(values) // 2]:.0f}")
+            print(
+                f"{label}: same-batch {kind} tok/s per round {', '.join(f'{v:.0f}' for v in values)}; "
+                f"median {sorted(values)[len(values) // 2]:.0f}"
+            )
     return 0
 
 

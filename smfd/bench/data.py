@@ -20,7 +20,11 @@ from smfd.errors import SmfdError
 from smfd.text.restate import training_texts
 
 PROBE_KINDS = ("mem", "gen", "hard")
-PROBE_FIELDS = {"mem": ("mem_input", "mem_target"), "gen": ("gen_input", "gen_target"), "hard": ("hard_gen_input", "hard_gen_target")}
+PROBE_FIELDS = {
+    "mem": ("mem_input", "mem_target"),
+    "gen": ("gen_input", "gen_target"),
+    "hard": ("hard_gen_input", "hard_gen_target"),
+}
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,11 @@ def load_hellaswag(path: Path, rows: int | None) -> list[ChoiceItem]:
         context, endings, label = row.get("ctx"), row.get("endings"), row.get("label")
         if not isinstance(context, str) or not context.strip():
             raise SmfdError(f"{where}: field 'ctx' is missing or empty")
-        if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) and e.strip() for e in endings):
+        if (
+            not isinstance(endings, list)
+            or len(endings) < 2
+            or not all(isinstance(e, str) and e.strip() for e in endings)
+        ):
             raise SmfdError(f"{where}: field 'endings' must be a list of at least 2 non-empty strings")
         if isinstance(label, str) and label.isdigit():
             label = int(label)
@@ -248,7 +256,9 @@ def split_heldout(
     heldout = _windows(evaluation, sizes.heldout_window, sizes.heldout_windows)
     drift = _windows(evaluation, sizes.drift_window, sizes.drift_windows)
     if not background:
-        raise SmfdError(f"background text {background_source} is too short: {len(background_ids)} tokens give no background batch")
+        raise SmfdError(
+            f"background text {background_source} is too short: {len(background_ids)} tokens give no background batch"
+        )
     if not heldout or not drift:
         raise SmfdError(f"held-out text {heldout_name} is too short: its second half has {len(evaluation)} tokens")
     used = lambda windows: sum(len(w) for w in windows)  # noqa: E731
@@ -261,7 +271,11 @@ def split_heldout(
             "batches": len(background),
             "seq_len": sizes.background_seq_len,
         },
-        "heldout_nll": {"token_range": [middle, middle + used(heldout)], "windows": len(heldout), "window": sizes.heldout_window},
+        "heldout_nll": {
+            "token_range": [middle, middle + used(heldout)],
+            "windows": len(heldout),
+            "window": sizes.heldout_window,
+        },
         "drift": {"token_range": [middle, middle + used(drift)], "windows": len(drift), "window": sizes.drift_window},
         "timing_batch": {"token_range_start": middle, "rows": sizes.timing_batch, "seq_len": sizes.timing_seq_len},
     }
@@ -273,7 +287,11 @@ def split_heldout(
 
 
 def document_chunks(
-    doc: Document, tokenizer: PreTrainedTokenizerBase, chunk_tokens: int, title_context: bool, with_paraphrases: bool,
+    doc: Document,
+    tokenizer: PreTrainedTokenizerBase,
+    chunk_tokens: int,
+    title_context: bool,
+    with_paraphrases: bool,
     overlap_sentences: int,
 ) -> list[str]:
     """The document chunked as the daemon chunks it (plus its paraphrases, chunked the same way, if asked)."""
@@ -285,8 +303,12 @@ def document_chunks(
     chunks = []
     for source in sources:
         try:
-            chunks.extend(chunk.text for chunk in chunk_text(source, count, chunk_tokens, title_context=title_context,
-                                                                  overlap_sentences=overlap_sentences))
+            chunks.extend(
+                chunk.text
+                for chunk in chunk_text(
+                    source, count, chunk_tokens, title_context=title_context, overlap_sentences=overlap_sentences
+                )
+            )
         except SmfdError as exc:
             raise SmfdError(f"document {doc.doc_id}: {exc}") from exc
     return chunks

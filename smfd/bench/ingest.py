@@ -50,8 +50,9 @@ class RunningDaemon:
         self.sock.settimeout(1.0)
         env = {**os.environ, "NOTIFY_SOCKET": str(self.sock_path), "SMFD_STATE_DIR": str(state_dir), **extra_env}
         self.log = open(state_dir.parent / f"{state_dir.name}-daemon.log", "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "smfd", "--config", str(config)], env=env,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "smfd", "--config", str(config)], env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
 
     def wait_ready(self, timeout: float) -> float:
         started = time.monotonic()
@@ -113,17 +114,33 @@ def latency(args: argparse.Namespace) -> dict:
         for n, sentence in enumerate(split_sentences(text)):
             words = sentence.rstrip(" .").split()
             if len(words) >= 6:
-                handle.write(json.dumps({"id": f"s{n}", "prompt": " ".join(words[:-2]), "target": " ".join(words[-2:])}) + "\n")
-    probe = subprocess.run([sys.executable, "-m", "smfd", "probe", "--config", str(args.config), str(probes), "--json"],
-                           env={**os.environ, "SMFD_STATE_DIR": str(args.state_dir)}, capture_output=True, text=True)
+                handle.write(
+                    json.dumps({"id": f"s{n}", "prompt": " ".join(words[:-2]), "target": " ".join(words[-2:])}) + "\n"
+                )
+    probe = subprocess.run(
+        [sys.executable, "-m", "smfd", "probe", "--config", str(args.config), str(probes), "--json"],
+        env={**os.environ, "SMFD_STATE_DIR": str(args.state_dir)},
+        capture_output=True,
+        text=True,
+    )
     summary = json.loads(probe.stdout.splitlines()[-1])["summary"] if probe.returncode == 0 else probe.stderr
     last = Journal(args.state_dir / "journal.sqlite", readonly=True)
     update = last.last_update()
     last.close()
-    return {"bytes": len(text.encode()), "ready_seconds": round(ready_s, 1), "learned_seconds":
-            None if learned_s is None else round(learned_s, 1), "exit_code": code, "probe_summary": summary,
-            "last_update": None if update is None else {"accepted": update.accepted, "seconds": round(update.seconds, 1),
-                                                        "probe_seconds": update.measures.get("probe_seconds")}}
+    return {
+        "bytes": len(text.encode()),
+        "ready_seconds": round(ready_s, 1),
+        "learned_seconds": None if learned_s is None else round(learned_s, 1),
+        "exit_code": code,
+        "probe_summary": summary,
+        "last_update": None
+        if update is None
+        else {
+            "accepted": update.accepted,
+            "seconds": round(update.seconds, 1),
+            "probe_seconds": update.measures.get("probe_seconds"),
+        },
+    }
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -145,13 +162,18 @@ def docs(args: argparse.Namespace) -> dict:
     documents = load_documents(args.docs, args.limit_docs)
     port = load_config(args.config).metrics.port
     # One full probe run shortly after learning, so the retention panels have a point to show.
-    daemon = RunningDaemon(args.config, args.state_dir, {"SMFD_SCHEDULE__PROBE_INTERVAL_SECONDS": str(args.probe_interval)})
+    daemon = RunningDaemon(
+        args.config, args.state_dir, {"SMFD_SCHEDULE__PROBE_INTERVAL_SECONDS": str(args.probe_interval)}
+    )
     daemon.wait_ready(args.ready_timeout)
     inbox = Path(args.inbox)
     started = time.monotonic()
     for n, document in enumerate(documents):
-        pairs = [{"prompt": p.prompt, "target": p.target, "kind": label}
-                 for kind, label in (("mem", "verbatim"), ("gen", "reworded")) for p in document.probes.get(kind, ())]
+        pairs = [
+            {"prompt": p.prompt, "target": p.target, "kind": label}
+            for kind, label in (("mem", "verbatim"), ("gen", "reworded"))
+            for p in document.probes.get(kind, ())
+        ]
         (inbox / f"doc-{n:03d}.qa.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
         (inbox / f"doc-{n:03d}.txt").write_text(document.text)
     done_s = None
@@ -167,16 +189,35 @@ def docs(args: argparse.Namespace) -> dict:
         time.sleep(5.0)  # the guard's fast run counts too: wait for one more, the scheduled full run
     metrics = _scrape(port)
     code = daemon.stop()
-    panels = {key: value for key, value in metrics.items()
-              if key.startswith(("smfd_probe_accuracy", "smfd_probe_base", "smfd_probe_nll", "smfd_drift_kl",
-                                 "smfd_recall", "smfd_rollbacks_total", "smfd_updates_total", "smfd_checkpoint_version"))}
+    panels = {
+        key: value
+        for key, value in metrics.items()
+        if key.startswith(
+            (
+                "smfd_probe_accuracy",
+                "smfd_probe_base",
+                "smfd_probe_nll",
+                "smfd_drift_kl",
+                "smfd_recall",
+                "smfd_rollbacks_total",
+                "smfd_updates_total",
+                "smfd_checkpoint_version",
+            )
+        )
+    }
     last = Journal(args.state_dir / "journal.sqlite", readonly=True)
     update = last.last_update()
     last.close()
-    return {"documents": len(documents), "learned_seconds": done_s and round(done_s, 1),
-            "counts": _journal_counts(args.state_dir), "dashboard": panels, "exit_code": code,
-            "last_update": None if update is None else {"accepted": update.accepted, "seconds": round(update.seconds, 1),
-                                                        "measures": update.measures}}
+    return {
+        "documents": len(documents),
+        "learned_seconds": done_s and round(done_s, 1),
+        "counts": _journal_counts(args.state_dir),
+        "dashboard": panels,
+        "exit_code": code,
+        "last_update": None
+        if update is None
+        else {"accepted": update.accepted, "seconds": round(update.seconds, 1), "measures": update.measures},
+    }
 
 
 def flood(args: argparse.Namespace) -> dict:
@@ -204,19 +245,27 @@ def flood(args: argparse.Namespace) -> dict:
         time.sleep(1.0)
     peak = max(s.get("VmHWM", 0) for s in samples)
     code = daemon.stop()
-    return {"files": args.files, "journaled_seconds": journaled_s and round(journaled_s, 1),
-            "learned_seconds": done_s and round(done_s, 1), "counts": _journal_counts(args.state_dir),
-            "peak_rss_mib": round(peak / 1024, 1), "rss_mib_samples": [round(s["VmRSS"] / 1024) for s in samples[:: max(1, len(samples) // 20)]],
-            "exit_code": code}
+    return {
+        "files": args.files,
+        "journaled_seconds": journaled_s and round(journaled_s, 1),
+        "learned_seconds": done_s and round(done_s, 1),
+        "counts": _journal_counts(args.state_dir),
+        "peak_rss_mib": round(peak / 1024, 1),
+        "rss_mib_samples": [round(s["VmRSS"] / 1024) for s in samples[:: max(1, len(samples) // 20)]],
+        "exit_code": code,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smfd.bench.ingest", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m smfd.bench.ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("mode", choices=("latency", "flood", "docs"))
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--state-dir", type=Path, default=None, help="fresh state folder (default: a temporary one)")
-    parser.add_argument("--inbox", type=Path, default=None, help="the config's watch folder (default: <config dir>/inbox)")
+    parser.add_argument(
+        "--inbox", type=Path, default=None, help="the config's watch folder (default: <config dir>/inbox)"
+    )
     parser.add_argument("--text", type=Path, help="latency: text to drop (its first --bytes bytes)")
     parser.add_argument("--bytes", type=int, default=1024)
     parser.add_argument("--files", type=int, default=1000)

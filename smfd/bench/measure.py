@@ -42,8 +42,13 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def evaluate_learning(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, documents: list[Document],
-                      label: str, in_context: bool = False) -> dict[str, Any]:
+def evaluate_learning(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    documents: list[Document],
+    label: str,
+    in_context: bool = False,
+) -> dict[str, Any]:
     """Cloze accuracy (target inside the greedy continuation) and mean target NLL per probe kind.
 
     `in_context`: each prompt is preceded by its own document's text and a blank line (the ceiling
@@ -66,16 +71,24 @@ def evaluate_learning(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     return learn
 
 
-def evaluate_hellaswag(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: list[ChoiceItem], label: str) -> float:
+def evaluate_hellaswag(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: list[ChoiceItem], label: str
+) -> float:
     correct = 0
     for group in _batches(items, EVAL_BATCH, f"{label}: hellaswag"):
-        results = score_choice(model, tokenizer, [(i.context, list(i.endings), i.label) for i in group],
-                               batch_size=CHOICE_PAIRS_PER_FORWARD)
+        results = score_choice(
+            model,
+            tokenizer,
+            [(i.context, list(i.endings), i.label) for i in group],
+            batch_size=CHOICE_PAIRS_PER_FORWARD,
+        )
         correct += sum(r.correct for r in results)
     return correct / len(items)
 
 
-def known_facts_correct(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: list[KnownFact], label: str) -> list[bool]:
+def known_facts_correct(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: list[KnownFact], label: str
+) -> list[bool]:
     out: list[bool] = []
     for group in _batches(facts, EVAL_BATCH, f"{label}: known facts"):
         out.extend(r.correct for r in score_cloze(model, tokenizer, [(f.prompt, f.answer) for f in group]))
@@ -123,7 +136,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def same_batch_speed(learning: Learning, batch: TokenBatch, steps: int, device: torch.device, passes: int) -> dict[str, Any]:
+def same_batch_speed(
+    learning: Learning, batch: TokenBatch, steps: int, device: torch.device, passes: int
+) -> dict[str, Any]:
     """Like-for-like step speed on one fixed batch, each method as its update runs it.
 
     The update is opened as in training (`begin_document`: SMF plans its slots there, and that

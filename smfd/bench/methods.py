@@ -89,7 +89,11 @@ def _load_background(path: Path, memory_model: MemoryModel) -> dict[int, Backgro
 
 
 def background_stats(
-    memory_model: MemoryModel, sequences: list[list[int]], cache_dir: Path, model_id: str, progress: bool,
+    memory_model: MemoryModel,
+    sequences: list[list[int]],
+    cache_dir: Path,
+    model_id: str,
+    progress: bool,
     heal: HealSection = HealSection(),
 ) -> tuple[dict[int, BackgroundStats], bool]:
     """Background read counts for this memory after calibration and healing, reused across specs that share
@@ -109,7 +113,9 @@ def background_stats(
 class Learning(Protocol):
     """What the benchmark drives: a document's batches, optimizer steps, a hook after each document, the model to evaluate."""
 
-    def document_batches(self, document: str, chunks: list[str], passes: int, restate: bool, seed: int) -> list[TokenBatch]: ...
+    def document_batches(
+        self, document: str, chunks: list[str], passes: int, restate: bool, seed: int
+    ) -> list[TokenBatch]: ...
 
     def step(self, batch: TokenBatch) -> StepResult: ...
 
@@ -128,8 +134,14 @@ class SmfLearning:
     """Sparse memory finetuning as the daemon runs it: the same lesson (`smfd.learn.lesson`), `SparseUpdater`
     steps, one update per document."""
 
-    def __init__(self, memory_model: MemoryModel, background: dict[int, BackgroundStats], settings: LearnSettings,
-                 retain: RetainSet | None = None, heal: HealSection = HealSection()) -> None:
+    def __init__(
+        self,
+        memory_model: MemoryModel,
+        background: dict[int, BackgroundStats],
+        settings: LearnSettings,
+        retain: RetainSet | None = None,
+        heal: HealSection = HealSection(),
+    ) -> None:
         self.memory_model = memory_model
         self.settings = settings
         self.heal = heal
@@ -138,7 +150,9 @@ class SmfLearning:
         self.rows_updated = 0
         self.sequences_trained = 0
 
-    def document_batches(self, document: str, chunks: list[str], passes: int, restate: bool, seed: int) -> list[TokenBatch]:
+    def document_batches(
+        self, document: str, chunks: list[str], passes: int, restate: bool, seed: int
+    ) -> list[TokenBatch]:
         """The daemon's lesson for this document (distilled when the settings say so)."""
         settings = self.settings.with_train(passes=passes, restate=restate)
         lesson = build_lesson(self.memory_model, settings, document, chunks, self.batch_size, seed=seed)
@@ -167,7 +181,9 @@ class SmfLearning:
         if self.settings.train.selection != "surprise-kl":
             return None
         mm = self.memory_model
-        return sequence_surprise(mm.model, mm.memories, sequences, mm.tokenizer.pad_token_id, self.batch_size, mm.device)
+        return sequence_surprise(
+            mm.model, mm.memories, sequences, mm.tokenizer.pad_token_id, self.batch_size, mm.device
+        )
 
     def rows_changed(self) -> int:
         """Value rows that differ from their zero initialisation now: the memory this run actually used."""
@@ -193,12 +209,20 @@ class SmfLearning:
 class AdamWLearning:
     """LoRA or full finetuning: their trainers take the same batches; documents need no closing."""
 
-    def __init__(self, trainer: "LoraTrainer | FullFinetuneTrainer", tokenizer: PreTrainedTokenizerBase, batch_size: int,
-                 seq_len: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        trainer: "LoraTrainer | FullFinetuneTrainer",
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int,
+        seq_len: int,
+        device: torch.device,
+    ) -> None:
         self.trainer = trainer
         self.tokenizer, self.batch_size, self.seq_len, self.device = tokenizer, batch_size, seq_len, device
 
-    def document_batches(self, document: str, chunks: list[str], passes: int, restate: bool, seed: int) -> list[TokenBatch]:
+    def document_batches(
+        self, document: str, chunks: list[str], passes: int, restate: bool, seed: int
+    ) -> list[TokenBatch]:
         """Next-token training on the chunks (and their sentences): the dense baselines' recipe."""
         sequences = encode(self.tokenizer, training_texts(chunks, restate), self.seq_len)
         batches = epoch_batches(sequences, self.batch_size, passes, self.tokenizer.pad_token_id, seed=seed)
@@ -247,12 +271,22 @@ def build_learning(
         update = settings.train
         memory_model = MemoryModel.attach(model, tokenizer, memory_config)
         facts = self_facts(memory_model, memory_config.fact_sequences, background)
-        stats, cached = background_stats(memory_model, background.sequences + facts, background.cache_dir,
-                                         background.model_id, background.progress, heal)
+        stats, cached = background_stats(
+            memory_model,
+            background.sequences + facts,
+            background.cache_dir,
+            background.model_id,
+            background.progress,
+            heal,
+        )
         retain = None
         if update.retain_weight > 0:  # the daemon's rule: the model's statements of fact, then the general text
-            retain = RetainSet.collect(memory_model.model, memory_model.memories,
-                                       retain_text(facts, background.sequences), update.retain_tokens)
+            retain = RetainSet.collect(
+                memory_model.model,
+                memory_model.memories,
+                retain_text(facts, background.sequences),
+                update.retain_tokens,
+            )
         setup = {"background_cached": cached, "fact_sequences": len(facts)}
         return SmfLearning(memory_model, stats, settings, retain, heal), setup
     from smfd.bench.baselines import FullFinetuneTrainer, LoraTrainer

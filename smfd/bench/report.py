@@ -59,8 +59,25 @@ def _mb(value: int | None) -> str:
     return "–" if value is None else f"{value / 2**20:.0f}"
 
 
-COLUMNS = ("method", "mem acc", "gen acc", "hard acc", "mem NLL", "gen NLL", "hard NLL", "HellaSwag", "HS drop (pts)",
-           "known facts kept", "held-out NLL", "NLL +%", "drift KL", "train tok/s", "same-batch tok/s", "peak MB", "s/doc")
+COLUMNS = (
+    "method",
+    "mem acc",
+    "gen acc",
+    "hard acc",
+    "mem NLL",
+    "gen NLL",
+    "hard NLL",
+    "HellaSwag",
+    "HS drop (pts)",
+    "known facts kept",
+    "held-out NLL",
+    "NLL +%",
+    "drift KL",
+    "train tok/s",
+    "same-batch tok/s",
+    "peak MB",
+    "s/doc",
+)
 
 
 def _row(label: str, entry: dict[str, Any]) -> list[str]:
@@ -68,14 +85,23 @@ def _row(label: str, entry: dict[str, Any]) -> list[str]:
     relative = entry.get("relative", {})
     nll_ratio = relative.get("heldout_nll_increase_ratio")
     return [
-        label, _pct(learn["mem_acc"]), _pct(learn["gen_acc"]), _pct(learn["hard_acc"]),
-        _num(learn["mem_nll"]), _num(learn["gen_nll"]), _num(learn["hard_nll"]),
-        _pct(retain["hellaswag_acc"]), _signed(relative.get("hellaswag_drop")),
-        _pct(retain["known_facts_acc"]), _num(retain["heldout_nll"]),
-        _signed(None if nll_ratio is None else nll_ratio * 100, 2), _num(retain["drift_kl"], 4),
+        label,
+        _pct(learn["mem_acc"]),
+        _pct(learn["gen_acc"]),
+        _pct(learn["hard_acc"]),
+        _num(learn["mem_nll"]),
+        _num(learn["gen_nll"]),
+        _num(learn["hard_nll"]),
+        _pct(retain["hellaswag_acc"]),
+        _signed(relative.get("hellaswag_drop")),
+        _pct(retain["known_facts_acc"]),
+        _num(retain["heldout_nll"]),
+        _signed(None if nll_ratio is None else nll_ratio * 100, 2),
+        _num(retain["drift_kl"], 4),
         _num(cost.get("tokens_per_second"), 0),
         _num(cost.get("step_tokens_per_second_same_batch", cost.get("forward_tokens_per_second_same_batch")), 0),
-        _mb(cost.get("peak_memory_bytes")), _num(cost.get("seconds_per_document"), 1),
+        _mb(cost.get("peak_memory_bytes")),
+        _num(cost.get("seconds_per_document"), 1),
     ]
 
 
@@ -110,14 +136,22 @@ def markdown(results: dict[str, Any]) -> str:
         "(CUDA: peak allocated); base row: the model loaded.",
     ]
     budgets = {label: entry["budget"] for label, entry in results["methods"].items() if "budget" in entry}
-    differing = {label: b for label, b in budgets.items()
-                 if (b["passes"], b["restate"], b["tokens_trained"]) != (budget["passes"], budget["restate"], budget["tokens_planned"])}
+    differing = {
+        label: b
+        for label, b in budgets.items()
+        if (b["passes"], b["restate"], b["tokens_trained"])
+        != (budget["passes"], budget["restate"], budget["tokens_planned"])
+    }
     for label, b in differing.items():
-        lines.append(f"- `{label}` ran with its own budget: {b['passes']} passes, restatement {'on' if b['restate'] else 'off'}, "
-                     f"{b['tokens_trained']} tokens trained (distillation queries included).")
+        lines.append(
+            f"- `{label}` ran with its own budget: {b['passes']} passes, restatement {'on' if b['restate'] else 'off'}, "
+            f"{b['tokens_trained']} tokens trained (distillation queries included)."
+        )
     if any(label == "in-context" for label in results["methods"]):
-        lines.append("- `in-context`: no training; each probe's prompt is preceded by its own document and a blank line "
-                     "(the ceiling); its retention columns are the base model's.")
+        lines.append(
+            "- `in-context`: no training; each probe's prompt is preceded by its own document and a blank line "
+            "(the ceiling); its retention columns are the base model's."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -144,9 +178,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
     entries = [("base", {**results["base"], "relative": {"heldout_nll_increase_ratio": 0.0, "hellaswag_drop": 0.0}})]
     entries += list(results["methods"].items())
     palette = plt.get_cmap("tab10")
-    colours = {label: "black" if label == "base" else palette((index - 1) % 10) for index, (label, _) in enumerate(entries)}
+    colours = {
+        label: "black" if label == "base" else palette((index - 1) % 10) for index, (label, _) in enumerate(entries)
+    }
     highest = 0.0
-    for axis, (key, title) in zip(axes, (("nll", "held-out NLL increase (%)"), ("hellaswag", "HellaSwag drop (points)"))):
+    for axis, (key, title) in zip(
+        axes, (("nll", "held-out NLL increase (%)"), ("hellaswag", "HellaSwag drop (points)"))
+    ):
         for label, entry in entries:
             x = _point(entry, key)
             for kind, marker in (("mem", "o"), ("gen", "^")):
@@ -159,8 +197,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
         axis.grid(True, alpha=0.3)
     axes[0].set_ylim(-2, max(10.0, highest * 1.1 + 2))
     axes[0].set_ylabel("probe accuracy (%)")
-    kinds = [Line2D([], [], marker="o", linestyle="", color="grey", label="memorisation (mem_acc)"),
-             Line2D([], [], marker="^", linestyle="", color="grey", label="paraphrase (gen_acc)")]
+    kinds = [
+        Line2D([], [], marker="o", linestyle="", color="grey", label="memorisation (mem_acc)"),
+        Line2D([], [], marker="^", linestyle="", color="grey", label="paraphrase (gen_acc)"),
+    ]
     methods = [Line2D([], [], marker="s", linestyle="", color=colour, label=label) for label, colour in colours.items()]
     axes[1].legend(handles=kinds, loc="best", fontsize=8)
     figure.legend(handles=methods, loc="lower center", ncol=min(len(methods), 4), fontsize=8, frameon=False)
@@ -178,5 +218,7 @@ def write_reports(out: Path, results: dict[str, Any]) -> None:
 
 
 def summary_line(out: Path, results: dict[str, Any]) -> str:
-    return (f"wrote {out / RESULTS_JSON}, {out / RESULTS_MD} and {out / PLOT_PNG} "
-            f"(base + {len(results['methods'])} methods)")
+    return (
+        f"wrote {out / RESULTS_JSON}, {out / RESULTS_MD} and {out / PLOT_PNG} "
+        f"(base + {len(results['methods'])} methods)"
+    )

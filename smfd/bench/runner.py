@@ -52,7 +52,17 @@ from smfd.learn.lesson import LearnSettings
 from smfd.model.loading import load_base_model, resolve_model_source
 from smfd.model.memory_model import pick_device
 from smfd.bench.options import BASE_LOGPROBS_FILE, BenchConfig, Inputs, build_parser, config_from_args, load_inputs
-from smfd.bench.measure import evaluate_learning, evaluate_hellaswag, known_facts_correct, evaluate_heldout, logprobs, peak_memory, timing_batch, same_batch_speed, forward_speed
+from smfd.bench.measure import (
+    evaluate_learning,
+    evaluate_hellaswag,
+    known_facts_correct,
+    evaluate_heldout,
+    logprobs,
+    peak_memory,
+    timing_batch,
+    same_batch_speed,
+    forward_speed,
+)
 
 
 # ---------------------------------------------------------------- workers
@@ -84,11 +94,14 @@ def open_context(cfg: BenchConfig) -> WorkerContext:
     model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    split = split_heldout(tokenizer, inputs.heldout_text, cfg.heldout_text, cfg.split_sizes(),
-                          inputs.background_text, cfg.background_text)
+    split = split_heldout(
+        tokenizer, inputs.heldout_text, cfg.heldout_text, cfg.split_sizes(), inputs.background_text, cfg.background_text
+    )
     overlap = LearnSettings().chunking.overlap_sentences
-    chunks = [document_chunks(d, tokenizer, cfg.chunk_tokens, cfg.title_context, cfg.with_paraphrases, overlap)
-              for d in tqdm(inputs.documents, desc="chunking", unit="doc", leave=False)]
+    chunks = [
+        document_chunks(d, tokenizer, cfg.chunk_tokens, cfg.title_context, cfg.with_paraphrases, overlap)
+        for d in tqdm(inputs.documents, desc="chunking", unit="doc", leave=False)
+    ]
     return WorkerContext(cfg, inputs, model, tokenizer, source.display_name, str(source.path), device, split, chunks)
 
 
@@ -100,11 +113,19 @@ def _budget(ctx: WorkerContext, texts: list[list[str]], passes: int, restate: bo
     sequences = [encode(ctx.tokenizer, t, ctx.cfg.seq_len) for t in texts]
     tokens_per_pass = sum(len(s) for doc in sequences for s in doc)
     return {
-        "documents": len(texts), "passes": passes, "restate": restate, "batch_size": ctx.cfg.batch_size,
-        "seq_len": ctx.cfg.seq_len, "chunk_tokens": ctx.cfg.chunk_tokens, "title_context": ctx.cfg.title_context,
-        "with_paraphrases": ctx.cfg.with_paraphrases, "chunks": sum(len(c) for c in ctx.chunks),
-        "training_texts": sum(len(t) for t in texts), "training_sequences": sum(len(s) for s in sequences),
-        "tokens_per_pass": tokens_per_pass, "tokens_planned": tokens_per_pass * passes,
+        "documents": len(texts),
+        "passes": passes,
+        "restate": restate,
+        "batch_size": ctx.cfg.batch_size,
+        "seq_len": ctx.cfg.seq_len,
+        "chunk_tokens": ctx.cfg.chunk_tokens,
+        "title_context": ctx.cfg.title_context,
+        "with_paraphrases": ctx.cfg.with_paraphrases,
+        "chunks": sum(len(c) for c in ctx.chunks),
+        "training_texts": sum(len(t) for t in texts),
+        "training_sequences": sum(len(s) for s in sequences),
+        "tokens_per_pass": tokens_per_pass,
+        "tokens_planned": tokens_per_pass * passes,
         "training_texts_sha256": texts_digest(texts),
     }
 
@@ -130,13 +151,23 @@ def run_base(ctx: WorkerContext) -> dict[str, Any]:
         "heldout_nll": evaluate_heldout(model, ctx.split.heldout_windows, "base"),
         "drift_kl": 0.0,
     }
-    cost = {"eval_seconds": time.perf_counter() - started, **loaded, **peak_memory(ctx.device, "peak_memory_eval"),
-            "forward_tokens_per_second_same_batch": forward_speed(model, timing_batch(ctx.split, tok), ctx.cfg.timing_steps, ctx.device)}
+    cost = {
+        "eval_seconds": time.perf_counter() - started,
+        **loaded,
+        **peak_memory(ctx.device, "peak_memory_eval"),
+        "forward_tokens_per_second_same_batch": forward_speed(
+            model, timing_batch(ctx.split, tok), ctx.cfg.timing_steps, ctx.device
+        ),
+    }
     return {
-        "learn": learn, "retain": retain, "cost": cost,
+        "learn": learn,
+        "retain": retain,
+        "cost": cost,
         "known_correct": [i for i, ok in enumerate(known) if ok],
         "budget": _budget(ctx, ctx.texts(ctx.cfg.restate), ctx.cfg.passes, ctx.cfg.restate),
-        "ranges": ctx.split.ranges, "model": ctx.model_name, "device": str(ctx.device),
+        "ranges": ctx.split.ranges,
+        "model": ctx.model_name,
+        "device": str(ctx.device),
         "gpu": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None,
     }
 
@@ -158,14 +189,20 @@ def train_documents(ctx: WorkerContext, learning: Learning, passes: int, restate
         learning.end_document()
         doc_seconds.append(time.perf_counter() - started)
     return {
-        "steps": steps, "tokens_trained": tokens, "step_seconds": step_seconds,
+        "steps": steps,
+        "tokens_trained": tokens,
+        "step_seconds": step_seconds,
         "tokens_per_second": tokens / step_seconds if step_seconds else None,
-        "train_seconds": sum(doc_seconds), "seconds_per_document": sum(doc_seconds) / len(doc_seconds),
-        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "train_seconds": sum(doc_seconds),
+        "seconds_per_document": sum(doc_seconds) / len(doc_seconds),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
     }
 
 
-def evaluate_retention(ctx: WorkerContext, model: PreTrainedModel, known_correct: list[int], label: str) -> dict[str, Any]:
+def evaluate_retention(
+    ctx: WorkerContext, model: PreTrainedModel, known_correct: list[int], label: str
+) -> dict[str, Any]:
     facts = [ctx.inputs.known_facts[i] for i in known_correct]
     still = known_facts_correct(model, ctx.tokenizer, facts, label) if facts else []
     base_lp = load_file(str(_logprobs_path(ctx.cfg)))
@@ -195,14 +232,30 @@ def run_method(ctx: WorkerContext, spec: MethodSpec, known_correct: list[int]) -
     eval_started = time.perf_counter()
     learn = evaluate_learning(model, ctx.tokenizer, ctx.inputs.documents, spec.label)
     retain = evaluate_retention(ctx, model, known_correct, spec.label)
-    cost = {**train_cost, "setup_seconds": setup_seconds, "eval_seconds": time.perf_counter() - eval_started,
-            **trained, **peak_memory(ctx.device, "peak_memory_eval"), **setup}
+    cost = {
+        **train_cost,
+        "setup_seconds": setup_seconds,
+        "eval_seconds": time.perf_counter() - eval_started,
+        **trained,
+        **peak_memory(ctx.device, "peak_memory_eval"),
+        **setup,
+    }
     settings = {"spec": spec.label, "name": spec.name, "options": spec.options, **learning.describe()}
     # After evaluation, so the timing steps cannot change what was measured.
-    cost.update(same_batch_speed(learning, timing_batch(ctx.split, ctx.tokenizer), ctx.cfg.timing_steps, ctx.device, passes))
-    return {"learn": learn, "retain": retain, "cost": cost, "settings": settings,
-            "budget": {**_budget(ctx, texts, passes, restate), "steps": train_cost["steps"],
-                       "tokens_trained": train_cost["tokens_trained"]}}
+    cost.update(
+        same_batch_speed(learning, timing_batch(ctx.split, ctx.tokenizer), ctx.cfg.timing_steps, ctx.device, passes)
+    )
+    return {
+        "learn": learn,
+        "retain": retain,
+        "cost": cost,
+        "settings": settings,
+        "budget": {
+            **_budget(ctx, texts, passes, restate),
+            "steps": train_cost["steps"],
+            "tokens_trained": train_cost["tokens_trained"],
+        },
+    }
 
 
 def run_in_context(ctx: WorkerContext, base: dict[str, Any]) -> dict[str, Any]:
@@ -210,8 +263,12 @@ def run_in_context(ctx: WorkerContext, base: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     learn = evaluate_learning(ctx.model, ctx.tokenizer, ctx.inputs.documents, IN_CONTEXT, in_context=True)
     cost = {"eval_seconds": time.perf_counter() - started, **peak_memory(ctx.device, "peak_memory_eval")}
-    settings = {"spec": IN_CONTEXT, "name": IN_CONTEXT, "options": {},
-                "method": "no training; each probe prompt preceded by its document's text and a blank line"}
+    settings = {
+        "spec": IN_CONTEXT,
+        "name": IN_CONTEXT,
+        "options": {},
+        "method": "no training; each probe prompt preceded by its document's text and a blank line",
+    }
     return {"learn": learn, "retain": dict(base["retain"]), "cost": cost, "settings": settings}
 
 
@@ -248,9 +305,15 @@ def machine_info(cfg: BenchConfig, base: dict[str, Any]) -> dict[str, Any]:
     import transformers
 
     return {
-        "cpu_count": os.cpu_count(), "threads": cfg.threads, "torch": torch.__version__,
-        "transformers": transformers.__version__, "python": platform.python_version(), "platform": platform.platform(),
-        "device": base["device"], "gpu": base["gpu"], "isolation": "in-process" if cfg.in_process else "process per method",
+        "cpu_count": os.cpu_count(),
+        "threads": cfg.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": base["device"],
+        "gpu": base["gpu"],
+        "isolation": "in-process" if cfg.in_process else "process per method",
     }
 
 
@@ -262,10 +325,17 @@ def run_benchmark(cfg: BenchConfig, argv: Sequence[str]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     base = call_worker(cfg, {"role": "base"}, "base")
     results: dict[str, Any] = {
-        "model": base["model"], "machine": machine_info(cfg, base), "command": ["smfd", "bench", *argv],
+        "model": base["model"],
+        "machine": machine_info(cfg, base),
+        "command": ["smfd", "bench", *argv],
         "budget": base["budget"],
-        "data": {"docs": cfg.docs, "documents": [d.doc_id for d in inputs.documents], "hellaswag": cfg.hellaswag,
-                 "known_facts": cfg.known_facts, "ranges": base["ranges"]},
+        "data": {
+            "docs": cfg.docs,
+            "documents": [d.doc_id for d in inputs.documents],
+            "hellaswag": cfg.hellaswag,
+            "known_facts": cfg.known_facts,
+            "ranges": base["ranges"],
+        },
         "base": {key: base[key] for key in ("learn", "retain", "cost")},
         "methods": {},
     }

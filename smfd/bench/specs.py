@@ -28,16 +28,49 @@ METHOD_NAMES = (*SMF_RULES, "lora", "full", IN_CONTEXT)
 
 # SMF option -> (config section, key). The section validates the value.
 SMF_OPTIONS: dict[str, tuple[str, str]] = {
-    **{key: ("train", key) for key in ("lr", "top_t", "passes", "restate", "normalize", "normalize_once", "scope",
-                                       "retain_weight", "retain_tokens", "prefix_cache_mb")},
-    **{key: ("memory", key) for key in ("layers", "n_keys", "k", "heads", "key_dim", "read_temperature",
-                                        "min_read_weight", "fact_sequences")},
-    "heal_steps": ("heal", "steps"), "heal_lr": ("heal", "lr"),
-    "distill": ("distill", "enabled"), "distill_top_k": ("distill", "top_k"),
-    **{key: ("distill", key) for key in ("dropped_variants", "drop_rate", "shuffled_variants", "tail_variants", "ce_weight", "min_shift")},
+    **{
+        key: ("train", key)
+        for key in (
+            "lr",
+            "top_t",
+            "passes",
+            "restate",
+            "normalize",
+            "normalize_once",
+            "scope",
+            "retain_weight",
+            "retain_tokens",
+            "prefix_cache_mb",
+        )
+    },
+    **{
+        key: ("memory", key)
+        for key in (
+            "layers",
+            "n_keys",
+            "k",
+            "heads",
+            "key_dim",
+            "read_temperature",
+            "min_read_weight",
+            "fact_sequences",
+        )
+    },
+    "heal_steps": ("heal", "steps"),
+    "heal_lr": ("heal", "lr"),
+    "distill": ("distill", "enabled"),
+    "distill_top_k": ("distill", "top_k"),
+    **{
+        key: ("distill", key)
+        for key in ("dropped_variants", "drop_rate", "shuffled_variants", "tail_variants", "ce_weight", "min_shift")
+    },
 }
-SECTIONS: dict[str, type[BaseModel]] = {"train": TrainSection, "memory": MemorySection, "heal": HealSection,
-                                        "distill": DistillSection}
+SECTIONS: dict[str, type[BaseModel]] = {
+    "train": TrainSection,
+    "memory": MemorySection,
+    "heal": HealSection,
+    "distill": DistillSection,
+}
 
 
 def _parsed(key: str, raw: str, cast: Callable[[str], Any]) -> Any:
@@ -79,7 +112,11 @@ def _flag(key: str, raw: str) -> bool:
 
 # The baselines' own trainer arguments (smfd.bench.baselines); passes and restate are the run's budget.
 BASELINE_OPTIONS: dict[str, Callable[[str, str], Any]] = {
-    "lr": _positive_float, "rank": _positive_int, "alpha": _positive_float, "passes": _positive_int, "restate": _flag,
+    "lr": _positive_float,
+    "rank": _positive_int,
+    "alpha": _positive_float,
+    "passes": _positive_int,
+    "restate": _flag,
     "weight_decay": _non_negative_float,
 }
 LORA_OPTIONS = tuple(BASELINE_OPTIONS)

@@ -89,7 +89,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[st
     for name in sorted(environ):
         if not name.upper().startswith(ENV_PREFIX):
             continue
-        rest = name[len(ENV_PREFIX):].lower()
+        rest = name[len(ENV_PREFIX) :].lower()
         segments = tuple(rest.split(ENV_NESTING))
         if len(segments) == 1 and segments[0] not in top_level:
             continue
@@ -241,4 +241,3 @@ def validate_model_path(cfg: SmfdConfig) -> None:
     if candidate.is_file():
         raise ConfigError(f"model.path: {model_path} is a file but not a .gguf file; {expected}")
     raise ConfigError(f"model.path: {model_path} does not exist; {expected}")
-

@@ -85,8 +85,10 @@ class MemorySection(BaseModel):
         """The chosen decoder layers as indices into a stack of `n_layers`, negative ones counted from the top."""
         bad = [layer for layer in self.layers if not -n_layers <= layer < n_layers]
         if bad:
-            raise SmfdError(f"memory.layers {bad} out of range: the model has {n_layers} decoder layers "
-                            f"(0..{n_layers - 1}, or -{n_layers}..-1 counted from the top)")
+            raise SmfdError(
+                f"memory.layers {bad} out of range: the model has {n_layers} decoder layers "
+                f"(0..{n_layers - 1}, or -{n_layers}..-1 counted from the top)"
+            )
         indices = [layer % n_layers for layer in self.layers]
         if len(set(indices)) != len(indices):
             raise SmfdError(f"memory.layers {list(self.layers)} names a layer twice (model of {n_layers} layers)")
@@ -337,4 +339,3 @@ class SmfdConfig(BaseModel):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     probes: ProbesSection = Field(default_factory=ProbesSection)
     guard: GuardSection = Field(default_factory=GuardSection)
-

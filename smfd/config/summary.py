@@ -48,7 +48,9 @@ def _describe_learning(cfg: SmfdConfig) -> list[str]:
     return [
         f"  memory: layers {', '.join(map(str, memory.layers))}{_from_top(memory.layers)}; {memory.n_keys} keys, {memory.heads} heads, "
         f"top-{memory.k}, key dim {memory.key_dim}, value rows start at zero",
-        f"  healing: {cfg.heal.steps} addressing steps when the state is created" if cfg.heal.steps else "  healing: off",
+        f"  healing: {cfg.heal.steps} addressing steps when the state is created"
+        if cfg.heal.steps
+        else "  healing: off",
         f"  training: selection {train.selection}, top_t {train.top_t}, lr {train.lr:g}, {train.passes} passes, "
         f"batch {train.batch_size} x {train.seq_len} tokens, restate {_on_off(train.restate)}",
         _describe_retain(cfg),

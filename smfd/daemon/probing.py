@@ -33,7 +33,9 @@ class Probing:
         if not (self.cfg.probes.builtin or self.cfg.probes.suites):
             return
         systemd_notify.status("measuring base probes")
-        self.probes = RetentionProbes(model, self.cfg.probes, self.cfg.state_dir, include_builtin=self.cfg.probes.builtin)
+        self.probes = RetentionProbes(
+            model, self.cfg.probes, self.cfg.state_dir, include_builtin=self.cfg.probes.builtin
+        )
         for suite, values in self.probes.establish_baseline().items():
             self.metrics.set_probe_base(suite, values.get("accuracy"), values["nll"])
         self.guard = Guard(self.probes, self.cfg.guard)
@@ -69,7 +71,9 @@ class Probing:
             recall = self.probes.measure_recall()
             if recall is not None:
                 measures["recall"] = recall
-                by_kind = {key.removeprefix("accuracy."): value for key, value in recall.items() if key.startswith("accuracy.")}
+                by_kind = {
+                    key.removeprefix("accuracy."): value for key, value in recall.items() if key.startswith("accuracy.")
+                }
                 self.metrics.set_recall_accuracy(recall["accuracy"], by_kind)
             self.metrics.observe_probe_duration(time.perf_counter() - started)
             for suite, values in measures.items():

@@ -39,7 +39,9 @@ def background_sequences(cfg: SmfdConfig, model: MemoryModel) -> tuple[list[list
             raise SmfdError(f"memory.background_text: cannot read {path}: {exc}") from exc
         sequences = encode(model.tokenizer, [text], 128)[:n]
         if len(sequences) < 8:
-            raise SmfdError(f"memory.background_text {path} is too short: {len(sequences)} sequences of 128 tokens, need >= 8")
+            raise SmfdError(
+                f"memory.background_text {path} is too short: {len(sequences)} sequences of 128 tokens, need >= 8"
+            )
         return sequences, f"file:{Path(path).name}"
     with memory_bypassed(model.memories):
         return sample_general_text(model.model, model.tokenizer, shipped_prompts(), n), "sampled-from-base"
@@ -75,8 +77,13 @@ class Runtime:
         if update.retain_weight <= 0:
             return None
         text = retain_text(self.fact_text or [], self.general_text or [])
-        log.info("retain_set", fact_sequences=len(self.fact_text or []), general_sequences=len(self.general_text),
-                 weight=update.retain_weight, tokens=update.retain_tokens)
+        log.info(
+            "retain_set",
+            fact_sequences=len(self.fact_text or []),
+            general_sequences=len(self.general_text),
+            weight=update.retain_weight,
+            tokens=update.retain_tokens,
+        )
         with memory_bypassed(self.model.memories):
             return RetainSet.collect(self.model.model, self.model.memories, text, update.retain_tokens)
 

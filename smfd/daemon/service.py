@@ -40,7 +40,6 @@ from smfd.daemon.sources import Sources
 log = structlog.get_logger("smfd.daemon.service")
 
 
-
 def _skip_expected_overlap(record: logging.LogRecord) -> bool:
     """Drop APScheduler's warning that a tick found its job still running: the learner drains the
     queue inside one run, so an update tick during a long update is normal, not a warning."""
@@ -83,16 +82,26 @@ class Daemon:
         self.intake = Intake(self.journal, self.paths.spool, self.paths.quarantine, self.cfg.sources.max_file_bytes)
         if self.cfg.metrics.enabled:
             self.server = MetricsServer(
-                self.metrics, self.cfg.metrics.host, self.cfg.metrics.port,
-                ready=lambda: (self.ready, "model loading"), alive=lambda: self.heartbeats.healthy(HEARTBEAT_STALE_SECONDS),
+                self.metrics,
+                self.cfg.metrics.host,
+                self.cfg.metrics.port,
+                ready=lambda: (self.ready, "model loading"),
+                alive=lambda: self.heartbeats.healthy(HEARTBEAT_STALE_SECONDS),
             )
             self.server.start()
         systemd_notify.status("loading model")
         runtime = open_runtime(self.cfg)
         budget = MemoryBudget(runtime.model.device, self.cfg.budget.ram_mb, self.cfg.budget.vram_mb)
         settings = LearnSettings.from_config(self.cfg)
-        self.learner = Learner(runtime.model, runtime.background, runtime.store, self.journal, settings, budget,
-                               runtime.retain_set(settings, self.cfg))
+        self.learner = Learner(
+            runtime.model,
+            runtime.background,
+            runtime.store,
+            self.journal,
+            settings,
+            budget,
+            runtime.retain_set(settings, self.cfg),
+        )
         self.learner.plan_batch_size()
         self.probing.start(runtime.model)
         self.sources = Sources(self.cfg, self.intake, self.journal, self.metrics, self.heartbeats, self.paths)
@@ -158,8 +167,10 @@ class Daemon:
         self.metrics.observe_token_surprise(outcome.surprise)
         if outcome.chunks_learned:
             self.metrics.record_update(
-                "accepted" if outcome.accepted else "rolled_back", outcome.seconds,
-                rows_updated=outcome.rows_updated, slots_selected=outcome.slots_selected,
+                "accepted" if outcome.accepted else "rolled_back",
+                outcome.seconds,
+                rows_updated=outcome.rows_updated,
+                slots_selected=outcome.slots_selected,
             )
         if outcome.accepted:
             self.metrics.set_checkpoint(outcome.version or 0, time.time())
@@ -215,10 +226,21 @@ class Daemon:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         scheduler.add_job(self.poll_sources, "interval", seconds=1.0, id="sources", executor="default")
-        scheduler.add_job(self.run_update, "interval", seconds=self.cfg.schedule.interval_seconds, id="update",
-                          executor="learner", next_run_time=_now(scheduler))
-        scheduler.add_job(self.run_probes, "interval", seconds=self.cfg.schedule.probe_interval_seconds, id="probes",
-                          executor="learner")
+        scheduler.add_job(
+            self.run_update,
+            "interval",
+            seconds=self.cfg.schedule.interval_seconds,
+            id="update",
+            executor="learner",
+            next_run_time=_now(scheduler),
+        )
+        scheduler.add_job(
+            self.run_probes,
+            "interval",
+            seconds=self.cfg.schedule.probe_interval_seconds,
+            id="probes",
+            executor="learner",
+        )
         return scheduler
 
     def _install_signals(self) -> None:
@@ -245,10 +267,16 @@ class Daemon:
             return
         if cfg.memory != self.cfg.memory or cfg.model != self.cfg.model or cfg.state_dir != self.cfg.state_dir:
             log.warning("reload_partial", reason="model, memory and state_dir changes need a restart")
-        self.cfg = self.cfg.model_copy(update={k: getattr(cfg, k) for k in ("sources", "schedule", "train", "chunking",
-                                                                             "surprise", "guard", "probes", "logging")})
+        self.cfg = self.cfg.model_copy(
+            update={
+                k: getattr(cfg, k)
+                for k in ("sources", "schedule", "train", "chunking", "surprise", "guard", "probes", "logging")
+            }
+        )
         assert self.learner is not None and self.scheduler is not None
-        self.scheduler.add_job(self._reconfigure_learner, args=[LearnSettings.from_config(self.cfg)], executor="learner")
+        self.scheduler.add_job(
+            self._reconfigure_learner, args=[LearnSettings.from_config(self.cfg)], executor="learner"
+        )
         self.scheduler.get_job("sources").pause()
         assert self.sources is not None
         self.sources.build(self.cfg)

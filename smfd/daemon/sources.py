@@ -21,10 +21,23 @@ from smfd.paths import StatePaths
 class Sources:
     """Watch folders and feeds built from the config's `sources` section (rebuilt on reload)."""
 
-    def __init__(self, cfg: SmfdConfig, intake: Intake, journal: Journal, metrics: Metrics, heartbeats: Heartbeats,
-                 paths: StatePaths) -> None:
+    def __init__(
+        self,
+        cfg: SmfdConfig,
+        intake: Intake,
+        journal: Journal,
+        metrics: Metrics,
+        heartbeats: Heartbeats,
+        paths: StatePaths,
+    ) -> None:
         self.cfg, self.intake, self.journal, self.metrics, self.heartbeats, self.paths = (
-            cfg, intake, journal, metrics, heartbeats, paths)
+            cfg,
+            intake,
+            journal,
+            metrics,
+            heartbeats,
+            paths,
+        )
         self.watchers: list[WatchFolderSource] = []
         self.feeds: list[FeedSource] = []
 
@@ -35,16 +48,29 @@ class Sources:
         s = cfg.sources
         self.watchers = [
             WatchFolderSource(
-                w.path, self.intake, recursive=w.recursive, include=w.include, exclude=w.exclude, polling=w.polling,
-                settle_seconds=s.settle_seconds, rescan_seconds=s.rescan_seconds, move=w.move, jsonl_field=w.jsonl_field,
+                w.path,
+                self.intake,
+                recursive=w.recursive,
+                include=w.include,
+                exclude=w.exclude,
+                polling=w.polling,
+                settle_seconds=s.settle_seconds,
+                rescan_seconds=s.rescan_seconds,
+                move=w.move,
+                jsonl_field=w.jsonl_field,
             )
             for w in s.watch
         ]
         for w in s.watch:
             w.path.mkdir(parents=True, exist_ok=True)
         self.feeds = [
-            FeedSource(f.url, self.intake.submit_text, f.interval_seconds, f.timeout_seconds,
-                       self.paths.feeds / f"feed-{index}.json")
+            FeedSource(
+                f.url,
+                self.intake.submit_text,
+                f.interval_seconds,
+                f.timeout_seconds,
+                self.paths.feeds / f"feed-{index}.json",
+            )
             for index, f in enumerate(s.feeds)
         ]
 

@@ -21,7 +21,15 @@ import torch
 from smfd.config import ProbesSection, ProbeSuite
 from smfd.durable import atomic_write_json, atomic_write_text
 from smfd.errors import SmfdError
-from smfd.model.scoring import continuation_scores, drift_kl, heldout_nll, next_token_logprobs, score_choice, score_cloze, text_windows
+from smfd.model.scoring import (
+    continuation_scores,
+    drift_kl,
+    heldout_nll,
+    next_token_logprobs,
+    score_choice,
+    score_cloze,
+    text_windows,
+)
 from smfd.model.memory_model import MemoryModel
 from smfd.paths import builtin_file, read_prompts
 from smfd.guard.probes import ProbeItem, load_items
@@ -57,7 +65,9 @@ Measures = dict[str, dict[str, float]]
 
 
 class RetentionProbes:
-    def __init__(self, model: MemoryModel, config: ProbesSection, state_dir: Path, include_builtin: bool = True) -> None:
+    def __init__(
+        self, model: MemoryModel, config: ProbesSection, state_dir: Path, include_builtin: bool = True
+    ) -> None:
         self.model = model
         self.config = config
         self.state_file = state_dir / "probes" / "base.json"
@@ -92,7 +102,9 @@ class RetentionProbes:
         """Score the frozen base once (cached on disk) and pick the tracked items."""
         cached = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
         with self.model.base():
-            self.base_drift_logprobs = next_token_logprobs(self.model.model, self.drift_windows) if self.drift_windows else []
+            self.base_drift_logprobs = (
+                next_token_logprobs(self.model.model, self.drift_windows) if self.drift_windows else []
+            )
             for suite in self.suites:
                 if suite.kind == "heldout":
                     continue
@@ -103,10 +115,13 @@ class RetentionProbes:
                 ids = set(known)
                 suite.tracked = [i for i in suite.items if i.id in ids]
             self.base = cached.get("measures") or self.measure(fast=False, compare_drift=False)
-        atomic_write_json(self.state_file, {
-            "tracked": {s.name: [i.id for i in s.tracked] for s in self.suites if s.kind != "heldout"},
-            "measures": self.base,
-        })
+        atomic_write_json(
+            self.state_file,
+            {
+                "tracked": {s.name: [i.id for i in s.tracked] for s in self.suites if s.kind != "heldout"},
+                "measures": self.base,
+            },
+        )
         return self.base
 
     def _correct(self, kind: str, items: list[ProbeItem]) -> list[bool]:
@@ -132,10 +147,16 @@ class RetentionProbes:
                 out[suite.name] = self._known_answer_scores(suite.kind, items)
             elif suite.kind == "choice":
                 res = score_choice(m, tok, [(i.prompt, list(i.endings), i.label) for i in items])
-                out[suite.name] = {"accuracy": sum(r.correct for r in res) / len(res), "nll": sum(r.nll for r in res) / len(res)}
+                out[suite.name] = {
+                    "accuracy": sum(r.correct for r in res) / len(res),
+                    "nll": sum(r.nll for r in res) / len(res),
+                }
             else:
                 res = score_cloze(m, tok, [(i.prompt, i.target) for i in items])
-                out[suite.name] = {"accuracy": sum(r.correct for r in res) / len(res), "nll": sum(r.nll for r in res) / len(res)}
+                out[suite.name] = {
+                    "accuracy": sum(r.correct for r in res) / len(res),
+                    "nll": sum(r.nll for r in res) / len(res),
+                }
         if compare_drift and self.drift_windows:
             count = FAST_DRIFT_PROMPTS if fast else len(self.drift_windows)
             current = next_token_logprobs(m, self.drift_windows[:count])
@@ -183,8 +204,11 @@ class RetentionProbes:
         if not records:
             return None
         res = score_cloze(self.model.model, self.model.tokenizer, [(r["prompt"], r["target"]) for r in records])
-        measured = {"accuracy": sum(r.correct for r in res) / len(res), "nll": sum(r.nll for r in res) / len(res),
-                    "items": float(len(res))}
+        measured = {
+            "accuracy": sum(r.correct for r in res) / len(res),
+            "nll": sum(r.nll for r in res) / len(res),
+            "items": float(len(res)),
+        }
         by_kind: dict[str, list[bool]] = {}
         for record, result in zip(records, res):
             by_kind.setdefault(record.get("kind", SIDECAR_KIND), []).append(result.correct)

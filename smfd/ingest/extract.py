@@ -154,14 +154,60 @@ def jsonl_to_text(text: str, field: str) -> str:
 
 
 _SKIPPED_ELEMENTS = frozenset({"script", "style", "noscript", "template", "svg", "iframe", "object"})
-_BLOCK_ELEMENTS = frozenset({
-    "p", "div", "br", "li", "ul", "ol", "dl", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6",
-    "tr", "table", "section", "article", "aside", "header", "footer", "nav", "main", "blockquote",
-    "pre", "hr", "figure", "figcaption", "form", "details", "summary", "address",
-})
-_VOID_ELEMENTS = frozenset({
-    "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr",
-})
+_BLOCK_ELEMENTS = frozenset(
+    {
+        "p",
+        "div",
+        "br",
+        "li",
+        "ul",
+        "ol",
+        "dl",
+        "dt",
+        "dd",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "tr",
+        "table",
+        "section",
+        "article",
+        "aside",
+        "header",
+        "footer",
+        "nav",
+        "main",
+        "blockquote",
+        "pre",
+        "hr",
+        "figure",
+        "figcaption",
+        "form",
+        "details",
+        "summary",
+        "address",
+    }
+)
+_VOID_ELEMENTS = frozenset(
+    {
+        "area",
+        "base",
+        "br",
+        "col",
+        "embed",
+        "hr",
+        "img",
+        "input",
+        "link",
+        "meta",
+        "source",
+        "track",
+        "wbr",
+    }
+)
 _SPACES = re.compile(r"[ \t\r\n\f\v]+")
 
 

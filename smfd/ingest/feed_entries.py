@@ -79,10 +79,32 @@ class _TextExtractor(HTMLParser):
 
     SKIP_TAGS = frozenset({"script", "style", "noscript", "template", "head", "iframe", "svg"})
     LINE_TAGS = frozenset({"br", "li", "tr", "dt", "dd"})
-    PARAGRAPH_TAGS = frozenset({
-        "p", "div", "section", "article", "header", "footer", "aside", "blockquote", "pre",
-        "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "dl", "table", "figure", "figcaption", "hr",
-    })
+    PARAGRAPH_TAGS = frozenset(
+        {
+            "p",
+            "div",
+            "section",
+            "article",
+            "header",
+            "footer",
+            "aside",
+            "blockquote",
+            "pre",
+            "h1",
+            "h2",
+            "h3",
+            "h4",
+            "h5",
+            "h6",
+            "ul",
+            "ol",
+            "dl",
+            "table",
+            "figure",
+            "figcaption",
+            "hr",
+        }
+    )
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)

@@ -36,7 +36,14 @@ import structlog
 from smfd import __version__
 from smfd.durable import atomic_write_json
 from smfd.errors import ConfigError, SmfdError
-from smfd.ingest.feed_entries import _has_substance, _entries_oldest_first, entry_key, _entry_name, entry_text, parse_retry_after
+from smfd.ingest.feed_entries import (
+    _has_substance,
+    _entries_oldest_first,
+    entry_key,
+    _entry_name,
+    entry_text,
+    parse_retry_after,
+)
 
 SubmitFn = Callable[[str, str, str], object]
 
@@ -185,15 +192,21 @@ class FeedSource:
         if submit_error is not None:
             raise _PollFailed(submit_error, status_code=fetched.status_code)
         return self._record_success(
-            fetched.status_code, not_modified=False, entries=len(entries),
-            submitted=submitted, duplicates=duplicates, results=tuple(results),
+            fetched.status_code,
+            not_modified=False,
+            entries=len(entries),
+            submitted=submitted,
+            duplicates=duplicates,
+            results=tuple(results),
         )
 
     def _fetch(self) -> _Fetched:
         """GET the feed with timeouts, conditional headers and a size cap."""
         timeout = httpx.Timeout(
-            connect=self.timeout_seconds, read=self.timeout_seconds,
-            write=self.timeout_seconds, pool=self.timeout_seconds,
+            connect=self.timeout_seconds,
+            read=self.timeout_seconds,
+            write=self.timeout_seconds,
+            pool=self.timeout_seconds,
         )
         try:
             with httpx.Client(timeout=timeout, follow_redirects=True, max_redirects=10) as client:
@@ -232,7 +245,8 @@ class FeedSource:
             if len(body) > self.max_feed_bytes:
                 raise _PollFailed("feed too large", status_code=status)
         return _Fetched(
-            status_code=status, body=bytes(body),
+            status_code=status,
+            body=bytes(body),
             headers={key.lower(): value for key, value in response.headers.items()},
             final_url=str(response.url),
         )
@@ -271,16 +285,29 @@ class FeedSource:
     # --------------------------------------------------------------- scheduling
 
     def _record_success(
-        self, status: int | None, *, not_modified: bool, entries: int, submitted: int,
-        duplicates: int, results: tuple[object, ...],
+        self,
+        status: int | None,
+        *,
+        not_modified: bool,
+        entries: int,
+        submitted: int,
+        duplicates: int,
+        results: tuple[object, ...],
     ) -> FeedPollResult:
         self.consecutive_errors = 0
         jitter = self._rng.uniform(-self.jitter_ratio, self.jitter_ratio)
         self._next_due = self._clock() + self.interval_seconds * (1.0 + jitter)
         return FeedPollResult(
-            url=self.url, status_code=status, not_modified=not_modified, entries_in_feed=entries,
-            submitted=submitted, duplicates=duplicates, error=None, retry_after_seconds=None,
-            next_due=self._next_due, intake_results=results,
+            url=self.url,
+            status_code=status,
+            not_modified=not_modified,
+            entries_in_feed=entries,
+            submitted=submitted,
+            duplicates=duplicates,
+            error=None,
+            retry_after_seconds=None,
+            next_due=self._next_due,
+            intake_results=results,
         )
 
     def _record_error(self, failure: _PollFailed) -> FeedPollResult:
@@ -291,12 +318,21 @@ class FeedSource:
             delay = max(delay, failure.retry_after)
         self._next_due = self._clock() + delay
         self._log.warning(
-            "feed_error", reason=failure.reason, status=failure.status_code,
-            consecutive_errors=self.consecutive_errors, retry_in_seconds=round(delay, 3),
+            "feed_error",
+            reason=failure.reason,
+            status=failure.status_code,
+            consecutive_errors=self.consecutive_errors,
+            retry_in_seconds=round(delay, 3),
         )
         return FeedPollResult(
-            url=self.url, status_code=failure.status_code, not_modified=False, entries_in_feed=0,
-            submitted=0, duplicates=0, error=failure.reason, retry_after_seconds=failure.retry_after,
+            url=self.url,
+            status_code=failure.status_code,
+            not_modified=False,
+            entries_in_feed=0,
+            submitted=0,
+            duplicates=0,
+            error=failure.reason,
+            retry_after_seconds=failure.retry_after,
             next_due=self._next_due,
         )
 
@@ -306,7 +342,7 @@ class FeedSource:
         The first retry is no sooner than a regular poll (polite to a struggling server).
         """
         exponent = min(max(consecutive_errors - 1, 0), 32)
-        return min(self.max_backoff_seconds, self.interval_seconds * (2.0 ** exponent))
+        return min(self.max_backoff_seconds, self.interval_seconds * (2.0**exponent))
 
     # --------------------------------------------------------------------- state
 
@@ -327,7 +363,7 @@ class FeedSource:
             raise SmfdError(
                 f"feed state file {self.state_path} is corrupt ({exc}); delete it to start this feed afresh"
             ) from exc
-        for key in seen[-self.max_seen_ids:]:
+        for key in seen[-self.max_seen_ids :]:
             self._seen[key] = None
         if state.get("url") == self.url:
             # Validators belong to one URL; seen ids stay valid when a feed moves (http -> https).

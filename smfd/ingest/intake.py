@@ -61,8 +61,6 @@ class IntakeResult:
     code: str | None = None
 
 
-
-
 def _is_within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
@@ -81,7 +79,11 @@ class Intake:
     """Makes input durable. One instance is shared by all sources; methods are thread-safe."""
 
     def __init__(
-        self, journal: Journal, spool_dir: Path, quarantine_dir: Path, max_file_bytes: int,
+        self,
+        journal: Journal,
+        spool_dir: Path,
+        quarantine_dir: Path,
+        max_file_bytes: int,
         jsonl_field: str = "text",
     ):
         if max_file_bytes < 1:
@@ -121,7 +123,13 @@ class Intake:
         return result
 
     def _claim_existing(
-        self, path: Path, name: str, source: str, watch_root: Path, move: bool, link_stat: os.stat_result,
+        self,
+        path: Path,
+        name: str,
+        source: str,
+        watch_root: Path,
+        move: bool,
+        link_stat: os.stat_result,
         jsonl_field: str,
     ) -> IntakeResult:
         real = os.path.realpath(path)
@@ -216,8 +224,14 @@ class Intake:
                 raise RejectedInput(f"text too large ({size} bytes > limit {self.max_file_bytes})", "too_large")
         except RejectedInput as rejection:
             doc_id = self.journal.add_quarantined(source, name, None, size, rejection.reason)
-            self._log.warning("document_quarantined", name=name, source=source, reason=rejection.reason,
-                              code=rejection.code, doc_id=doc_id)
+            self._log.warning(
+                "document_quarantined",
+                name=name,
+                source=source,
+                reason=rejection.reason,
+                code=rejection.code,
+                doc_id=doc_id,
+            )
             return IntakeResult("quarantined", doc_id, name, rejection.reason, rejection.code)
         return self._journal_text(normalized, source, name, size)
 
@@ -239,8 +253,7 @@ class Intake:
         if duplicate:
             self._log.info("document_duplicate", name=name, source=source, doc_id=doc_id, content_hash=digest)
             return IntakeResult("duplicate", doc_id, name, "content already journaled", "duplicate")
-        self._log.info("document_queued", name=name, source=source, doc_id=doc_id, content_hash=digest,
-                       size_bytes=size)
+        self._log.info("document_queued", name=name, source=source, doc_id=doc_id, content_hash=digest, size_bytes=size)
         return IntakeResult("queued", doc_id, name)
 
     def _write_spool(self, spool_path: Path, text: str) -> None:
@@ -276,11 +289,16 @@ class Intake:
             except OSError as exc:
                 self._log.warning("quarantine_move_failed", path=str(path), reason=str(exc))
         self._write_reason(destination, path, source, rejection)
-        doc_id = self.journal.add_quarantined(
-            source, name, destination if moved else path, size, rejection.reason
+        doc_id = self.journal.add_quarantined(source, name, destination if moved else path, size, rejection.reason)
+        self._log.warning(
+            "document_quarantined",
+            name=name,
+            source=source,
+            reason=rejection.reason,
+            code=rejection.code,
+            doc_id=doc_id,
+            moved=moved,
         )
-        self._log.warning("document_quarantined", name=name, source=source, reason=rejection.reason,
-                          code=rejection.code, doc_id=doc_id, moved=moved)
         return IntakeResult("quarantined", doc_id, name, rejection.reason, rejection.code)
 
     def _unique_destination(self, filename: str) -> Path:
@@ -295,8 +313,10 @@ class Intake:
 
     def _write_reason(self, destination: Path, original: Path, source: str, rejection: RejectedInput) -> None:
         when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        body = (f"reason: {rejection.reason}\ncode: {rejection.code}\nsource: {source}\n"
-                f"original: {original}\ntime: {when}\n")
+        body = (
+            f"reason: {rejection.reason}\ncode: {rejection.code}\nsource: {source}\n"
+            f"original: {original}\ntime: {when}\n"
+        )
         try:
             Path(f"{destination}.reason").write_text(body, encoding="utf-8")
         except OSError as exc:
@@ -321,6 +341,5 @@ class Intake:
             return state
         self._write_reason(destination, spool_path, row.source, RejectedInput(reason, "failed"))
         self.journal.set_spool_path(doc_id, destination)
-        self._log.warning("document_failed", doc_id=doc_id, name=row.name, reason=reason,
-                          attempts=row.attempts)
+        self._log.warning("document_failed", doc_id=doc_id, name=row.name, reason=reason, attempts=row.attempts)
         return state

@@ -41,7 +41,16 @@ from smfd.ingest.journal_schema import (
 )
 
 
-__all__ = ["CHUNK_STATES", "DOCUMENT_STATES", "ChunkRow", "ChunkState", "DocState", "DocumentRow", "Journal", "UpdateRow"]
+__all__ = [
+    "CHUNK_STATES",
+    "DOCUMENT_STATES",
+    "ChunkRow",
+    "ChunkState",
+    "DocState",
+    "DocumentRow",
+    "Journal",
+    "UpdateRow",
+]
 
 
 def _placeholders(values: Sequence[Any]) -> str:
@@ -74,13 +83,27 @@ class Journal(JournalConnection):
             cursor = conn.execute(
                 "INSERT INTO documents (content_hash, source, name, spool_path, size_bytes, state, "
                 "duplicate_of, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (content_hash, source, name, None if spool_path is None else str(spool_path), size_bytes,
-                 state, original["id"] if original else None, now, now),
+                (
+                    content_hash,
+                    source,
+                    name,
+                    None if spool_path is None else str(spool_path),
+                    size_bytes,
+                    state,
+                    original["id"] if original else None,
+                    now,
+                    now,
+                ),
             )
             return int(cursor.lastrowid), original is not None
 
     def add_quarantined(
-        self, source: str, name: str, path: str | Path | None, size_bytes: int, reason: str,
+        self,
+        source: str,
+        name: str,
+        path: str | Path | None,
+        size_bytes: int,
+        reason: str,
         content_hash: str | None = None,
     ) -> int:
         """Journal input rejected at intake (no usable text), so status shows it and why."""
@@ -268,8 +291,10 @@ class Journal(JournalConnection):
         now = time.time()
         with self._tx() as conn:
             return sum(
-                conn.execute("UPDATE chunks SET state = ?, updated_at = ? WHERE id = ?",
-                             (str(ChunkState(state).value), now, chunk_id)).rowcount
+                conn.execute(
+                    "UPDATE chunks SET state = ?, updated_at = ? WHERE id = ?",
+                    (str(ChunkState(state).value), now, chunk_id),
+                ).rowcount
                 for chunk_id in chunk_ids
             )
 
@@ -287,8 +312,14 @@ class Journal(JournalConnection):
 
     # --------------------------------------------------------------- updates
     def record_update(
-        self, version: int, n_chunks: int, n_rows: int, seconds: float, accepted: bool,
-        measures: dict[str, Any] | None = None, timestamp: float | None = None,
+        self,
+        version: int,
+        n_chunks: int,
+        n_rows: int,
+        seconds: float,
+        accepted: bool,
+        measures: dict[str, Any] | None = None,
+        timestamp: float | None = None,
     ) -> int:
         """One row per memory update (accepted or rolled back); `smfd status` reads these."""
         try:
@@ -299,8 +330,15 @@ class Journal(JournalConnection):
             cursor = conn.execute(
                 "INSERT INTO updates (version, timestamp, n_chunks, n_rows, seconds, accepted, measures) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (version, time.time() if timestamp is None else timestamp, n_chunks, n_rows, seconds,
-                 int(bool(accepted)), measures_json),
+                (
+                    version,
+                    time.time() if timestamp is None else timestamp,
+                    n_chunks,
+                    n_rows,
+                    seconds,
+                    int(bool(accepted)),
+                    measures_json,
+                ),
             )
             return int(cursor.lastrowid)
 

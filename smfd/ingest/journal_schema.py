@@ -151,15 +151,24 @@ def _document(row: sqlite3.Row) -> DocumentRow:
 
 def _chunk(row: sqlite3.Row) -> ChunkRow:
     return ChunkRow(
-        id=row["id"], doc_id=row["doc_id"], idx=row["idx"], text=row["text"],
-        n_tokens=row["n_tokens"], state=row["state"],
+        id=row["id"],
+        doc_id=row["doc_id"],
+        idx=row["idx"],
+        text=row["text"],
+        n_tokens=row["n_tokens"],
+        state=row["state"],
     )
 
 
 def _update(row: sqlite3.Row) -> UpdateRow:
     return UpdateRow(
-        id=row["id"], version=row["version"], timestamp=row["timestamp"], n_chunks=row["n_chunks"],
-        n_rows=row["n_rows"], seconds=row["seconds"], accepted=bool(row["accepted"]),
+        id=row["id"],
+        version=row["version"],
+        timestamp=row["timestamp"],
+        n_chunks=row["n_chunks"],
+        n_rows=row["n_rows"],
+        seconds=row["seconds"],
+        accepted=bool(row["accepted"]),
         measures=json.loads(row["measures"]),
     )
 

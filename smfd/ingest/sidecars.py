@@ -57,7 +57,9 @@ def parse_sidecar(data: bytes, name: str) -> list[RecallItem]:
                     raise RejectedInput(f"line {number}: {key!r} must be a non-empty string", "bad_sidecar")
             kind = row.get("kind", SIDECAR_KIND)
             if not isinstance(kind, str) or not KIND_PATTERN.fullmatch(kind):
-                raise RejectedInput(f"line {number}: 'kind' must be 1-32 characters of a-z, 0-9, '_' or '-'", "bad_sidecar")
+                raise RejectedInput(
+                    f"line {number}: 'kind' must be 1-32 characters of a-z, 0-9, '_' or '-'", "bad_sidecar"
+                )
             items.append({"prompt": row["prompt"].strip(), "target": row["target"].strip(), "kind": kind})
     except RejectedInput as rejection:
         raise RejectedInput(f"{name}: {rejection.reason}", rejection.code) from None

@@ -108,9 +108,18 @@ class WatchFolderSource:
     """
 
     def __init__(
-        self, root: Path, intake: Intake, recursive: bool = True, include: Sequence[str] = (),
-        exclude: Sequence[str] = (), polling: bool = False, settle_seconds: float = 2.0,
-        rescan_seconds: float = 60.0, move: bool = True, source: str = "watch", jsonl_field: str | None = None,
+        self,
+        root: Path,
+        intake: Intake,
+        recursive: bool = True,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        polling: bool = False,
+        settle_seconds: float = 2.0,
+        rescan_seconds: float = 60.0,
+        move: bool = True,
+        source: str = "watch",
+        jsonl_field: str | None = None,
     ):
         if settle_seconds < 0 or rescan_seconds <= 0:
             raise SmfdError(
@@ -140,9 +149,7 @@ class WatchFolderSource:
         self._pending: dict[str, _Observation | None] = {}
         self._last_rescan: float | None = None
         self._observer: BaseObserver | None = None
-        self._skip_dirs = tuple(
-            os.path.realpath(d) for d in (intake.spool_dir, intake.quarantine_dir)
-        )
+        self._skip_dirs = tuple(os.path.realpath(d) for d in (intake.spool_dir, intake.quarantine_dir))
         self._log = structlog.get_logger().bind(component="watch_folder", root=str(self.root))
 
     # ------------------------------------------------------------- lifecycle

@@ -72,7 +72,11 @@ class MemoryBudget:
             torch.cuda.reset_peak_memory_stats(self.device)
         before = self.current_bytes()
         if before + reserved_bytes >= limit:
-            reserved = f" plus {reserved_bytes // MIB} MiB reserved for the prefix cache (train.prefix_cache_mb)" if reserved_bytes else ""
+            reserved = (
+                f" plus {reserved_bytes // MIB} MiB reserved for the prefix cache (train.prefix_cache_mb)"
+                if reserved_bytes
+                else ""
+            )
             raise SmfdError(
                 f"memory budget of {limit // MIB} MiB ({self.device_label}) is already used by the model itself "
                 f"({before // MIB} MiB){reserved}: raise budget.{'vram_mb' if self.device.type == 'cuda' else 'ram_mb'}"

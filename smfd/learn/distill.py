@@ -56,7 +56,7 @@ def sentence_tail(sentence: str, rng: random.Random) -> str:
     if len(words) < 2 * MIN_QUERY_WORDS:
         return sentence
     start = rng.randint(len(words) // 4, max(len(words) * 3 // 5, len(words) // 4))
-    return " ".join(words[min(start, len(words) - MIN_QUERY_WORDS):])
+    return " ".join(words[min(start, len(words) - MIN_QUERY_WORDS) :])
 
 
 def build_queries(chunks: list[str], config: DistillSection, rng: random.Random) -> list[str]:
@@ -110,7 +110,9 @@ def teacher_targets(
     and the shift of each from the base's prediction without the context."""
     context_ids = tokenizer(context + CONTEXT_SEPARATOR, add_special_tokens=False).input_ids
     if len(context_ids) > config.max_context_tokens:
-        raise SmfdError(f"teacher context of {len(context_ids)} tokens exceeds max_context_tokens={config.max_context_tokens}")
+        raise SmfdError(
+            f"teacher context of {len(context_ids)} tokens exceeds max_context_tokens={config.max_context_tokens}"
+        )
     pad_id = tokenizer.pad_token_id
     out: list[TeacherTarget] = []
     with memory_bypassed(memories):
@@ -121,17 +123,31 @@ def teacher_targets(
             group = queries[start : start + batch_size]
             batch = make_batch(group, pad_id).to(device)
             rows = len(group)
-            mask = torch.cat([torch.ones(rows, len(context_ids), dtype=batch.attention_mask.dtype, device=device),
-                              batch.attention_mask], dim=1)
-            taught = model(input_ids=batch.input_ids, attention_mask=mask, use_cache=False,
-                           **{cache_argument: _repeat_cache(prefix, rows)}).logits.float().log_softmax(-1)
+            mask = torch.cat(
+                [
+                    torch.ones(rows, len(context_ids), dtype=batch.attention_mask.dtype, device=device),
+                    batch.attention_mask,
+                ],
+                dim=1,
+            )
+            taught = (
+                model(
+                    input_ids=batch.input_ids,
+                    attention_mask=mask,
+                    use_cache=False,
+                    **{cache_argument: _repeat_cache(prefix, rows)},
+                )
+                .logits.float()
+                .log_softmax(-1)
+            )
             base = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float().log_softmax(-1)
             out.extend(_targets(taught, base, group, config.top_k, config.min_shift))
     return out
 
 
-def _targets(taught: torch.Tensor, base: torch.Tensor, group: list[list[int]], top_k: int,
-             min_shift: float) -> list[TeacherTarget]:
+def _targets(
+    taught: torch.Tensor, base: torch.Tensor, group: list[list[int]], top_k: int, min_shift: float
+) -> list[TeacherTarget]:
     """Per query: top-k of the teacher's prediction of each token (from the position before it) and its KL to base."""
     logprobs, ids = taught[:, :-1].topk(top_k, dim=-1)
     probs = logprobs.exp()

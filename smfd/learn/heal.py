@@ -50,6 +50,7 @@ def memory_inputs(
 def _collect_inputs(store: list[torch.Tensor]):
     def hook(memory: ProductKeyMemory, args: tuple, output: torch.Tensor) -> None:
         store.append(args[0].reshape(-1, args[0].shape[-1]))
+
     return hook
 
 
@@ -124,7 +125,9 @@ def heal_addressing(
             step_imbalance, step_entropy = [], []
             for memory in memories:
                 hidden = pools[memory.layer_index]
-                pick = torch.randint(hidden.shape[0], (min(config.tokens_per_step, hidden.shape[0]),), generator=generator)
+                pick = torch.randint(
+                    hidden.shape[0], (min(config.tokens_per_step, hidden.shape[0]),), generator=generator
+                )
                 found = memory.lookup(hidden[pick.to(hidden.device)][None], dense=True)
                 step_imbalance.append(usage_imbalance(memory, found))
                 step_entropy.append(float(read_entropy(found).detach()))
@@ -137,8 +140,14 @@ def heal_addressing(
         for param in params:
             param.requires_grad_(False)
             param.grad = None
-    return HealReport(len(imbalances), imbalances[0], _tail_mean(imbalances), entropies[0], _tail_mean(entropies),
-                      time.perf_counter() - started)
+    return HealReport(
+        len(imbalances),
+        imbalances[0],
+        _tail_mean(imbalances),
+        entropies[0],
+        _tail_mean(entropies),
+        time.perf_counter() - started,
+    )
 
 
 def _tail_mean(values: list[float]) -> float:
@@ -147,7 +156,10 @@ def _tail_mean(values: list[float]) -> float:
 
 
 def prepare_memory(
-    model: PreTrainedModel, memories: list[ProductKeyMemory], sequences: list[list[int]], heal: HealSection,
+    model: PreTrainedModel,
+    memories: list[ProductKeyMemory],
+    sequences: list[list[int]],
+    heal: HealSection,
     progress: bool = False,
 ) -> tuple[HealReport | None, dict[int, BackgroundStats]]:
     """Query calibration, healing, then background statistics, all from one pass over the general text."""
@@ -208,8 +220,13 @@ def sample_general_text(
             ids, mask = left_padded(encoded, tokenizer.pad_token_id)
             width = ids.shape[1]
             out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_p=0.95,
-                temperature=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=True,
+                top_p=0.95,
+                temperature=1.0,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
             )
             for row, seq in enumerate(encoded):
                 tail = [t for t in out[row, width:].tolist() if t != tokenizer.pad_token_id]

@@ -107,8 +107,9 @@ class RetainSet:
         for memory in memories:
             layer = self.layers.get(memory.layer_index)
             if layer is not None:
-                layer.reference = self._output(memory, layer, torch.ones(layer.indices.shape[0], dtype=torch.bool,
-                                                                         device=layer.indices.device))
+                layer.reference = self._output(
+                    memory, layer, torch.ones(layer.indices.shape[0], dtype=torch.bool, device=layer.indices.device)
+                )
 
     def penalty(self, memory: ProductKeyMemory) -> torch.Tensor | None:
         """Squared change of this layer's memory output on the retain tokens, per token, in MLP-output units.
@@ -165,12 +166,14 @@ def sample_self_facts(
 def _capture_input(store: list):
     def hook(module: ProductKeyMemory, args: tuple, output: torch.Tensor) -> None:
         store.append(args[0].reshape(-1, args[0].shape[-1]))
+
     return hook
 
 
 def _capture_output(store: list):
     def hook(module, args: tuple, output: torch.Tensor) -> None:
         store.append(output.reshape(-1, output.shape[-1]))
+
     return hook
 
 

@@ -110,20 +110,32 @@ class Learner:
         return self.batch_size
 
     def _planned_batch_size(self, settings: LearnSettings, updater: SparseUpdater) -> int:
-        ids = self.model.tokenizer("The quick brown fox jumps over the lazy dog. " * 64, add_special_tokens=False).input_ids
+        ids = self.model.tokenizer(
+            "The quick brown fox jumps over the lazy dog. " * 64, add_special_tokens=False
+        ).input_ids
         sequence = ids[: settings.train.seq_len]
         # The surprise-weighted rule ranks slots by each token's surprise: the measured step needs it too.
-        surprise = [self._sequence_surprise([sequence])[tuple(sequence)]] if settings.train.selection == "surprise-kl" else None
+        surprise = (
+            [self._sequence_surprise([sequence])[tuple(sequence)]]
+            if settings.train.selection == "surprise-kl"
+            else None
+        )
 
         def measure(n: int) -> None:
-            batch = make_batch([sequence] * n, self.model.tokenizer.pad_token_id, None if surprise is None else surprise * n)
+            batch = make_batch(
+                [sequence] * n, self.model.tokenizer.pad_token_id, None if surprise is None else surprise * n
+            )
             updater.step(batch.to(self.model.device))
             apply_patches(self.model.memories, updater.finish_update(), revert=True)
 
         cache_bytes = settings.train.prefix_cache_mb * MIB
         batch_size = self.budget.plan_batch_size(settings.train.batch_size, measure, reserved_bytes=cache_bytes)
-        log.info("batch_planned", batch_size=batch_size, budget_bytes=self.budget.limit_bytes,
-                 device=self.budget.device_label)
+        log.info(
+            "batch_planned",
+            batch_size=batch_size,
+            budget_bytes=self.budget.limit_bytes,
+            device=self.budget.device_label,
+        )
         return batch_size
 
     def count_tokens(self, text: str) -> int:
@@ -137,8 +149,13 @@ class Learner:
             try:
                 text = Path(doc.spool_path).read_text(encoding="utf-8")
                 chunking = self.settings.chunking
-                chunks = chunk_text(text, self.count_tokens, chunking.max_tokens, title_context=chunking.title_context,
-                                    overlap_sentences=chunking.overlap_sentences)
+                chunks = chunk_text(
+                    text,
+                    self.count_tokens,
+                    chunking.max_tokens,
+                    title_context=chunking.title_context,
+                    overlap_sentences=chunking.overlap_sentences,
+                )
             except (OSError, SmfdError) as exc:
                 log.warning("document_failed", doc_id=doc.id, reason=str(exc))
                 self.journal.mark_failed(doc.id, str(exc))
@@ -231,9 +248,12 @@ class Learner:
         batches: list[TokenBatch] = []
         for doc_id, rows in by_document.items():
             texts = [c.text for c in rows]
-            lesson = build_lesson(self.model, s, self._document_text(doc_id, texts), texts, self.batch_size, scored=scored)
-            batches += lesson_batches(lesson, self.batch_size, s.train.passes, self.model.tokenizer.pad_token_id, 0,
-                                      self.model.device)
+            lesson = build_lesson(
+                self.model, s, self._document_text(doc_id, texts), texts, self.batch_size, scored=scored
+            )
+            batches += lesson_batches(
+                lesson, self.batch_size, s.train.passes, self.model.tokenizer.pad_token_id, 0, self.model.device
+            )
         return batches
 
     def _document_text(self, doc_id: int, chunk_texts: list[str]) -> str:
@@ -250,8 +270,14 @@ class Learner:
         """Per-token surprise of each sequence not already in `scored` (a new dict; `scored` is not changed)."""
         scored = dict(scored or {})
         todo = list(dict.fromkeys(tuple(seq) for seq in sequences if tuple(seq) not in scored))
-        nll = sequence_surprise(self.model.model, self.model.memories, [list(seq) for seq in todo],
-                                self.model.tokenizer.pad_token_id, self.batch_size, self.model.device)
+        nll = sequence_surprise(
+            self.model.model,
+            self.model.memories,
+            [list(seq) for seq in todo],
+            self.model.tokenizer.pad_token_id,
+            self.batch_size,
+            self.model.device,
+        )
         scored.update(zip(todo, nll))
         return scored
 
@@ -266,8 +292,14 @@ class Learner:
             self.journal.set_chunk_state(chunk_ids, ChunkState.REJECTED)
             reason = verdict.reason.value if verdict.reason is not None else "rejected"
             outcome.version, outcome.accepted, outcome.reason = self.store.version, False, reason
-            self.journal.record_update(outcome.version, len(chunks), outcome.rows_updated, outcome.seconds, False, measures)
-            log.warning("update_rolled_back", reason=reason, **{k: v for k, v in measures.items() if isinstance(v, (int, float))})
+            self.journal.record_update(
+                outcome.version, len(chunks), outcome.rows_updated, outcome.seconds, False, measures
+            )
+            log.warning(
+                "update_rolled_back",
+                reason=reason,
+                **{k: v for k, v in measures.items() if isinstance(v, (int, float))},
+            )
             return
         meta = {"chunks": len(chunks), "rows": outcome.rows_updated, "steps": outcome.steps, "measures": measures}
         outcome.version = self.store.commit(self.model, patches, meta)
@@ -275,8 +307,14 @@ class Learner:
         outcome.recall_items = self.recall_items(chunks)
         self.journal.set_chunk_state(chunk_ids, ChunkState.LEARNED)
         self.journal.record_update(outcome.version, len(chunks), outcome.rows_updated, outcome.seconds, True, measures)
-        log.info("update_committed", version=outcome.version, chunks=len(chunks), rows=outcome.rows_updated,
-                 steps=outcome.steps, tokens=outcome.tokens)
+        log.info(
+            "update_committed",
+            version=outcome.version,
+            chunks=len(chunks),
+            rows=outcome.rows_updated,
+            steps=outcome.steps,
+            tokens=outcome.tokens,
+        )
 
     def recall_items(self, chunks: list[ChunkRow]) -> list[RecallItem]:
         """Recall probes for learned chunks: each document's sidecar pairs, else clozes cut from its chunks."""

@@ -62,7 +62,9 @@ class Lesson:
         return self.teacher is not None
 
 
-def teacher_contexts(memory_model: MemoryModel, document: str, chunks: list[str], max_tokens: int) -> list[tuple[str, list[str]]]:
+def teacher_contexts(
+    memory_model: MemoryModel, document: str, chunks: list[str], max_tokens: int
+) -> list[tuple[str, list[str]]]:
     """(teacher context, chunks taught under it): the whole document when it fits the teacher's
     context budget, else each chunk on its own (a chunk carries its document's title when it fits)."""
     if len(memory_model.tokenizer(document, add_special_tokens=False).input_ids) < max_tokens:
@@ -90,8 +92,12 @@ def build_lesson(
     wants_surprise = settings.train.selection == "surprise-kl"
     if settings.train.distill.enabled:
         rng = random.Random(seed)
-        groups = [(context, part, build_queries(part, settings.train.distill, rng))
-                  for context, part in teacher_contexts(memory_model, document, chunks, settings.train.distill.max_context_tokens)]
+        groups = [
+            (context, part, build_queries(part, settings.train.distill, rng))
+            for context, part in teacher_contexts(
+                memory_model, document, chunks, settings.train.distill.max_context_tokens
+            )
+        ]
         if any(queries for _, _, queries in groups):
             return _distilled_lesson(memory_model, settings, groups, batch_size, wants_surprise)
         log.info("distill_skipped", reason="no sentence long enough to build a query from; next-token training")
@@ -101,16 +107,23 @@ def build_lesson(
 
 
 def _distilled_lesson(
-    memory_model: MemoryModel, settings: LearnSettings, groups: list[tuple[str, list[str], list[str]]],
-    batch_size: int, wants_surprise: bool,
+    memory_model: MemoryModel,
+    settings: LearnSettings,
+    groups: list[tuple[str, list[str], list[str]]],
+    batch_size: int,
+    wants_surprise: bool,
 ) -> Lesson:
     sequences: list[list[int]] = []
     teacher: list[TeacherTarget] = []
     mm = memory_model
     for context, part, queries in groups:
         seqs = encode(mm.tokenizer, training_texts(part, settings.train.restate) + queries, settings.train.seq_len)
-        targets = teacher_targets(mm.model, mm.tokenizer, mm.memories, context, seqs, settings.train.distill, batch_size, mm.device)
-        kept = [(seq, target) for seq, target in zip(seqs, targets) if bool(target.trained.any())]  # else nothing to learn
+        targets = teacher_targets(
+            mm.model, mm.tokenizer, mm.memories, context, seqs, settings.train.distill, batch_size, mm.device
+        )
+        kept = [
+            (seq, target) for seq, target in zip(seqs, targets) if bool(target.trained.any())
+        ]  # else nothing to learn
         sequences += [seq for seq, _ in kept]
         teacher += [target for _, target in kept]
     if not sequences:
@@ -119,19 +132,29 @@ def _distilled_lesson(
     return Lesson(sequences, [t.shift for t in teacher] if wants_surprise else None, teacher)
 
 
-def _surprise(memory_model: MemoryModel, sequences: list[list[int]], batch_size: int,
-              scored: TokenSurprise | None) -> list[torch.Tensor]:
+def _surprise(
+    memory_model: MemoryModel, sequences: list[list[int]], batch_size: int, scored: TokenSurprise | None
+) -> list[torch.Tensor]:
     """Per-token surprise of each sequence, reusing `scored` where it has the sequence already."""
     known = scored or {}
     todo = list(dict.fromkeys(tuple(s) for s in sequences if tuple(s) not in known))
     mm = memory_model
-    fresh = dict(zip(todo, sequence_surprise(mm.model, mm.memories, [list(s) for s in todo], mm.tokenizer.pad_token_id,
-                                             batch_size, mm.device)))
+    fresh = dict(
+        zip(
+            todo,
+            sequence_surprise(
+                mm.model, mm.memories, [list(s) for s in todo], mm.tokenizer.pad_token_id, batch_size, mm.device
+            ),
+        )
+    )
     return [known[tuple(s)] if tuple(s) in known else fresh[tuple(s)] for s in sequences]
 
 
-def lesson_batches(lesson: Lesson, batch_size: int, passes: int, pad_id: int, seed: int, device: torch.device) -> list[TokenBatch]:
+def lesson_batches(
+    lesson: Lesson, batch_size: int, passes: int, pad_id: int, seed: int, device: torch.device
+) -> list[TokenBatch]:
     """The lesson's `passes` shuffled passes, as batches on `device`."""
-    batches = epoch_batches(lesson.sequences, batch_size, passes, pad_id, seed=seed, surprise=lesson.surprise,
-                            teacher=lesson.teacher)
+    batches = epoch_batches(
+        lesson.sequences, batch_size, passes, pad_id, seed=seed, surprise=lesson.surprise, teacher=lesson.teacher
+    )
     return [batch.to(device) for batch in batches]

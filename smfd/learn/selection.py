@@ -31,7 +31,9 @@ def batch_reads(lookup: Lookup, token_weights: torch.Tensor) -> tuple[torch.Tens
     return flat_idx[keep], weights[keep]
 
 
-def slot_scores(rule: str, reads: torch.Tensor, read_weights: torch.Tensor, background: BackgroundStats) -> torch.Tensor:
+def slot_scores(
+    rule: str, reads: torch.Tensor, read_weights: torch.Tensor, background: BackgroundStats
+) -> torch.Tensor:
     """Score every slot; slots this batch does not read get -inf."""
     n_slots = background.counts.numel()
     counts = torch.bincount(reads, weights=read_weights, minlength=n_slots)
@@ -77,7 +79,9 @@ def top_slots(
     rule: str, reads: torch.Tensor, read_weights: torch.Tensor, background: BackgroundStats, top_t: int
 ) -> torch.Tensor:
     """The top-t positively scored slots for a set of reads (one step's, or a whole update's)."""
-    scores = slot_scores(rule, reads.to(background.counts.device), read_weights.to(background.counts.device), background)
+    scores = slot_scores(
+        rule, reads.to(background.counts.device), read_weights.to(background.counts.device), background
+    )
     eligible = int(torch.isfinite(scores).sum())
     top = scores.topk(min(top_t, eligible)).indices
     return top[scores[top] > 0]

@@ -103,10 +103,14 @@ class SparseUpdater:
             raise SmfdError("retain_weight > 0 needs a retain set of general-text tokens")
         missing = [m.layer_index for m in memories if m.layer_index not in background]
         if missing:
-            raise SmfdError(f"no background slot statistics for memory layers {missing} (smfd.learn.heal.compute_background makes them)")
+            raise SmfdError(
+                f"no background slot statistics for memory layers {missing} (smfd.learn.heal.compute_background makes them)"
+            )
         for memory in memories:
             if config.top_t > memory.config.n_slots:
-                raise SmfdError(f"top_t={config.top_t} exceeds the {memory.config.n_slots} slots of layer {memory.layer_index}")
+                raise SmfdError(
+                    f"top_t={config.top_t} exceeds the {memory.config.n_slots} slots of layer {memory.layer_index}"
+                )
         self.model = model
         self.memories = memories
         self.background = background
@@ -144,7 +148,11 @@ class SparseUpdater:
                 with self.prefix.forward_for(batch):
                     self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                 mask, surprise = read_weights(batch)
-                weights = mask.double() if surprise is None or self.config.selection != "surprise-kl" else mask.double() * surprise.double().clamp_min(0)
+                weights = (
+                    mask.double()
+                    if surprise is None or self.config.selection != "surprise-kl"
+                    else mask.double() * surprise.double().clamp_min(0)
+                )
                 for memory in self.memories:
                     reads[memory.layer_index].append(batch_reads(memory.last_lookup, weights))
         finally:
@@ -152,12 +160,19 @@ class SparseUpdater:
                 memory.record_lookup = False
                 memory.last_lookup = None
         self.planned = {
-            layer: top_slots(self.config.selection, torch.cat([r for r, _ in pairs]), torch.cat([w for _, w in pairs]),
-                             self.background[layer], self.config.top_t)
+            layer: top_slots(
+                self.config.selection,
+                torch.cat([r for r, _ in pairs]),
+                torch.cat([w for _, w in pairs]),
+                self.background[layer],
+                self.config.top_t,
+            )
             for layer, pairs in reads.items()
         }
 
-    def _selector(self, mask: torch.Tensor, surprise: torch.Tensor | None) -> Callable[[ProductKeyMemory, Lookup], torch.Tensor]:
+    def _selector(
+        self, mask: torch.Tensor, surprise: torch.Tensor | None
+    ) -> Callable[[ProductKeyMemory, Lookup], torch.Tensor]:
         def choose(memory: ProductKeyMemory, lookup: Lookup) -> torch.Tensor:
             if self.planned is not None:
                 return self.planned[memory.layer_index]
@@ -242,4 +257,6 @@ def split_batch(batch: TokenBatch) -> tuple[TokenBatch, TokenBatch] | None:
     half = rows // 2
     pick = lambda t, sl: None if t is None else t[sl]  # noqa: E731
     first, second = slice(0, half), slice(half, rows)
-    return TokenBatch(*(pick(t, first) for t in batch.tensors())), TokenBatch(*(pick(t, second) for t in batch.tensors()))
+    return TokenBatch(*(pick(t, first) for t in batch.tensors())), TokenBatch(
+        *(pick(t, second) for t in batch.tensors())
+    )

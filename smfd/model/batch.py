@@ -9,7 +9,6 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 
-
 @dataclass
 class TokenBatch:
     """A padded batch. `loss_mask[b, t]` marks tokens whose prediction is trained (never padding, never token 0)."""
@@ -24,7 +23,14 @@ class TokenBatch:
 
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
         """Every per-row tensor, in field order (for slicing and moving a batch as a whole)."""
-        return (self.input_ids, self.attention_mask, self.loss_mask, self.surprise, self.teacher_ids, self.teacher_logprobs)
+        return (
+            self.input_ids,
+            self.attention_mask,
+            self.loss_mask,
+            self.surprise,
+            self.teacher_ids,
+            self.teacher_logprobs,
+        )
 
     @property
     def n_tokens(self) -> int:

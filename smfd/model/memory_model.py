@@ -80,14 +80,18 @@ class MemoryModel:
         expected = {f"{m.layer_index}.{name}" for m in self.memories for name in m.state_dict()}
         missing, extra = expected - set(state), set(state) - expected
         if missing or extra:
-            raise SmfdError(f"memory state does not match the configured memory (missing {sorted(missing)[:4]}, "
-                            f"unexpected {sorted(extra)[:4]}): {_mismatch_hint(missing, extra)}")
+            raise SmfdError(
+                f"memory state does not match the configured memory (missing {sorted(missing)[:4]}, "
+                f"unexpected {sorted(extra)[:4]}): {_mismatch_hint(missing, extra)}"
+            )
         for memory in self.memories:
             prefix = f"{memory.layer_index}."
             own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             for name, tensor in memory.state_dict().items():
                 if own[name].shape != tensor.shape:
-                    raise SmfdError(f"memory tensor {prefix}{name} has shape {tuple(own[name].shape)}, expected {tuple(tensor.shape)}")
+                    raise SmfdError(
+                        f"memory tensor {prefix}{name} has shape {tuple(own[name].shape)}, expected {tuple(tensor.shape)}"
+                    )
             memory.load_state_dict(own, strict=True)
 
     def values(self) -> dict[int, torch.Tensor]:
@@ -108,6 +112,8 @@ def _mismatch_hint(missing: set[str], extra: set[str]) -> str:
     """The likely cause of a memory-state mismatch, so the user knows what to change."""
     names = {key.split(".", 1)[1] for key in missing | extra}
     if names and names <= {"query_shift", "query_scale"}:
-        return ("the state was saved without query calibration (written by an older smfd); "
-                "start this state directory afresh")
+        return (
+            "the state was saved without query calibration (written by an older smfd); "
+            "start this state directory afresh"
+        )
     return "was it saved with other memory.layers?"

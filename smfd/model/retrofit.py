@@ -23,7 +23,9 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         arch = type(model).__name__
-        raise SmfdError(f"cannot retrofit {arch}: no decoder layer stack at model.model.layers (decoder-only models only)")
+        raise SmfdError(
+            f"cannot retrofit {arch}: no decoder layer stack at model.model.layers (decoder-only models only)"
+        )
     return layers
 
 
@@ -38,7 +40,9 @@ def attach_memory(model: PreTrainedModel, config: MemorySection) -> list[Product
         block = layers[index]
         mlp = getattr(block, "mlp", None)
         if mlp is None:
-            raise SmfdError(f"cannot retrofit layer {index} of {type(model).__name__}: the block has no `mlp` submodule")
+            raise SmfdError(
+                f"cannot retrofit layer {index} of {type(model).__name__}: the block has no `mlp` submodule"
+            )
         if isinstance(mlp, MemoryAugmentedMLP):
             raise SmfdError(f"layer {index} already has a memory attached")
         memory = ProductKeyMemory(hidden_size, config, index).to(device=device, dtype=dtype)

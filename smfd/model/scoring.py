@@ -85,21 +85,29 @@ def continuation_scores(
         logits = model.get_output_embeddings()(hidden[rows, cols]).float()
         token_lp = -F.cross_entropy(logits, ids[rows, cols + 1], reduction="none")
         totals = torch.zeros(len(spans), device=device).index_add_(0, rows, token_lp)
-        misses = torch.zeros(len(spans), device=device).index_add_(0, rows, (logits.argmax(-1) != ids[rows, cols + 1]).float())
+        misses = torch.zeros(len(spans), device=device).index_add_(
+            0, rows, (logits.argmax(-1) != ids[rows, cols + 1]).float()
+        )
         results.extend((float(-totals[r]), hi - lo, bool(misses[r] == 0)) for r, (lo, hi) in enumerate(spans))
     return results
 
 
 @torch.no_grad()
 def greedy_continuations(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int, batch_size: int = 16
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
 ) -> list[str]:
     """Greedy continuations, batched with left padding."""
     device = next(model.parameters()).device
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        ids, mask = left_padded([tokenizer(p, add_special_tokens=False).input_ids for p in chunk], tokenizer.pad_token_id)
+        ids, mask = left_padded(
+            [tokenizer(p, add_special_tokens=False).input_ids for p in chunk], tokenizer.pad_token_id
+        )
         width = ids.shape[1]
         generated = model.generate(
             input_ids=ids.to(device),

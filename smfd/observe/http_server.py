@@ -91,9 +91,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(
-        self, address: tuple[str, int], metrics: Metrics, ready: HealthCheck, alive: HealthCheck
-    ) -> None:
+    def __init__(self, address: tuple[str, int], metrics: Metrics, ready: HealthCheck, alive: HealthCheck) -> None:
         self.metrics = metrics
         self.ready = ready
         self.alive = alive
@@ -168,4 +166,3 @@ class MetricsServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-

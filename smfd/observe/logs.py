@@ -19,14 +19,32 @@ import structlog
 
 from smfd.errors import ConfigError
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-          "error": logging.ERROR, "critical": logging.CRITICAL}
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
 
 REDACTED = "[REDACTED]"
 
 # Key words that mark a value as secret wherever they appear in a key ("db_password", "X-Auth-Secret").
-_SECRET_WORDS = frozenset({"password", "passwd", "passphrase", "secret", "auth", "authorization", "cookie",
-                           "apikey", "credential", "credentials", "privatekey"})
+_SECRET_WORDS = frozenset(
+    {
+        "password",
+        "passwd",
+        "passphrase",
+        "secret",
+        "auth",
+        "authorization",
+        "cookie",
+        "apikey",
+        "credential",
+        "credentials",
+        "privatekey",
+    }
+)
 _KEY_SPLIT = re.compile(r"[^a-z0-9]+")
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]+@")
 _QUERY_SECRET = re.compile(
@@ -135,8 +153,7 @@ def _shared_processors() -> list[Any]:
 def _build_handler(stream: TextIO, json: bool) -> logging.Handler:
     """A stream handler whose formatter renders JSON (or console text) after redaction."""
     renderer: Any = (
-        structlog.processors.JSONRenderer(default=str) if json
-        else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer(default=str) if json else structlog.dev.ConsoleRenderer(colors=False)
     )
     formatter = _Formatter(
         # Tracebacks become a string before redaction, so secrets in them are caught too.

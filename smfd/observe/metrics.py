@@ -139,19 +139,27 @@ class Metrics:
     def _define_retention(self) -> None:
         reg = self.registry
         self.probe_accuracy = Gauge(
-            "smfd_probe_accuracy_ratio", "Retention probe accuracy (0..1) after the last update.", ["suite"],
+            "smfd_probe_accuracy_ratio",
+            "Retention probe accuracy (0..1) after the last update.",
+            ["suite"],
             registry=reg,
         )
         self.probe_nll = Gauge(
-            "smfd_probe_nll_nats", "Retention probe mean negative log-likelihood per token.", ["suite"],
+            "smfd_probe_nll_nats",
+            "Retention probe mean negative log-likelihood per token.",
+            ["suite"],
             registry=reg,
         )
         self.probe_base_accuracy = Gauge(
-            "smfd_probe_base_accuracy_ratio", "Probe accuracy of the untouched base model (reference).", ["suite"],
+            "smfd_probe_base_accuracy_ratio",
+            "Probe accuracy of the untouched base model (reference).",
+            ["suite"],
             registry=reg,
         )
         self.probe_base_nll = Gauge(
-            "smfd_probe_base_nll_nats", "Probe NLL of the untouched base model (reference).", ["suite"],
+            "smfd_probe_base_nll_nats",
+            "Probe NLL of the untouched base model (reference).",
+            ["suite"],
             registry=reg,
         )
         self.recall_accuracy = Gauge(
@@ -160,13 +168,16 @@ class Metrics:
         self.recall_kind_accuracy = Gauge(
             "smfd_recall_kind_accuracy_ratio",
             "Accuracy on recall probes of newly learned text, by probe kind (e.g. verbatim, reworded, cloze).",
-            ["kind"], registry=reg,
+            ["kind"],
+            registry=reg,
         )
         self.drift_kl = Gauge(
             "smfd_drift_kl_nats", "KL divergence of current vs base model on the drift probe set.", registry=reg
         )
         self.probe_duration = Histogram(
-            "smfd_probe_duration_seconds", "Wall time of one probe pass.", buckets=PROBE_BUCKETS_SECONDS,
+            "smfd_probe_duration_seconds",
+            "Wall time of one probe pass.",
+            buckets=PROBE_BUCKETS_SECONDS,
             registry=reg,
         )
 

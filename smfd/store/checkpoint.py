@@ -97,7 +97,10 @@ class CheckpointStore:
 
     # ---- writing --------------------------------------------------------------
     def initialise(
-        self, model: MemoryModel, background: dict[int, BackgroundStats], meta: dict | None = None,
+        self,
+        model: MemoryModel,
+        background: dict[int, BackgroundStats],
+        meta: dict | None = None,
         settings: dict | None = None,
     ) -> None:
         """Write version 0: the freshly attached (and possibly healed) memory and its background statistics.
@@ -137,8 +140,9 @@ class CheckpointStore:
         ids = torch.tensor([t for seq in sequences for t in seq], dtype=torch.int64)
         lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.int64)
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.folder / f"{name}.safetensors",
-                     lambda tmp: save_file({"ids": ids, "lengths": lengths}, str(tmp)))
+        atomic_write(
+            self.folder / f"{name}.safetensors", lambda tmp: save_file({"ids": ids, "lengths": lengths}, str(tmp))
+        )
 
     def load_text(self, name: str) -> list[list[int]] | None:
         """The saved sequences, or None for a checkpoint written before they were kept."""
@@ -174,7 +178,9 @@ class CheckpointStore:
         for v in range(base_version + 1, new_base_version + 1):
             patches, _ = load_patches(self._patch_path(v))
             for patch in patches:
-                base[_values_key(patch.layer)].index_copy_(0, patch.slot_ids, patch.after.to(base[_values_key(patch.layer)]))
+                base[_values_key(patch.layer)].index_copy_(
+                    0, patch.slot_ids, patch.after.to(base[_values_key(patch.layer)])
+                )
         atomic_write(self.folder / "base.safetensors", lambda tmp: save_file(base, str(tmp)))
         manifest["base_version"] = new_base_version
         atomic_write_json(self.manifest_path, manifest)
@@ -235,7 +241,9 @@ def _changed_settings(recorded: dict, settings: dict, n_layers: int | None = Non
             continue
         for key, value in values.items():
             if key in old and not _same_setting(section, key, old[key], value, n_layers):
-                changed.append(f"{section}.{key}: state has {_normalised(old[key])!r}, config says {_normalised(value)!r}")
+                changed.append(
+                    f"{section}.{key}: state has {_normalised(old[key])!r}, config says {_normalised(value)!r}"
+                )
     return changed
 
 

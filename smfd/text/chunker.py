@@ -39,15 +39,96 @@ TITLE_MAX_WORDS = 20
 CONTEXT_MAX_SHARE = 4  # reserve room for the title only if it costs <= max_tokens / 4
 
 # Words that end in a period without ending a sentence (compared lower-case, without the dot).
-ABBREVIATIONS = frozenset({
-    "mr", "mrs", "ms", "mx", "dr", "prof", "sr", "jr", "st", "mt", "ft", "rev", "hon", "gen", "col",
-    "lt", "sgt", "capt", "cmdr", "adm", "gov", "sen", "rep", "pres", "supt", "messrs", "mme", "mlle",
-    "vs", "v", "cf", "al", "approx", "ca", "viz", "fig", "figs", "eq", "eqs", "no", "nos", "vol",
-    "vols", "pp", "ch", "chap", "sec", "art", "dept", "est", "ed", "eds", "op", "ibid", "incl",
-    "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
-    "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri", "sat", "sun",
-    "ave", "blvd", "rd", "ln", "hwy", "dist", "univ", "assn", "bros",
-})
+ABBREVIATIONS = frozenset(
+    {
+        "mr",
+        "mrs",
+        "ms",
+        "mx",
+        "dr",
+        "prof",
+        "sr",
+        "jr",
+        "st",
+        "mt",
+        "ft",
+        "rev",
+        "hon",
+        "gen",
+        "col",
+        "lt",
+        "sgt",
+        "capt",
+        "cmdr",
+        "adm",
+        "gov",
+        "sen",
+        "rep",
+        "pres",
+        "supt",
+        "messrs",
+        "mme",
+        "mlle",
+        "vs",
+        "v",
+        "cf",
+        "al",
+        "approx",
+        "ca",
+        "viz",
+        "fig",
+        "figs",
+        "eq",
+        "eqs",
+        "no",
+        "nos",
+        "vol",
+        "vols",
+        "pp",
+        "ch",
+        "chap",
+        "sec",
+        "art",
+        "dept",
+        "est",
+        "ed",
+        "eds",
+        "op",
+        "ibid",
+        "incl",
+        "jan",
+        "feb",
+        "mar",
+        "apr",
+        "jun",
+        "jul",
+        "aug",
+        "sep",
+        "sept",
+        "oct",
+        "nov",
+        "dec",
+        "mon",
+        "tue",
+        "tues",
+        "wed",
+        "thu",
+        "thur",
+        "thurs",
+        "fri",
+        "sat",
+        "sun",
+        "ave",
+        "blvd",
+        "rd",
+        "ln",
+        "hwy",
+        "dist",
+        "univ",
+        "assn",
+        "bros",
+    }
+)
 
 # Candidate sentence ends: terminal punctuation, optional closing quotes/brackets, whitespace.
 _CANDIDATE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*\s+")
@@ -138,7 +219,7 @@ def _is_boundary(block: str, match: re.Match[str]) -> bool:
     if punctuation != ".":
         return True  # "!", "?", "...", "?!" end sentences when a capital follows
     # Look back a bounded window only: scanning from the block start would be quadratic.
-    window = block[max(0, match.start() - _LOOKBACK_CHARS):match.start()]
+    window = block[max(0, match.start() - _LOOKBACK_CHARS) : match.start()]
     before = _WORD_BEFORE.search(window)
     word = before.group(1).lstrip(_OPENERS) if before else ""
     return not _is_abbreviation(word)
@@ -259,8 +340,9 @@ def _fit_sentence(sentence: str, count_tokens: TokenCounter, budget: int) -> lis
     pieces: list[str] = []
     start = 0
     while start < len(words):
-        end = _largest_fit(start + 1, min(len(words), start + budget), budget, count_tokens,
-                           lambda stop: " ".join(words[start:stop]))
+        end = _largest_fit(
+            start + 1, min(len(words), start + budget), budget, count_tokens, lambda stop: " ".join(words[start:stop])
+        )
         pieces.append(" ".join(words[start:end]))
         start = end
     return pieces
@@ -279,8 +361,7 @@ def _split_word(word: str, count_tokens: TokenCounter, budget: int) -> list[str]
     return pieces
 
 
-def _largest_fit(low: int, high: int, budget: int, count_tokens: TokenCounter,
-                 render: Callable[[int], str]) -> int:
+def _largest_fit(low: int, high: int, budget: int, count_tokens: TokenCounter, render: Callable[[int], str]) -> int:
     """Largest stop in [low, high] whose rendering fits ``budget``; ``low`` is assumed to fit.
 
     Galloping then binary search: token counts grow with appended text, so the cost is
@@ -324,16 +405,18 @@ def _separator(previous: _Unit, unit: _Unit) -> str:
     return "\n" if unit.starts_line else " "
 
 
-def _pack(units: list[_Unit], count_tokens: TokenCounter, max_tokens: int, body_budget: int,
-          overlap: int) -> list[tuple[int, int]]:
+def _pack(
+    units: list[_Unit], count_tokens: TokenCounter, max_tokens: int, body_budget: int, overlap: int
+) -> list[tuple[int, int]]:
     """Greedy (start, end) spans over ``units``; each span's joined text fits its budget."""
     spans: list[tuple[int, int]] = []
     start = 0
     while start < len(units):
         budget = max_tokens if start == 0 else body_budget
         minimum = spans[-1][1] + 1 if spans else start + 1
-        end = _largest_fit(minimum, min(len(units), start + budget), budget, count_tokens,
-                           lambda stop: _join(units[start:stop]))
+        end = _largest_fit(
+            minimum, min(len(units), start + budget), budget, count_tokens, lambda stop: _join(units[start:stop])
+        )
         spans.append((start, end))
         if end >= len(units):
             break
@@ -341,17 +424,17 @@ def _pack(units: list[_Unit], count_tokens: TokenCounter, max_tokens: int, body_
     return spans
 
 
-def _next_start(units: list[_Unit], start: int, end: int, overlap: int,
-                count_tokens: TokenCounter, budget: int) -> int:
+def _next_start(units: list[_Unit], start: int, end: int, overlap: int, count_tokens: TokenCounter, budget: int) -> int:
     """Where the next chunk starts: ``overlap`` units back, fewer if the next new unit would not fit."""
     candidate = max(end - overlap, start + 1)
-    while candidate < end and count_tokens(_join(units[candidate:end + 1])) > budget:
+    while candidate < end and count_tokens(_join(units[candidate : end + 1])) > budget:
         candidate += 1
     return candidate
 
 
-def _make_chunk(units: list[_Unit], start: int, end: int, context: str,
-                count_tokens: TokenCounter, max_tokens: int) -> Chunk:
+def _make_chunk(
+    units: list[_Unit], start: int, end: int, context: str, count_tokens: TokenCounter, max_tokens: int
+) -> Chunk:
     body = _join(units[start:end])
     text = body
     if context and start > 0:
