@@ -97,8 +97,8 @@ def run_daemon(args: argparse.Namespace) -> int:
 
 
 def _quiet_runtime(cfg, create: bool = False):
-    from smfd.observe.logs import configure_logging
     from smfd.daemon.runtime import open_runtime
+    from smfd.observe.logs import configure_logging
 
     configure_logging("warning", json=True)
     return open_runtime(cfg, create=create)
@@ -161,8 +161,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def status_report(cfg) -> dict:
-    from smfd.store.checkpoint import CheckpointStore
     from smfd.ingest.journal import Journal
+    from smfd.store.checkpoint import CheckpointStore
 
     journal_path = cfg.state_dir / "journal.sqlite"
     report: dict = {"state_dir": str(cfg.state_dir)}

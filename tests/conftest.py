@@ -11,12 +11,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from smfd.model.batch import encode, make_batch
-from smfd.learn.heal import compute_background
 from smfd.config import MemorySection
+from smfd.learn.heal import compute_background
+from smfd.model.batch import TokenBatch, encode, make_batch
 from smfd.model.memory_model import MemoryModel
 from smfd.model.slot_stats import BackgroundStats
-from smfd.model.batch import TokenBatch
 
 
 def pytest_configure(config: pytest.Config) -> None:

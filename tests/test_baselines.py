@@ -7,10 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from smfd.bench.baselines import FullFinetuneTrainer, LoraTrainer
-from smfd.model.batch import make_batch
 from smfd.errors import SmfdError
 from smfd.learn.updater import causal_lm_loss
-from smfd.model.batch import TokenBatch
+from smfd.model.batch import TokenBatch, make_batch
 
 PAD_ID = 0
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_settings import changed, train_section
 from safetensors import safe_open
 
-from smfd.store.checkpoint import FORMAT, CheckpointStore
 from smfd.errors import SmfdError
-from smfd.store.patches import apply_patches, load_patches
 from smfd.learn.updater import SparseUpdater
-from engine_settings import changed, train_section
+from smfd.store.checkpoint import FORMAT, CheckpointStore
+from smfd.store.patches import apply_patches, load_patches
 
 UPDATE_TEXTS = [
     ["The harbour bridge was painted bright orange by Zelda Quint in 2019."],

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smfd.text.chunker import Chunk, chunk_text, split_sentences
 from smfd.errors import SmfdError
+from smfd.text.chunker import Chunk, chunk_text
+from smfd.text.sentences import split_sentences
 
 
 def count_words(text: str) -> int:

@@ -17,13 +17,12 @@ import httpx
 import pytest
 import torch
 import yaml
+from conftest import CORPUS, build_base_model
 
-from smfd.store.checkpoint import CheckpointStore
 from smfd.cli import main
 from smfd.errors import SmfdError
 from smfd.ingest.journal import Journal
-
-from conftest import CORPUS, build_base_model
+from smfd.store.checkpoint import CheckpointStore
 
 NEW_TEXT = (
     "The lighthouse keeper Marta Olsen painted the tower red in 1971. She kept a logbook of every ship that "
@@ -302,7 +301,7 @@ def test_foreground_daemon_learns_a_dropped_file_serves_metrics_and_stops_on_sig
     events = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert any(e.get("event") == "update_committed" for e in events), output[-2000:]
     assert any(e.get("event") == "config_reloaded" for e in events), output[-2000:]
-    recall = [json.loads(l) for l in (tmp_path / "state" / "probes" / "recall.jsonl").read_text().splitlines()]
+    recall = [json.loads(line) for line in (tmp_path / "state" / "probes" / "recall.jsonl").read_text().splitlines()]
     assert recall and all(f"{r['prompt']} {r['target']}" in NEW_TEXT for r in recall)  # cut from the learned text
     assert CheckpointStore(tmp_path / "state" / "memory").version == 1
 

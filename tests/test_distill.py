@@ -9,18 +9,18 @@ import random
 from pathlib import Path
 
 import torch
+from engine_settings import learn_settings, train_section
 
-from smfd.model.batch import encode
 from smfd.bench.methods import SmfLearning
-from smfd.store.checkpoint import CheckpointStore
-from smfd.config import DistillSection
-from smfd.learn.distill import CONTEXT_SEPARATOR, build_queries, teacher_targets
+from smfd.config import DistillSection, HealSection
 from smfd.ingest.journal import Journal
+from smfd.learn.distill import CONTEXT_SEPARATOR, build_queries, teacher_targets
 from smfd.learn.learner import Learner
 from smfd.learn.lesson import build_lesson, lesson_batches, teacher_contexts
-from smfd.model.memory_model import MemoryModel
 from smfd.learn.updater import lesson_loss
-from engine_settings import learn_settings, train_section
+from smfd.model.batch import encode
+from smfd.model.memory_model import MemoryModel
+from smfd.store.checkpoint import CheckpointStore
 
 DOCUMENT = (
     "Harbour news\n\n"
@@ -71,7 +71,7 @@ def test_cached_teacher_context_gives_the_full_prompts_distribution(tiny_memory_
 
 def test_a_distilled_update_moves_the_student_toward_the_teacher(tiny_memory_model, background):
     settings = SETTINGS.with_train(lr=0.002, passes=4)
-    learning = SmfLearning(tiny_memory_model, background, settings)
+    learning = SmfLearning(tiny_memory_model, background, settings, None, HealSection())
     batches = learning.document_batches(DOCUMENT, [DOCUMENT], settings.train.passes, True, seed=0)
     assert all(batch.teacher_ids is not None for batch in batches)
 
@@ -119,7 +119,7 @@ def test_daemon_and_benchmark_train_the_same_rows_to_the_same_values(
     assert outcome.accepted and outcome.rows_updated > 0
 
     chunks = [c.text for c in journal.chunks_for(1)]
-    learning = SmfLearning(bench_model, background, SETTINGS)
+    learning = SmfLearning(bench_model, background, SETTINGS, None, HealSection())
     batches = learning.document_batches(DOCUMENT, chunks, SETTINGS.train.passes, SETTINGS.train.restate, seed=0)
     learning.begin_document(batches)
     for batch in batches:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from smfd.model.batch import encode, epoch_batches
-from smfd.model.scoring import greedy_continuations, score_cloze
-from smfd.learn.heal import compute_background
-from smfd.config import MemorySection
-from smfd.model.memory_model import MemoryModel
-from smfd.paths import builtin_file
-from smfd.learn.updater import SparseUpdater
 from engine_settings import train_section
+
+from smfd.config import MemorySection
+from smfd.learn.heal import compute_background
+from smfd.learn.updater import SparseUpdater
+from smfd.model.batch import encode, epoch_batches
+from smfd.model.memory_model import MemoryModel
+from smfd.model.scoring import greedy_continuations, score_cloze
+from smfd.paths import builtin_file
 
 pytestmark = pytest.mark.integration
 

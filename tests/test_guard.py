@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from test_learner import SETTINGS, make_learner, submit_all
 
-from smfd.learn.budget import MemoryBudget
 from smfd.config import GuardSection, ProbesSection
 from smfd.errors import SmfdError
-from smfd.learn.learner import Learner
 from smfd.guard.retention import RetentionProbes
 from smfd.guard.verdict import Guard, RollbackReason, judge
-
-
-from test_learner import SETTINGS, make_learner, submit_all
+from smfd.learn.budget import MemoryBudget
+from smfd.learn.learner import Learner
 
 
 def guard_for(probes: RetentionProbes, section: GuardSection):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
 import torch
+from pydantic import ValidationError
 
-from smfd.errors import SmfdError
 from smfd.config import HealSection
+from smfd.errors import SmfdError
 from smfd.learn.heal import (
     calibrate_from_inputs,
     compute_background,

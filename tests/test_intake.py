@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from smfd.ingest.extract import RejectedInput, content_hash, extract_text, normalize_text
 from smfd.ingest.intake import Intake
 from smfd.ingest.journal import Journal
 from smfd.ingest.sidecars import read_items, spooled_sidecar
-from smfd.ingest.extract import RejectedInput, content_hash, extract_text, normalize_text
 
 MAX_BYTES = 1000
 

@@ -9,13 +9,12 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from engine_settings import learn_settings, train_section
 
 from smfd.config import ChunkingSection, SurpriseSection
 from smfd.guard.verdict import RollbackReason, Verdict
 from smfd.ingest.journal import Journal
 from smfd.learn.learner import Learner, LearnSettings
-from engine_settings import learn_settings, train_section
-
 
 DOCUMENTS = {
     "harbour.txt": (

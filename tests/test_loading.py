@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
+from smfd.config import MemorySection
 from smfd.errors import SmfdError
 from smfd.model.loading import load_base_model, resolve_model_source
-from smfd.config import MemorySection
 from smfd.model.memory_model import MemoryModel
 
 

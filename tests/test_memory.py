@@ -5,17 +5,17 @@ from __future__ import annotations
 import re
 
 import pytest
-from pydantic import ValidationError
 import torch
+from engine_settings import changed
+from pydantic import ValidationError
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from smfd.config import MemorySection
 from smfd.errors import SmfdError
 from smfd.learn.heal import calibrate_from_inputs, memory_inputs
-from smfd.config import MemorySection
 from smfd.model.memory import ProductKeyMemory
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import attach_memory
-from engine_settings import changed
 
 
 @pytest.fixture

@@ -3,18 +3,15 @@ exactly what one that runs every block learns, and really skips the blocks below
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from conftest import CORPUS, SEQ_LEN
+from engine_settings import changed, train_section
 
-from smfd.model.batch import encode, epoch_batches, make_batch
+from smfd.config import TrainSection
 from smfd.learn.heal import compute_background
 from smfd.learn.updater import SparseUpdater
-from smfd.model.batch import TokenBatch
-from engine_settings import changed, train_section
-from smfd.config import TrainSection
-
-from conftest import CORPUS, SEQ_LEN
+from smfd.model.batch import TokenBatch, encode, epoch_batches, make_batch
 
 FACTS = [
     "The harbour bridge was painted bright orange by Zelda Quint in 2019.",

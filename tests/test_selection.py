@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from smfd.errors import SmfdError
-from smfd.model.memory import Lookup
 from smfd.learn.selection import batch_reads, select_slots, slot_scores
+from smfd.model.memory import Lookup
 from smfd.model.slot_stats import BackgroundStats
 
 N_SLOTS = 6

@@ -7,20 +7,19 @@ from unittest.mock import patch
 
 import pytest
 import torch
+from engine_settings import changed, train_section
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 import smfd.learn.updater as updater_module
-from smfd.model.batch import make_batch
 from smfd.errors import SmfdError
 from smfd.learn.heal import compute_background
-from smfd.model.memory import Lookup, MemorySection
 from smfd.learn.interference import RetainSet
 from smfd.learn.selection import RULES
 from smfd.learn.updater import SparseUpdater, causal_lm_loss
-from smfd.model.batch import TokenBatch
-from engine_settings import changed, train_section
-from pydantic import ValidationError
+from smfd.model.batch import TokenBatch, make_batch
+from smfd.model.memory import Lookup, MemorySection
 
 TWO_LAYER_MEMORY = MemorySection(layers=(0, 2), n_keys=16, heads=2, k=4, key_dim=16)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from smfd.text.chunker import chunk_text
 from smfd.errors import SmfdError
+from smfd.text.chunker import chunk_text
 from smfd.text.restate import training_texts
 
 PROBE_KINDS = ("mem", "gen", "hard")

@@ -28,8 +28,8 @@ import threading
 import time
 from pathlib import Path
 
-from smfd.text.chunker import split_sentences
 from smfd.ingest.journal import Journal
+from smfd.text.sentences import split_sentences
 
 
 def _memory_kib(pid: int) -> dict[str, int]:

@@ -11,7 +11,6 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from smfd.model.batch import make_batch
 from smfd.bench.data import (
     PROBE_KINDS,
     ChoiceItem,
@@ -20,10 +19,10 @@ from smfd.bench.data import (
     KnownFact,
 )
 from smfd.bench.methods import Learning
-from smfd.model.scoring import heldout_nll, next_token_logprobs, score_choice, score_cloze
 from smfd.learn.distill import CONTEXT_SEPARATOR
 from smfd.learn.updater import causal_lm_loss
-from smfd.model.batch import TokenBatch
+from smfd.model.batch import TokenBatch, make_batch
+from smfd.model.scoring import heldout_nll, next_token_logprobs, score_choice, score_cloze
 
 T = TypeVar("T")
 EVAL_BATCH = 32  # rows per progress step

@@ -16,19 +16,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from smfd.durable import atomic_write
-from smfd.learn.heal import prepare_memory
-from smfd.model.batch import encode, epoch_batches
 from smfd.bench.specs import MethodSpec, smf_configs
 from smfd.config import HealSection, MemorySection
-from smfd.learn.lesson import LearnSettings, build_lesson, lesson_batches
-from smfd.text.restate import training_texts
-from smfd.model.memory_model import MemoryModel
+from smfd.durable import atomic_write
+from smfd.learn.heal import prepare_memory
 from smfd.learn.interference import FACT_TOKENS, RetainSet, fact_prompts, retain_text, sample_self_facts
-from smfd.model.slot_stats import BackgroundStats
+from smfd.learn.lesson import LearnSettings, build_lesson, lesson_batches
 from smfd.learn.surprise import sequence_surprise
 from smfd.learn.updater import SparseUpdater, StepResult
-from smfd.model.batch import TokenBatch
+from smfd.model.batch import TokenBatch, encode, epoch_batches
+from smfd.model.memory_model import MemoryModel
+from smfd.model.slot_stats import BackgroundStats
+from smfd.text.restate import training_texts
 
 if TYPE_CHECKING:  # peft is imported only by workers that train LoRA or full finetuning
     from smfd.bench.baselines import FullFinetuneTrainer, LoraTrainer
@@ -36,7 +35,7 @@ if TYPE_CHECKING:  # peft is imported only by workers that train LoRA or full fi
 # ---------------------------------------------------------------- background statistics (cached)
 
 
-def self_facts(memory_model: MemoryModel, n_sequences: int, background: "BackgroundSource") -> list[list[int]]:
+def self_facts(memory_model: MemoryModel, n_sequences: int, background: BackgroundSource) -> list[list[int]]:
     """The base model's own statements of fact (`smfd.learn.interference.sample_self_facts`), cached as JSON token ids."""
     if n_sequences == 0:
         return []
@@ -94,7 +93,7 @@ def background_stats(
     cache_dir: Path,
     model_id: str,
     progress: bool,
-    heal: HealSection = HealSection(),
+    heal: HealSection,
 ) -> tuple[dict[int, BackgroundStats], bool]:
     """Background read counts for this memory after calibration and healing, reused across specs that share
     the memory shape and healing; (stats, from_cache)."""
@@ -139,8 +138,8 @@ class SmfLearning:
         memory_model: MemoryModel,
         background: dict[int, BackgroundStats],
         settings: LearnSettings,
-        retain: RetainSet | None = None,
-        heal: HealSection = HealSection(),
+        retain: RetainSet | None,
+        heal: HealSection,
     ) -> None:
         self.memory_model = memory_model
         self.settings = settings
@@ -211,7 +210,7 @@ class AdamWLearning:
 
     def __init__(
         self,
-        trainer: "LoraTrainer | FullFinetuneTrainer",
+        trainer: LoraTrainer | FullFinetuneTrainer,
         tokenizer: PreTrainedTokenizerBase,
         batch_size: int,
         seq_len: int,

@@ -8,7 +8,6 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-
 from smfd.bench.data import (
     ChoiceItem,
     Document,
@@ -27,8 +26,8 @@ from smfd.bench.specs import (
     SMF_OPTIONS,
     SPEC_SEPARATOR,
 )
-from smfd.errors import SmfdError
 from smfd.config import ChunkingSection
+from smfd.errors import SmfdError
 from smfd.learn.lesson import LearnSettings
 
 DEFAULT_METHODS = "smf-kl,smf-tfidf,lora,full"
@@ -83,7 +82,7 @@ class BenchConfig:
     quick: bool
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "BenchConfig":
+    def from_json(cls, data: dict[str, Any]) -> BenchConfig:
         return cls(**{f.name: data[f.name] for f in fields(cls)})
 
     def learn_settings(self) -> LearnSettings:

@@ -30,7 +30,6 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from smfd.model.batch import encode
 from smfd.bench import report
 from smfd.bench.data import (
     HeldoutSplit,
@@ -39,7 +38,19 @@ from smfd.bench.data import (
     split_heldout,
     texts_digest,
 )
+from smfd.bench.measure import (
+    evaluate_heldout,
+    evaluate_hellaswag,
+    evaluate_learning,
+    forward_speed,
+    known_facts_correct,
+    logprobs,
+    peak_memory,
+    same_batch_speed,
+    timing_batch,
+)
 from smfd.bench.methods import BackgroundSource, Learning, build_learning
+from smfd.bench.options import BASE_LOGPROBS_FILE, BenchConfig, Inputs, build_parser, config_from_args, load_inputs
 from smfd.bench.specs import (
     IN_CONTEXT,
     MethodSpec,
@@ -47,23 +58,11 @@ from smfd.bench.specs import (
 )
 from smfd.durable import atomic_write
 from smfd.errors import SmfdError
-from smfd.model.scoring import drift_kl
 from smfd.learn.lesson import LearnSettings
+from smfd.model.batch import encode
 from smfd.model.loading import load_base_model, resolve_model_source
 from smfd.model.memory_model import pick_device
-from smfd.bench.options import BASE_LOGPROBS_FILE, BenchConfig, Inputs, build_parser, config_from_args, load_inputs
-from smfd.bench.measure import (
-    evaluate_learning,
-    evaluate_hellaswag,
-    known_facts_correct,
-    evaluate_heldout,
-    logprobs,
-    peak_memory,
-    timing_batch,
-    same_batch_speed,
-    forward_speed,
-)
-
+from smfd.model.scoring import drift_kl
 
 # ---------------------------------------------------------------- workers
 

@@ -8,18 +8,17 @@ from pathlib import Path
 import structlog
 import torch
 
-from smfd.model.batch import encode
-from smfd.store.checkpoint import CheckpointStore
 from smfd.config import SmfdConfig
-from smfd.paths import StatePaths
 from smfd.errors import SmfdError
 from smfd.learn.heal import prepare_memory, sample_general_text
+from smfd.learn.interference import RetainSet, retain_text, sample_self_facts
 from smfd.learn.lesson import LearnSettings
-from smfd.paths import builtin_file, read_prompts
+from smfd.model.batch import encode
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import decoder_layers, memory_bypassed
-from smfd.learn.interference import RetainSet, retain_text, sample_self_facts
 from smfd.model.slot_stats import BackgroundStats
+from smfd.paths import StatePaths, builtin_file, read_prompts
+from smfd.store.checkpoint import CheckpointStore
 
 log = structlog.get_logger("smfd.daemon.runtime")
 

@@ -21,21 +21,21 @@ import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from smfd.observe import systemd_notify
-from smfd.learn.budget import MemoryBudget
 from smfd.config import SmfdConfig, load_config, validate_model_path
-from smfd.paths import StatePaths
-from smfd.errors import ConfigError, SmfdError
-from smfd.observe.http_server import MetricsServer
-from smfd.ingest.intake import Intake
-from smfd.ingest.journal import DocState, Journal
-from smfd.learn.learner import LearnSettings, Learner, UpdateOutcome
-from smfd.observe.logs import configure_logging
-from smfd.observe.metrics import Metrics
 from smfd.daemon.health import HEARTBEAT_STALE_SECONDS, Heartbeats
 from smfd.daemon.probing import Probing
 from smfd.daemon.runtime import open_runtime
 from smfd.daemon.sources import Sources
+from smfd.errors import ConfigError, SmfdError
+from smfd.ingest.intake import Intake
+from smfd.ingest.journal import DocState, Journal
+from smfd.learn.budget import MemoryBudget
+from smfd.learn.learner import Learner, LearnSettings, UpdateOutcome
+from smfd.observe import systemd_notify
+from smfd.observe.http_server import MetricsServer
+from smfd.observe.logs import configure_logging
+from smfd.observe.metrics import Metrics
+from smfd.paths import StatePaths
 
 log = structlog.get_logger("smfd.daemon.service")
 

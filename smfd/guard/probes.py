@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smfd.errors import SmfdError
-from smfd.model.scoring import score_choice, score_cloze
 from smfd.model.memory_model import MemoryModel
+from smfd.model.scoring import score_choice, score_cloze
 
 
 @dataclass(frozen=True)

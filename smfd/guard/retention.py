@@ -21,6 +21,9 @@ import torch
 from smfd.config import ProbesSection, ProbeSuite
 from smfd.durable import atomic_write_json, atomic_write_text
 from smfd.errors import SmfdError
+from smfd.guard.probes import ProbeItem, load_items
+from smfd.ingest.sidecars import SIDECAR_KIND, RecallItem
+from smfd.model.memory_model import MemoryModel
 from smfd.model.scoring import (
     continuation_scores,
     drift_kl,
@@ -30,10 +33,7 @@ from smfd.model.scoring import (
     score_cloze,
     text_windows,
 )
-from smfd.model.memory_model import MemoryModel
 from smfd.paths import builtin_file, read_prompts
-from smfd.guard.probes import ProbeItem, load_items
-from smfd.ingest.sidecars import SIDECAR_KIND, RecallItem
 
 HELDOUT_WINDOW = 128
 RECALL_KEPT = 500  # recall probes kept on disk (newest)

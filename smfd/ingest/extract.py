@@ -27,8 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
 import unicodedata
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 

@@ -1,18 +1,88 @@
-"""What a feed entry says: its identity, its name, its text (HTML reduced to plain text), and the
-HTTP Retry-After header a feed server may send."""
+"""What a feed says: the fetched bytes parsed, each entry's identity, name and text (HTML reduced to plain
+text), the HTTP Retry-After header a feed server may send, and the checks on a feed's settings."""
 
 from __future__ import annotations
 
 import email.utils
 import hashlib
+import io
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from typing import Any
+from urllib.parse import urlsplit
+
+import feedparser
+
+from smfd.errors import ConfigError
 
 MAX_RETRY_AFTER_SECONDS = 24 * 3600.0  # a server asking for more is capped at a day
 MAX_NAME_CHARS = 200
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    """Outcome of the HTTP part of a poll, before parsing."""
+
+    status_code: int | None
+    body: bytes | None = None
+    headers: Mapping[str, str] | None = None
+    final_url: str = ""
+    error: str | None = None
+    retry_after_seconds: float | None = None
+
+
+class _PollFailed(Exception):
+    """Internal: carries a short reason from a poll step to ``poll_once``."""
+
+    def __init__(self, reason: str, status_code: int | None = None, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.status_code = status_code
+        self.retry_after = retry_after
+
+
+def _validate_settings(
+    url: str, interval: float, timeout: float, max_backoff: float, jitter: float, max_seen: int
+) -> None:
+    """Reject settings that would make the feed misbehave, naming the bad value."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"feed url must be an http(s) URL, got {url!r}")
+    if not interval > 0:
+        raise ConfigError(f"feed interval_seconds must be > 0, got {interval!r} for {url}")
+    if not timeout > 0:
+        raise ConfigError(f"feed timeout_seconds must be > 0, got {timeout!r} for {url}")
+    if not max_backoff > 0:
+        raise ConfigError(f"feed max_backoff_seconds must be > 0, got {max_backoff!r} for {url}")
+    if not 0 <= jitter < 1:
+        raise ConfigError(f"feed jitter_ratio must be in [0, 1), got {jitter!r} for {url}")
+    if max_seen < 1:
+        raise ConfigError(f"feed max_seen_ids must be >= 1, got {max_seen!r} for {url}")
+
+
+def _parse_feed(fetched: _Fetched) -> Any:
+    """Parse bytes with feedparser.
+
+    A bozo (malformed) feed is an error only when it yields no usable entries (a
+    truncated document can yield one empty entry). A well-formed document that is not
+    a feed at all (an HTML login page, say) is an error too, rather than a silent
+    "no news".
+    """
+    # Only headers that describe the (already decoded) body: encoding and base URL.
+    received = fetched.headers or {}
+    headers = {name: received[name] for name in ("content-type", "content-language") if name in received}
+    headers["content-location"] = fetched.final_url
+    # BytesIO: feedparser treats raw bytes/str as a possible file name or URL.
+    parsed = feedparser.parse(io.BytesIO(fetched.body or b""), response_headers=headers)
+    has_entries = any(_has_substance(entry) for entry in parsed.entries)
+    if parsed.get("bozo") and not has_entries:
+        raise _PollFailed("malformed feed", status_code=fetched.status_code)
+    if not parsed.get("version") and not has_entries:
+        raise _PollFailed("not a feed", status_code=fetched.status_code)
+    return parsed
 
 
 def _has_substance(entry: Mapping[str, Any]) -> bool:

@@ -42,9 +42,9 @@ import structlog
 
 from smfd.durable import atomic_write_text
 from smfd.errors import SmfdError
+from smfd.ingest.extract import RejectedInput, check_text, content_hash, extract_text
 from smfd.ingest.journal import Journal
 from smfd.ingest.sidecars import RecallItem, parse_sidecar, sidecar_for, spooled_sidecar, write_items
-from smfd.ingest.extract import RejectedInput, check_text, content_hash, extract_text
 
 Outcome = Literal["queued", "duplicate", "quarantined", "vanished"]
 OUTCOMES: tuple[Outcome, ...] = ("queued", "duplicate", "quarantined", "vanished")

@@ -29,17 +29,16 @@ from smfd.errors import SmfdError
 from smfd.ingest.journal_schema import (
     CHUNK_STATES,
     DOCUMENT_STATES,
-    JournalConnection,
     ChunkRow,
     ChunkState,
     DocState,
     DocumentRow,
+    JournalConnection,
     UpdateRow,
     _chunk,
     _document,
     _update,
 )
-
 
 __all__ = [
     "CHUNK_STATES",

@@ -16,9 +16,9 @@ import json
 import re
 from pathlib import Path
 
-from smfd.text.chunker import split_sentences
 from smfd.durable import atomic_write_text
 from smfd.ingest.extract import RejectedInput, check_text, decode_utf8, jsonl_objects
+from smfd.text.sentences import split_sentences
 
 SIDECAR_SUFFIX = ".qa.jsonl"
 CUT_TARGET_WORDS = 2  # words cut from the end of a sentence to make its cloze target

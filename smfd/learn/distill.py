@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from smfd.model.batch import TeacherTarget, make_batch
 from smfd.config import DistillSection
 from smfd.errors import SmfdError
+from smfd.model.batch import TeacherTarget, make_batch
 from smfd.model.memory import ProductKeyMemory
 from smfd.model.retrofit import memory_bypassed
 from smfd.text.restate import sentence_restatements

@@ -13,13 +13,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from smfd.config import HealSection
 from smfd.errors import SmfdError
-from smfd.model.scoring import left_padded
 from smfd.model.memory import Lookup, ProductKeyMemory
+from smfd.model.scoring import left_padded
 from smfd.model.slot_stats import BackgroundStats
 
 

@@ -62,7 +62,7 @@ class RetainSet:
     @torch.no_grad()
     def collect(
         cls, model: PreTrainedModel, memories: list[ProductKeyMemory], sequences: list[list[int]], max_tokens: int
-    ) -> "RetainSet":
+    ) -> RetainSet:
         """Run the sequences once (up to `max_tokens` tokens) and keep each memory layer's view of them."""
         if not sequences or max_tokens < 1:
             raise SmfdError("the retain set needs general text: no sequences given")

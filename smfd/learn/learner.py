@@ -19,22 +19,21 @@ from pathlib import Path
 
 import structlog
 
-from smfd.learn.budget import MIB, MemoryBudget
-from smfd.model.batch import encode, make_batch
-from smfd.store.checkpoint import CheckpointStore
-from smfd.text.chunker import chunk_text
 from smfd.errors import SmfdError
 from smfd.guard.verdict import GuardCheck, Verdict
 from smfd.ingest.journal import ChunkRow, ChunkState, DocState, Journal
-from smfd.learn.lesson import LearnSettings, TokenSurprise, build_lesson, lesson_batches
-from smfd.model.memory_model import MemoryModel
-from smfd.store.patches import LayerPatch, apply_patches
 from smfd.ingest.sidecars import RecallItem, cut_cloze, read_items, spooled_sidecar
+from smfd.learn.budget import MIB, MemoryBudget
 from smfd.learn.interference import RetainSet
-from smfd.model.slot_stats import BackgroundStats
+from smfd.learn.lesson import LearnSettings, TokenSurprise, build_lesson, lesson_batches
 from smfd.learn.surprise import sequence_surprise
 from smfd.learn.updater import SparseUpdater, split_batch
-from smfd.model.batch import TokenBatch
+from smfd.model.batch import TokenBatch, encode, make_batch
+from smfd.model.memory_model import MemoryModel
+from smfd.model.slot_stats import BackgroundStats
+from smfd.store.checkpoint import CheckpointStore
+from smfd.store.patches import LayerPatch, apply_patches
+from smfd.text.chunker import chunk_text
 
 log = structlog.get_logger("smfd.learn.learner")
 

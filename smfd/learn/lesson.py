@@ -15,13 +15,12 @@ from typing import Any
 import structlog
 import torch
 
-from smfd.model.batch import TeacherTarget, encode, epoch_batches
+from smfd.config import ChunkingSection, SmfdConfig, SurpriseSection, TrainSection
 from smfd.learn.distill import build_queries, teacher_targets
+from smfd.learn.surprise import sequence_surprise
+from smfd.model.batch import TeacherTarget, TokenBatch, encode, epoch_batches
 from smfd.model.memory_model import MemoryModel
 from smfd.text.restate import training_texts
-from smfd.learn.surprise import sequence_surprise
-from smfd.config import ChunkingSection, SmfdConfig, SurpriseSection, TrainSection
-from smfd.model.batch import TokenBatch
 
 log = structlog.get_logger("smfd.learn.lesson")
 

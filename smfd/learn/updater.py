@@ -19,14 +19,14 @@ from transformers import PreTrainedModel
 
 from smfd.config import TrainSection
 from smfd.errors import SmfdError
+from smfd.learn.interference import RetainSet
+from smfd.learn.selection import batch_reads, select_slots, top_slots
 from smfd.model.batch import TokenBatch
 from smfd.model.memory import Lookup, ProductKeyMemory
 from smfd.model.prefix import PrefixCache
 from smfd.model.retrofit import decoder_layers
-from smfd.learn.interference import RetainSet
-from smfd.store.patches import LayerPatch, PatchRecorder
-from smfd.learn.selection import batch_reads, select_slots, top_slots
 from smfd.model.slot_stats import BackgroundStats
+from smfd.store.patches import LayerPatch, PatchRecorder
 
 
 @dataclass

@@ -40,7 +40,7 @@ class TokenBatch:
         """Each row's real tokens: the identity of a sequence whatever batch (and padding) it lands in."""
         return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(self.input_ids, self.attention_mask)]
 
-    def to(self, device: torch.device) -> "TokenBatch":
+    def to(self, device: torch.device) -> TokenBatch:
         return TokenBatch(*(None if t is None else t.to(device) for t in self.tensors()))
 
 

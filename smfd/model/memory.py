@@ -39,7 +39,7 @@ class RowSelection:
     position: torch.Tensor = field(repr=False)
 
     @classmethod
-    def from_table(cls, values: torch.Tensor, slot_ids: torch.Tensor) -> "RowSelection":
+    def from_table(cls, values: torch.Tensor, slot_ids: torch.Tensor) -> RowSelection:
         slot_ids = torch.unique(slot_ids.to(values.device))
         position = torch.full((values.shape[0],), -1, dtype=torch.long, device=values.device)
         position[slot_ids] = torch.arange(slot_ids.numel(), device=values.device)

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from smfd.config import MemorySection
 from smfd.errors import SmfdError
 from smfd.model.loading import ModelSource, load_base_model
-from smfd.config import MemorySection
 from smfd.model.memory import ProductKeyMemory
 from smfd.model.retrofit import attach_memory, memory_bypassed
 
@@ -43,7 +43,7 @@ class MemoryModel:
         memory_config: MemorySection,
         cache_dir: Path | None = None,
         device: str = "auto",
-    ) -> "MemoryModel":
+    ) -> MemoryModel:
         model, tokenizer, source = load_base_model(model_path, cache_dir)
         model.to(pick_device(device))
         return cls.attach(model, tokenizer, memory_config, source)
@@ -55,7 +55,7 @@ class MemoryModel:
         tokenizer: PreTrainedTokenizerBase,
         memory_config: MemorySection,
         source: ModelSource | None = None,
-    ) -> "MemoryModel":
+    ) -> MemoryModel:
         memories = attach_memory(model, memory_config)
         return cls(model, tokenizer, memories, memory_config, source)
 

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from torch import nn
 from transformers import PreTrainedModel
 
-from smfd.errors import SmfdError
 from smfd.config import MemorySection
+from smfd.errors import SmfdError
 from smfd.model.memory import MemoryAugmentedMLP, ProductKeyMemory
 
 

@@ -153,7 +153,7 @@ def score_choice(
     pairs = [(ctx, " " + ending.strip()) for ctx, endings, _ in items for ending in endings]
     scored = continuation_nll(model, tokenizer, pairs, batch_size)
     results, cursor = [], 0
-    for ctx, endings, label in items:
+    for _context, endings, label in items:
         per_byte = [scored[cursor + i][0] / max(len((" " + e.strip()).encode()), 1) for i, e in enumerate(endings)]
         cursor += len(endings)
         predicted = min(range(len(endings)), key=per_byte.__getitem__)

@@ -20,7 +20,7 @@ class BackgroundStats:
     n_batches: int
 
     @classmethod
-    def empty(cls, n_slots: int) -> "BackgroundStats":
+    def empty(cls, n_slots: int) -> BackgroundStats:
         return cls(torch.zeros(n_slots, dtype=torch.float64), torch.zeros(n_slots, dtype=torch.float64), 0)
 
     def add_batch(self, slot_reads: torch.Tensor) -> None:

@@ -25,12 +25,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from smfd.config import MemorySection
 from smfd.durable import atomic_write, atomic_write_json
 from smfd.errors import SmfdError
-from smfd.config import MemorySection
 from smfd.model.memory_model import MemoryModel
-from smfd.store.patches import LayerPatch, apply_patches, load_patches, save_patches
 from smfd.model.slot_stats import BackgroundStats
+from smfd.store.patches import LayerPatch, apply_patches, load_patches, save_patches
 
 # The state format. 2: settings recorded as the config schema's sections (memory shape incl. seed,
 # healing incl. seed), no fallbacks for states that did not record them. Older formats are refused.

@@ -10,7 +10,7 @@ and rejected: it rewrites dates and names (see the README's measurements).
 
 from __future__ import annotations
 
-from smfd.text.chunker import split_sentences
+from smfd.text.sentences import split_sentences
 
 MIN_SENTENCE_CHARS = 20
 
