@@ -36,7 +36,7 @@ SETTINGS = learn_settings(
         passes=2,
         batch_size=2,
         seq_len=48,
-        distill=DistillSection(min_shift=0.0),
+        distill=DistillSection(enabled=True, min_shift=0.0),
     ),
     chunk_tokens=48,
 )
