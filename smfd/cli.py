@@ -13,6 +13,7 @@ from pathlib import Path
 
 from smfd import __version__
 from smfd.errors import ConfigError, SmfdError
+from smfd.paths import StatePaths
 
 SUBCOMMANDS = ("bench", "probe", "ask", "status", "rollback")
 
@@ -64,12 +65,12 @@ def _sub_parser(name: str) -> argparse.ArgumentParser:
 def state_lock(state_dir: Path, what: str) -> Iterator[None]:
     """Exclusive lock on the state folder: one process changes the memory at a time."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / "smfd.lock", "w") as handle:
+    with open(StatePaths(state_dir).lock, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SmfdError(
-                f"{what}: another smfd process holds {state_dir / 'smfd.lock'} (stop the daemon first)"
+                f"{what}: another smfd process holds {StatePaths(state_dir).lock} (stop the daemon first)"
             ) from None
         yield
 
@@ -164,7 +165,7 @@ def status_report(cfg) -> dict:
     from smfd.ingest.journal import Journal
     from smfd.store.checkpoint import CheckpointStore
 
-    journal_path = cfg.state_dir / "journal.sqlite"
+    journal_path = StatePaths(cfg.state_dir).journal
     report: dict = {"state_dir": str(cfg.state_dir)}
     if journal_path.exists():
         journal = Journal(journal_path, readonly=True)
@@ -197,9 +198,9 @@ def status_report(cfg) -> dict:
                 "last_update": None,
             }
         )
-    store = CheckpointStore(cfg.state_dir / "memory", keep=cfg.checkpoint.keep)
+    store = CheckpointStore(StatePaths(cfg.state_dir).memory, keep=cfg.checkpoint.keep)
     report["checkpoint_version"] = store.version if store.exists() else None
-    probes_file = cfg.state_dir / "probes" / "last.json"
+    probes_file = StatePaths(cfg.state_dir).probe_last
     report["last_probes"] = json.loads(probes_file.read_text()) if probes_file.exists() else None
     return report
 

@@ -53,6 +53,23 @@ class StatePaths:
     def lock(self) -> Path:
         return self.root / "smfd.lock"
 
+    @property
+    def model_cache(self) -> Path:
+        """Where a converted model is cached unless `model.cache_dir` says otherwise."""
+        return self.root / "model-cache"
+
+    @property
+    def probe_base(self) -> Path:
+        return self.probes / "base.json"
+
+    @property
+    def probe_last(self) -> Path:
+        return self.probes / "last.json"
+
+    @property
+    def recall(self) -> Path:
+        return self.probes / "recall.jsonl"
+
     def create(self) -> None:
         for folder in (self.root, self.spool, self.quarantine, self.feeds):
             folder.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from smfd.ingest.journal import Journal
+from smfd.paths import StatePaths
 from smfd.text.sentences import split_sentences
 
 
@@ -85,7 +86,7 @@ class RunningDaemon:
 
 
 def _journal_counts(state_dir: Path) -> dict[str, int]:
-    journal = Journal(state_dir / "journal.sqlite", readonly=True)
+    journal = Journal(StatePaths(state_dir).journal, readonly=True)
     try:
         return journal.counts()
     finally:
@@ -124,7 +125,7 @@ def latency(args: argparse.Namespace) -> dict:
         text=True,
     )
     summary = json.loads(probe.stdout.splitlines()[-1])["summary"] if probe.returncode == 0 else probe.stderr
-    last = Journal(args.state_dir / "journal.sqlite", readonly=True)
+    last = Journal(StatePaths(args.state_dir).journal, readonly=True)
     update = last.last_update()
     last.close()
     return {
@@ -205,7 +206,7 @@ def docs(args: argparse.Namespace) -> dict:
             )
         )
     }
-    last = Journal(args.state_dir / "journal.sqlite", readonly=True)
+    last = Journal(StatePaths(args.state_dir).journal, readonly=True)
     update = last.last_update()
     last.close()
     return {

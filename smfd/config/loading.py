@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from smfd.config.schema import EMBEDDED_MODEL, SmfdConfig
 from smfd.errors import ConfigError
+from smfd.paths import StatePaths
 
 ENV_PREFIX = "SMFD_"
 ENV_NESTING = "__"
@@ -161,7 +162,7 @@ def resolve_paths(cfg: SmfdConfig, base_dir: Path) -> SmfdConfig:
     model_path = cfg.model.path
     if model_path != EMBEDDED_MODEL:
         model_path = str(_resolve_against(Path(model_path), base_dir))
-    cache_dir = state_dir / "model-cache"
+    cache_dir = StatePaths(state_dir).model_cache
     if cfg.model.cache_dir is not None:
         cache_dir = _resolve_against(cfg.model.cache_dir, base_dir)
     watch = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from smfd.config.schema import SmfdConfig, WatchFolder
+from smfd.paths import StatePaths
 
 # --------------------------------------------------------------------------- summary
 
@@ -103,7 +104,7 @@ def _describe_operations(cfg: SmfdConfig) -> list[str]:
 def describe(cfg: SmfdConfig) -> str:
     """A readable summary of what the daemon would do with this config (shown by ``--check``)."""
     model = cfg.model
-    cache_dir = model.cache_dir or cfg.state_dir / "model-cache"
+    cache_dir = model.cache_dir or StatePaths(cfg.state_dir).model_cache
     lines = [
         "smfd configuration",
         f"  model: {model.path} (device {model.device}, {model.threads} threads, cache {cache_dir})",

@@ -33,7 +33,7 @@ from smfd.model.scoring import (
     score_cloze,
     text_windows,
 )
-from smfd.paths import builtin_file, read_prompts
+from smfd.paths import StatePaths, builtin_file, read_prompts
 
 HELDOUT_WINDOW = 128
 RECALL_KEPT = 500  # recall probes kept on disk (newest)
@@ -70,9 +70,10 @@ class RetentionProbes:
     ) -> None:
         self.model = model
         self.config = config
-        self.state_file = state_dir / "probes" / "base.json"
-        self.last_file = state_dir / "probes" / "last.json"
-        self.recall_file = state_dir / "probes" / "recall.jsonl"
+        paths = StatePaths(state_dir)
+        self.state_file = paths.probe_base
+        self.last_file = paths.probe_last
+        self.recall_file = paths.recall
         specs = (builtin_suites() if include_builtin else []) + list(config.suites)
         self.suites = [self._load_suite(spec) for spec in specs]
         drift_path = config.drift_prompts or (builtin_file("drift_prompts.txt") if include_builtin else None)

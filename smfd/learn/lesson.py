@@ -16,7 +16,7 @@ import structlog
 import torch
 
 from smfd.config import ChunkingSection, SmfdConfig, SurpriseSection, TrainSection
-from smfd.learn.distill import build_queries, teacher_targets
+from smfd.learn.distill import CONTEXT_SEPARATOR, build_queries, teacher_targets
 from smfd.learn.surprise import sequence_surprise
 from smfd.model.batch import TeacherTarget, TokenBatch, encode, epoch_batches
 from smfd.model.memory_model import MemoryModel
@@ -66,7 +66,7 @@ def teacher_contexts(
 ) -> list[tuple[str, list[str]]]:
     """(teacher context, chunks taught under it): the whole document when it fits the teacher's
     context budget, else each chunk on its own (a chunk carries its document's title when it fits)."""
-    if len(memory_model.tokenizer(document, add_special_tokens=False).input_ids) < max_tokens:
+    if len(memory_model.tokenizer(document + CONTEXT_SEPARATOR, add_special_tokens=False).input_ids) <= max_tokens:
         return [(document, chunks)]
     log.info("distill_by_chunk", reason=f"document longer than max_context_tokens={max_tokens}", chunks=len(chunks))
     return [(chunk, [chunk]) for chunk in chunks]
