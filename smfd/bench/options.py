@@ -30,7 +30,7 @@ from smfd.config import ChunkingSection
 from smfd.errors import SmfdError
 from smfd.learn.lesson import LearnSettings
 
-DEFAULT_METHODS = "smf-kl,smf-tfidf,lora,full"
+DEFAULT_METHODS = "in-context,smf,lora,full"  # the ceiling, the daemon's recipe, the two dense baselines
 DEFAULT_CACHE_DIR = "~/.cache/smfd/models"
 BASE_LOGPROBS_FILE = "base_logprobs.safetensors"
 # (default, --quick value) for the sizes the quick preset shrinks.
