@@ -162,7 +162,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def status_report(cfg) -> dict:
-    from smfd.ingest.journal import Journal
+    from smfd.ingest.journal import DOCUMENT_STATES, Journal
     from smfd.store.checkpoint import CheckpointStore
 
     journal_path = StatePaths(cfg.state_dir).journal
@@ -192,7 +192,7 @@ def status_report(cfg) -> dict:
     else:
         report.update(
             {
-                "documents": dict.fromkeys(("queued", "processing", "done", "failed", "quarantined", "duplicate"), 0),
+                "documents": dict.fromkeys(DOCUMENT_STATES, 0),
                 "pending_chunks": 0,
                 "pending_tokens": 0,
                 "last_update": None,
@@ -231,12 +231,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    """Restore a memory version; the documents only the removed versions held become rolled_back in the journal."""
+    from smfd.ingest.journal import Journal
+
     cfg = _load_config(args.config)
     with state_lock(cfg.state_dir, "rollback"):
         runtime = _quiet_runtime(cfg)
         target = runtime.version - 1 if args.version is None else args.version
         runtime.store.rollback(runtime.model, target)
-    print(f"memory restored to version {target} (was {runtime.version})")
+        journal_path = StatePaths(cfg.state_dir).journal
+        rolled_back: list[int] = []
+        if journal_path.exists():
+            with Journal(journal_path) as journal:
+                rolled_back = journal.mark_rolled_back(target, f"memory rolled back to version {target}")
+    print(
+        f"memory restored to version {target} (was {runtime.version}); "
+        f"{len(rolled_back)} document(s) it no longer holds are now rolled_back (drop them again to relearn them)"
+    )
     return 0
 
 

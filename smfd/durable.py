@@ -41,6 +41,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     fsync_directory(path.parent)
 
 
+def remove_leftover_temp_files(root: Path) -> list[Path]:
+    """Delete the temporary files of `atomic_write` calls a crash interrupted, anywhere under `root`.
+
+    Call only while no writer runs (at start-up, under the state lock). Only names this module
+    makes (`.NAME.RANDOM.tmp`) are touched; symbolic links are not followed.
+    """
+    removed = []
+    for tmp in root.rglob(".*.tmp") if root.is_dir() else ():
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline="\n"))
 

@@ -95,6 +95,15 @@ def memory_config() -> MemorySection:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """The tiny model and tokenizer saved as a Hugging Face model folder, for the daemon run as a process."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    build_base_model().save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def make_base_model() -> Callable[..., LlamaForCausalLM]:
     """Factory for a fresh tiny base model (same weights for the same seed)."""
     return build_base_model

@@ -190,7 +190,7 @@ def test_patch_files_are_safetensors_and_revert_an_update_exactly(
     files = [store.folder / "base.safetensors", store.folder / "current.safetensors", *store.patch_dir.iterdir()]
     assert all(is_safetensors(path) for path in files)
     patches, metadata = load_patches(store.patch_dir / "00000001.safetensors")
-    assert metadata == {"version": 1, "chunks": 1}
+    assert metadata == {"version": 1, "chunks": 1, "documents": {}}  # no journal documents in this update
     with safe_open(str(store.patch_dir / "00000001.safetensors"), framework="pt") as handle:
         assert set(handle.keys()) == {"1.slot_ids", "1.before", "1.after"}
 

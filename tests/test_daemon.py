@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 import yaml
-from conftest import CORPUS, build_base_model
+from conftest import CORPUS
 
 from smfd.cli import main
 from smfd.errors import SmfdError
@@ -38,14 +38,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    build_base_model().save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def write_config(folder: Path, model_dir: Path, **overrides) -> Path:
@@ -219,6 +211,16 @@ def test_probe_rollback_and_ask_after_learning(tmp_path, tiny_model_dir, capsys)
     code, out, _ = run_cli(["probe", "--config", str(config), str(probes), "--json"], capsys)
     after = json.loads(out.splitlines()[0])
     assert after["now"]["nll"] == pytest.approx(after["base"]["nll"], abs=1e-6)  # version 0 is the base
+    code, out, _ = run_cli(["status", "--config", str(config), "--json"], capsys)
+    documents = json.loads(out)["documents"]
+    assert documents["rolled_back"] == 1 and documents["done"] == 0, "the journal says the memory no longer holds it"
+
+    # Dropped again, the same text is a new document to learn, not a duplicate of the rolled-back one.
+    (tmp_path / "inbox" / "lighthouse-again.txt").write_text(NEW_TEXT)
+    os.utime(tmp_path / "inbox" / "lighthouse-again.txt", (time.time() - 60,) * 2)
+    assert run_cli(["--config", str(config), "--once"], capsys)[0] == 0
+    documents = json.loads(run_cli(["status", "--config", str(config), "--json"], capsys)[1])["documents"]
+    assert documents["done"] == 1 and documents["duplicate"] == 0
 
 
 def test_check_names_bad_keys_and_exits_78(tmp_path, tiny_model_dir, capsys):

@@ -165,3 +165,49 @@ def test_concurrent_writers_from_threads_lose_nothing(journal):
     for thread in threads:
         thread.join()
     assert journal.counts()["queued"] == 200
+
+
+# The documents and chunks tables as schema 2 wrote them (before documents could be rolled_back).
+SCHEMA_2 = """
+CREATE TABLE documents (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, content_hash TEXT, source TEXT NOT NULL, name TEXT NOT NULL,
+    spool_path TEXT, size_bytes INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'processing', 'done', 'failed', 'quarantined', 'duplicate')),
+    attempts INTEGER NOT NULL DEFAULT 0, reason TEXT, duplicate_of INTEGER REFERENCES documents(id),
+    checkpoint_version INTEGER, created_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX documents_live_hash ON documents(content_hash) WHERE state NOT IN ('duplicate', 'failed');
+CREATE TABLE chunks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, doc_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL, text TEXT NOT NULL, n_tokens INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'learned', 'known', 'rejected')), updated_at REAL NOT NULL,
+    UNIQUE (doc_id, idx)
+);
+INSERT INTO documents VALUES (7, 'h7', 'watch', 'seven.txt', NULL, 5, 'done', 0, NULL, NULL, 3, 1.0, 1.0);
+INSERT INTO documents VALUES (8, 'h7', 'watch', 'again.txt', NULL, 5, 'duplicate', 0, NULL, 7, NULL, 2.0, 2.0);
+INSERT INTO chunks VALUES (40, 7, 0, 'Seven is a number.', 5, 'learned', 1.0);
+PRAGMA user_version = 2;
+"""
+
+
+def test_a_schema_2_journal_keeps_its_rows_and_can_record_a_rollback(tmp_path):
+    path = tmp_path / "journal.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA_2)
+    conn.close()
+
+    with Journal(path) as journal:
+        assert journal.get_document(7).checkpoint_version == 3 and journal.get_document(8).duplicate_of == 7
+        assert [c.id for c in journal.chunks_for(7)] == [40]
+        assert journal.mark_rolled_back(2, "memory rolled back to version 2") == [7]
+        assert journal.get_document(7).state == "rolled_back"
+        new_id, duplicate = journal.add_document("h7", "watch", "seven-again.txt", None, 5)
+        assert not duplicate and new_id > 8, "rolled-back content is learnable again, under a fresh id"
+    with Journal(path) as reopened:  # the migration ran once; references still hold
+        assert reopened.get_document(7).state == "rolled_back"
+        with pytest.raises(sqlite3.IntegrityError):
+            with reopened._tx() as conn:
+                conn.execute(
+                    "INSERT INTO chunks (doc_id, idx, text, n_tokens, state, updated_at) "
+                    "VALUES (999, 0, 'x', 1, 'pending', 0)"
+                )

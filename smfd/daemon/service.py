@@ -24,6 +24,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from smfd.config import SmfdConfig, load_config, validate_model_path
 from smfd.daemon.health import HEARTBEAT_STALE_SECONDS, Heartbeats
 from smfd.daemon.probing import Probing
+from smfd.daemon.recovery import recover_interrupted_documents, remove_leftovers
 from smfd.daemon.runtime import open_runtime
 from smfd.daemon.sources import Sources
 from smfd.errors import ConfigError, SmfdError
@@ -36,6 +37,7 @@ from smfd.observe.http_server import MetricsServer
 from smfd.observe.logs import configure_logging
 from smfd.observe.metrics import Metrics
 from smfd.paths import StatePaths
+from smfd.store.checkpoint import CheckpointStore
 
 log = structlog.get_logger("smfd.daemon.service")
 
@@ -76,9 +78,9 @@ class Daemon:
         logging.getLogger("apscheduler.scheduler").addFilter(_skip_expected_overlap)
         self.paths.create()
         self.journal = Journal(self.paths.journal, max_attempts=self.cfg.sources.max_attempts)
-        requeued = self.journal.requeue_processing()
-        if requeued:
-            log.info("documents_requeued", count=requeued, reason="left processing by an earlier run")
+        store = CheckpointStore(self.paths.memory)
+        remove_leftovers(self.paths.root, store)
+        recover_interrupted_documents(self.journal, store)
         self.intake = Intake(self.journal, self.paths.spool, self.paths.quarantine, self.cfg.sources.max_file_bytes)
         if self.cfg.metrics.enabled:
             self.server = MetricsServer(

@@ -8,9 +8,11 @@ change is one committed transaction, and readers never block the writer.
 Document life cycle::
 
     queued -> processing -> done            (checkpoint containing the update is on disk)
-                        \\-> queued          (crash: requeue_processing() at startup)
+                        \\-> done            (crash after the checkpoint: settle_committed() at startup)
+                        \\-> queued          (crash before it: requeue_processing() at startup)
                         \\-> queued / failed (mark_failed: retried until max_attempts)
                         \\-> quarantined     (content rejected)
+    done -> rolled_back                     (smfd rollback removed the version that learned it)
     duplicate                               (same content hash already known)
 
 Chunks of a document are stored in `chunks` with states pending, learned, known
@@ -19,25 +21,24 @@ Chunks of a document are stored in `chunks` with states pending, learned, known
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from smfd.errors import SmfdError
+from smfd.ingest.journal_records import JournalRecords
 from smfd.ingest.journal_schema import (
     CHUNK_STATES,
     DOCUMENT_STATES,
+    RELEARNABLE_STATES,
     ChunkRow,
     ChunkState,
     DocState,
     DocumentRow,
-    JournalConnection,
     UpdateRow,
     _chunk,
     _document,
-    _update,
 )
 
 __all__ = [
@@ -56,7 +57,7 @@ def _placeholders(values: Sequence[Any]) -> str:
     return ",".join("?" * len(values))
 
 
-class Journal(JournalConnection):
+class Journal(JournalRecords):
     """The document/chunk/update journal. One connection, guarded by a lock, shared by threads.
 
     Every public method is one transaction: either all of it is on disk or none of it.
@@ -75,7 +76,7 @@ class Journal(JournalConnection):
         now = time.time()
         with self._tx() as conn:
             original = conn.execute(
-                "SELECT id FROM documents WHERE content_hash = ? AND state NOT IN ('duplicate', 'failed')",
+                f"SELECT id FROM documents WHERE content_hash = ? AND state NOT IN {RELEARNABLE_STATES!r}",
                 (content_hash,),
             ).fetchone()
             state = "duplicate" if original else "queued"
@@ -168,6 +169,39 @@ class Journal(JournalConnection):
                 "UPDATE documents SET state = 'queued', updated_at = ? WHERE state = 'processing'", (now,)
             ).rowcount
 
+    def settle_committed(self, committed: Mapping[int, tuple[int, Sequence[int]]]) -> list[int]:
+        """Documents left `processing` whose update the checkpoint already holds -> done; returns their ids.
+
+        `committed` maps a document id to (checkpoint version, chunk ids learned), as the checkpoint
+        records them with each update. A crash between the checkpoint's commit and the journal's
+        record would otherwise requeue such a document and learn it twice. Their chunks become
+        learned; a document with a chunk still pending that the update did not hold stays
+        `processing` (and is requeued). Call at startup, before `requeue_processing`.
+        """
+        now = time.time()
+        settled = []
+        with self._tx() as conn:
+            rows = conn.execute("SELECT id FROM documents WHERE state = 'processing' ORDER BY id").fetchall()
+            for doc_id in (row["id"] for row in rows):
+                if doc_id not in committed:
+                    continue
+                version, chunk_ids = committed[doc_id]
+                ids = list(chunk_ids)
+                if ids:
+                    conn.execute(
+                        f"UPDATE chunks SET state = 'learned', updated_at = ? WHERE doc_id = ? AND state = 'pending' "
+                        f"AND id IN ({_placeholders(ids)})",
+                        [now, doc_id, *ids],
+                    )
+                if conn.execute("SELECT 1 FROM chunks WHERE doc_id = ? AND state = 'pending'", (doc_id,)).fetchone():
+                    continue
+                conn.execute(
+                    "UPDATE documents SET state = 'done', checkpoint_version = ?, updated_at = ? WHERE id = ?",
+                    (version, now, doc_id),
+                )
+                settled.append(doc_id)
+        return settled
+
     def mark_done(self, doc_ids: Sequence[int], checkpoint_version: int) -> int:
         """processing -> done, recording the checkpoint that holds their update. Call only
         after that checkpoint is on disk. Returns how many moved."""
@@ -179,6 +213,26 @@ class Journal(JournalConnection):
                 f"WHERE state = 'processing' AND id IN ({_placeholders(ids)})",
                 [checkpoint_version, now, *ids],
             ).rowcount
+
+    def mark_rolled_back(self, after_version: int, reason: str) -> list[int]:
+        """done -> rolled_back for every document learned by a version above `after_version`; returns their ids.
+
+        Called when the memory is rolled back to `after_version`: those documents are no longer in
+        it. They are not requeued (that would learn them again); their content may be dropped again.
+        """
+        now = time.time()
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT id FROM documents WHERE state = 'done' AND checkpoint_version > ? ORDER BY id", (after_version,)
+            ).fetchall()
+            ids = [row["id"] for row in rows]
+            if ids:
+                conn.execute(
+                    f"UPDATE documents SET state = 'rolled_back', reason = ?, updated_at = ? "
+                    f"WHERE id IN ({_placeholders(ids)})",
+                    [reason, now, *ids],
+                )
+        return ids
 
     def mark_failed(self, doc_id: int, reason: str, max_attempts: int | None = None) -> str:
         """Count a failed attempt; back to queued while attempts < max_attempts, else failed.
@@ -218,16 +272,6 @@ class Journal(JournalConnection):
                 "UPDATE documents SET spool_path = ?, updated_at = ? WHERE id = ?",
                 (str(spool_path), time.time(), doc_id),
             )
-
-    def _transition(self, doc_ids: Sequence[int], state: str, from_states: Sequence[str]) -> int:
-        ids = list(doc_ids)
-        now = time.time()
-        with self._tx() as conn:
-            return conn.execute(
-                f"UPDATE documents SET state = ?, updated_at = ? WHERE id IN ({_placeholders(ids)}) "
-                f"AND state IN ({_placeholders(from_states)})",
-                [state, now, *ids, *from_states],
-            ).rowcount
 
     def counts(self) -> dict[str, int]:
         """Number of documents per state; every state is present (0 when none)."""
@@ -308,70 +352,6 @@ class Journal(JournalConnection):
                 "ORDER BY d.id"
             ).fetchall()
         return [row["id"] for row in rows]
-
-    # --------------------------------------------------------------- updates
-    def record_update(
-        self,
-        version: int,
-        n_chunks: int,
-        n_rows: int,
-        seconds: float,
-        accepted: bool,
-        measures: dict[str, Any] | None = None,
-        timestamp: float | None = None,
-    ) -> int:
-        """One row per memory update (accepted or rolled back); `smfd status` reads these."""
-        try:
-            measures_json = json.dumps(measures or {}, sort_keys=True, allow_nan=True)
-        except (TypeError, ValueError) as exc:
-            raise SmfdError(f"update measures must be JSON-serialisable: {exc}") from exc
-        with self._tx() as conn:
-            cursor = conn.execute(
-                "INSERT INTO updates (version, timestamp, n_chunks, n_rows, seconds, accepted, measures) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    version,
-                    time.time() if timestamp is None else timestamp,
-                    n_chunks,
-                    n_rows,
-                    seconds,
-                    int(bool(accepted)),
-                    measures_json,
-                ),
-            )
-            return int(cursor.lastrowid)
-
-    def last_update(self) -> UpdateRow | None:
-        rows = self.updates(limit=1)
-        return rows[0] if rows else None
-
-    def updates(self, limit: int | None = None) -> list[UpdateRow]:
-        """Updates, newest first."""
-        sql = "SELECT * FROM updates ORDER BY id DESC"
-        params: tuple[Any, ...] = ()
-        if limit is not None:
-            sql += " LIMIT ?"
-            params = (limit,)
-        with self._read() as conn:
-            return [_update(row) for row in conn.execute(sql, params)]
-
-    # ------------------------------------------------------------ seen files
-    def record_seen_file(self, path: str | Path, size_bytes: int, mtime_ns: int, doc_id: int | None) -> None:
-        """Remember that this exact file version was taken (for inboxes we may not delete from)."""
-        with self._tx() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO seen_files (path, size_bytes, mtime_ns, doc_id, seen_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (str(path), size_bytes, mtime_ns, doc_id, time.time()),
-            )
-
-    def is_seen_file(self, path: str | Path, size_bytes: int, mtime_ns: int) -> bool:
-        with self._read() as conn:
-            row = conn.execute(
-                "SELECT 1 FROM seen_files WHERE path = ? AND size_bytes = ? AND mtime_ns = ?",
-                (str(path), size_bytes, mtime_ns),
-            ).fetchone()
-        return row is not None
 
     @staticmethod
     def _check_state(state: str, allowed: Sequence[str]) -> None:

@@ -16,7 +16,8 @@ from smfd.errors import SmfdError
 
 
 class DocState(str, Enum):
-    """Where a document is: queued -> processing -> done | failed; quarantined and duplicate at intake."""
+    """Where a document is: queued -> processing -> done | failed; quarantined and duplicate at intake;
+    done -> rolled_back when `smfd rollback` removes the version that learned it."""
 
     QUEUED = "queued"
     PROCESSING = "processing"
@@ -24,6 +25,7 @@ class DocState(str, Enum):
     FAILED = "failed"
     QUARANTINED = "quarantined"
     DUPLICATE = "duplicate"
+    ROLLED_BACK = "rolled_back"
 
 
 class ChunkState(str, Enum):
@@ -40,12 +42,15 @@ CHUNK_STATES = tuple(state.value for state in ChunkState)
 
 
 # 2: chunks lost their never-written surprise column (a version-1 journal opens unchanged; the column is ignored).
-SCHEMA_VERSION = 2
+# 3: documents may be rolled_back (the table is rebuilt for its CHECK constraint; rows are kept).
+SCHEMA_VERSION = 3
+# States whose content may be journaled again as a new live document (not a duplicate).
+RELEARNABLE_STATES = ("duplicate", "failed", "rolled_back")
 DEFAULT_MAX_ATTEMPTS = 3
 BUSY_TIMEOUT_MS = 10_000
 
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS documents (
+_DOCUMENTS_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {{name}} (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     content_hash TEXT,
     source TEXT NOT NULL,
@@ -60,9 +65,27 @@ CREATE TABLE IF NOT EXISTS documents (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
--- At most one live (non-duplicate, non-failed) document per content hash.
+"""
+
+_DOCUMENT_COLUMNS = (
+    "id, content_hash, source, name, spool_path, size_bytes, state, attempts, reason, duplicate_of, "
+    "checkpoint_version, created_at, updated_at"
+)
+
+# Older journals: the documents table rebuilt under the current CHECK constraint (SQLite cannot alter one),
+# its rows copied unchanged; the indexes are created again by _SCHEMA.
+_REBUILD_DOCUMENTS = (
+    _DOCUMENTS_TABLE.format(name="documents_rebuilt")
+    + f"INSERT INTO documents_rebuilt ({_DOCUMENT_COLUMNS}) SELECT {_DOCUMENT_COLUMNS} FROM documents;\n"
+    + "DROP TABLE documents;\nALTER TABLE documents_rebuilt RENAME TO documents;\n"
+)
+
+_SCHEMA = (
+    _DOCUMENTS_TABLE.format(name="documents")
+    + f"""
+-- At most one live (not duplicate, failed or rolled back) document per content hash.
 CREATE UNIQUE INDEX IF NOT EXISTS documents_live_hash
-    ON documents(content_hash) WHERE state NOT IN ('duplicate', 'failed');
+    ON documents(content_hash) WHERE state NOT IN {RELEARNABLE_STATES!r};
 CREATE INDEX IF NOT EXISTS documents_state ON documents(state, id);
 
 CREATE TABLE IF NOT EXISTS chunks (
@@ -98,6 +121,7 @@ CREATE TABLE IF NOT EXISTS seen_files (
     seen_at REAL NOT NULL
 );
 """
+)
 
 
 @dataclass(frozen=True)
@@ -224,10 +248,15 @@ class JournalConnection:
         self._conn.execute("PRAGMA synchronous = FULL")
         self._conn.execute("PRAGMA foreign_keys = ON")
         if version < SCHEMA_VERSION:
-            # executescript manages its own transaction: schema and version land together.
+            # executescript manages its own transaction: rebuild, schema and version land together.
+            # Foreign keys are off while the documents table is swapped (the pragma is ignored inside a transaction).
+            rebuild = _REBUILD_DOCUMENTS if version > 0 else ""
             with self._lock:
                 self._conn.executescript(
-                    "BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    "PRAGMA foreign_keys = OFF; BEGIN IMMEDIATE;"
+                    + rebuild
+                    + _SCHEMA
+                    + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT; PRAGMA foreign_keys = ON;"
                 )
 
     @contextmanager

@@ -5,9 +5,10 @@ executor), so updates, probes and completions never race on the model.
 
 One update: claim queued documents -> chunk -> score surprise (skip what the model already
 knows) -> restate -> sparse update (stop flag checked between steps) -> guard -> checkpoint
-(durable) -> journal marks the documents done. A stop or crash before the checkpoint lands
-leaves the documents in `processing`, which the next start re-queues: nothing is lost and
-nothing is applied twice.
+(durable, naming the documents and chunks it holds) -> journal marks the documents done. A stop
+or crash before the checkpoint lands leaves the documents in `processing`, which the next start
+re-queues; a crash after it is settled from the checkpoint's record at the next start
+(`Journal.settle_committed`): nothing is lost and nothing is applied twice.
 """
 
 from __future__ import annotations
@@ -301,7 +302,10 @@ class Learner:
             )
             return
         meta = {"chunks": len(chunks), "rows": outcome.rows_updated, "steps": outcome.steps, "measures": measures}
-        outcome.version = self.store.commit(self.model, patches, meta)
+        documents: dict[int, list[int]] = {}
+        for chunk in chunks:
+            documents.setdefault(chunk.doc_id, []).append(chunk.id)
+        outcome.version = self.store.commit(self.model, patches, meta, documents)
         outcome.accepted = True
         outcome.recall_items = self.recall_items(chunks)
         self.journal.set_chunk_state(chunk_ids, ChunkState.LEARNED)

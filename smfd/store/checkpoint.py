@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,6 +40,14 @@ FORMAT = 2
 
 def _values_key(layer: int) -> str:
     return f"{layer}.values"
+
+
+@dataclass(frozen=True)
+class CommittedDocument:
+    """A document whose chunks an accepted update learned: the version that holds it and those chunks."""
+
+    version: int
+    chunk_ids: tuple[int, ...]
 
 
 class CheckpointStore:
@@ -123,8 +132,17 @@ class CheckpointStore:
         }
         atomic_write_json(self.manifest_path, manifest)
 
-    def commit(self, model: MemoryModel, patches: list[LayerPatch], meta: dict) -> int:
-        """Record an update that has been applied to `model`; returns the new version."""
+    def commit(
+        self, model: MemoryModel, patches: list[LayerPatch], meta: dict, documents: dict[int, list[int]] | None = None
+    ) -> int:
+        """Record an update that has been applied to `model`; returns the new version.
+
+        `documents` maps each journal document id in the update to the chunk ids it learned. They
+        are written into the patch and the manifest in the same durable step as the update, so a
+        restart can tell that a document left `processing` by a crash is already learned
+        (`committed_documents`) instead of learning it a second time.
+        """
+        meta = {**meta, "documents": {str(doc_id): list(ids) for doc_id, ids in (documents or {}).items()}}
         manifest = self.manifest()
         version = int(manifest["version"]) + 1
         atomic_write(self._patch_path(version), lambda tmp: save_patches(tmp, patches, {"version": version, **meta}))
@@ -187,7 +205,24 @@ class CheckpointStore:
         for v in range(base_version + 1, new_base_version + 1):
             self._patch_path(v).unlink(missing_ok=True)
 
+    def remove_stray_patches(self) -> list[Path]:
+        """Delete patch files outside base_version+1..version: an interrupted commit's, a fold's or a rollback's."""
+        manifest = self.manifest()
+        wanted = {self._patch_path(v) for v in range(int(manifest["base_version"]) + 1, int(manifest["version"]) + 1)}
+        strays = [p for p in self.patch_dir.glob("*.safetensors") if p not in wanted] if self.patch_dir.is_dir() else []
+        for stray in strays:
+            stray.unlink(missing_ok=True)
+        return strays
+
     # ---- reading --------------------------------------------------------------
+    def committed_documents(self) -> dict[int, CommittedDocument]:
+        """Every document learned by a version the current one descends from (rolled-back versions excluded)."""
+        committed: dict[int, CommittedDocument] = {}
+        for entry in _lineage(self.manifest()["history"]):
+            for doc_id, chunk_ids in (entry.get("documents") or {}).items():
+                committed[int(doc_id)] = CommittedDocument(int(entry["version"]), tuple(int(i) for i in chunk_ids))
+        return committed
+
     def load_into(self, model: MemoryModel) -> tuple[int, dict[int, BackgroundStats]]:
         """Restore the memory at the manifest's version; returns (version, background statistics)."""
         manifest = self.manifest()
@@ -230,6 +265,19 @@ class CheckpointStore:
         for v in range(version, target, -1):
             self._patch_path(v).unlink(missing_ok=True)
         return target
+
+
+def _lineage(history: list[dict]) -> list[dict]:
+    """The history entries the current version is built from: a rollback drops the versions above its target,
+    and a version number written again after a rollback replaces the one it reuses."""
+    alive: list[dict] = []
+    for entry in history:
+        version = int(entry["version"])
+        if "rollback_from" in entry:
+            alive = [e for e in alive if int(e["version"]) <= version]
+        else:
+            alive = [e for e in alive if int(e["version"]) < version] + [entry]
+    return alive
 
 
 def _changed_settings(recorded: dict, settings: dict, n_layers: int | None = None) -> list[str]:
