@@ -211,3 +211,22 @@ def test_a_schema_2_journal_keeps_its_rows_and_can_record_a_rollback(tmp_path):
                     "INSERT INTO chunks (doc_id, idx, text, n_tokens, state, updated_at) "
                     "VALUES (999, 0, 'x', 1, 'pending', 0)"
                 )
+
+
+def test_a_corrupt_journal_page_is_reported_as_damage_not_a_raw_sqlite_error(tmp_path):
+    from smfd.ingest.journal import JournalDamaged
+
+    path = tmp_path / "journal.db"
+    with Journal(path) as journal:
+        for index in range(400):
+            journal.add_document(f"hash-{index}", "watch", f"note-{index}-{'x' * 80}.txt", None, 1)
+        journal._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(path.read_bytes())
+    page = 4096
+    data[3 * page : 6 * page] = bytes((i * 13 + 7) % 256 for i in range(3 * page))  # pages 4-6, not the header
+    path.write_bytes(bytes(data))
+
+    with Journal(path) as damaged:
+        with pytest.raises(JournalDamaged, match="journal.db is damaged") as raised:
+            damaged.documents("queued", 1000)
+        assert damaged.damage is not None and ".recover" in str(raised.value)

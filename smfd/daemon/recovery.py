@@ -51,9 +51,16 @@ def recover_interrupted_documents(journal: Journal, store: CheckpointStore) -> R
     requeued = journal.requeue_processing()
     if requeued:
         log.info("documents_requeued", count=requeued, reason="left processing by an earlier run")
-    if store.exists():  # a rollback that stopped between the checkpoint and the journal
-        version = store.version
-        rolled_back = journal.mark_rolled_back(version, f"memory rolled back to version {version}")
-        if rolled_back:
-            log.warning("documents_rolled_back", count=len(rolled_back), version=version)
     return Recovery(settled, requeued)
+
+
+def settle_rolled_back(journal: Journal, version: int) -> list[int]:
+    """Documents marked done by versions above the loaded `version` -> rolled_back; returns their ids.
+
+    Call once the memory is loaded: a rollback that stopped between the checkpoint and the journal,
+    or a damaged patch the checkpoint fell back past, leaves the journal ahead of the memory.
+    """
+    rolled_back = journal.mark_rolled_back(version, f"memory is at version {version}; drop the file again to relearn")
+    if rolled_back:
+        log.warning("documents_rolled_back", count=len(rolled_back), version=version, documents=rolled_back[:20])
+    return rolled_back

@@ -24,12 +24,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from smfd.config import SmfdConfig, load_config, validate_model_path
 from smfd.daemon.health import HEARTBEAT_STALE_SECONDS, Heartbeats
 from smfd.daemon.probing import Probing
-from smfd.daemon.recovery import recover_interrupted_documents, remove_leftovers
+from smfd.daemon.recovery import recover_interrupted_documents, remove_leftovers, settle_rolled_back
 from smfd.daemon.runtime import open_runtime
 from smfd.daemon.sources import Sources
 from smfd.errors import ConfigError, SmfdError
 from smfd.ingest.intake import Intake
-from smfd.ingest.journal import DocState, Journal
+from smfd.ingest.journal import DocState, Journal, JournalDamaged
 from smfd.learn.budget import MemoryBudget
 from smfd.learn.learner import Learner, LearnSettings, UpdateOutcome
 from smfd.observe import systemd_notify
@@ -87,12 +87,13 @@ class Daemon:
                 self.metrics,
                 self.cfg.metrics.host,
                 self.cfg.metrics.port,
-                ready=lambda: (self.ready, "model loading"),
+                ready=self._readiness,
                 alive=lambda: self.heartbeats.healthy(HEARTBEAT_STALE_SECONDS),
             )
             self.server.start()
         systemd_notify.status("loading model")
         runtime = open_runtime(self.cfg)
+        settle_rolled_back(self.journal, runtime.version)
         budget = MemoryBudget(runtime.model.device, self.cfg.budget.ram_mb, self.cfg.budget.vram_mb)
         settings = LearnSettings.from_config(self.cfg)
         self.learner = Learner(
@@ -120,9 +121,25 @@ class Daemon:
         """The full probe set, on a schedule (learner thread only)."""
         self.probing.run_full(self.learner.store.version if self.learner else 0)
 
+    def _readiness(self) -> tuple[bool, str]:
+        """(ready, why not) for /readyz: not before the model is loaded, not while the journal is damaged."""
+        if self.journal is not None and self.journal.damage is not None:
+            return False, f"journal damaged: {self.journal.damage}"
+        return self.ready, "model loading"
+
     def poll_sources(self, settle: bool = True) -> None:
-        """Take what the sources have (default executor); enough pending work starts an update early."""
-        self.sources.poll(settle)
+        """Take what the sources have (default executor); enough pending work starts an update early.
+
+        Nothing is taken while the journal is damaged: files stay where they are until it is repaired.
+        """
+        if self.journal.damage is not None:
+            return
+        try:
+            self.sources.poll(settle)
+        except JournalDamaged as exc:
+            log.error("journal_damaged", reason=str(exc))
+            systemd_notify.status("journal damaged: intake stopped")
+            return
         if settle and self._pending_work() >= self.cfg.schedule.pending_chunks_trigger and self.scheduler:
             job = self.scheduler.get_job("update")
             if job is not None and job.next_run_time and job.next_run_time.timestamp() > time.time() + 1:
@@ -149,6 +166,10 @@ class Daemon:
                 if not (outcome.chunks_learned or outcome.chunks_known or outcome.documents):
                     break
             return outcome
+        except JournalDamaged as exc:
+            log.error("journal_damaged", reason=str(exc))
+            systemd_notify.status("journal damaged: learning stopped")
+            return None
         except Exception as exc:  # noqa: BLE001 - the learner thread must survive; the batch is retried, then quarantined
             log.exception("update_failed", reason=str(exc))
             self.metrics.record_update("failed", 0.0)

@@ -36,6 +36,7 @@ from smfd.ingest.journal_schema import (
     ChunkState,
     DocState,
     DocumentRow,
+    JournalDamaged,
     UpdateRow,
     _chunk,
     _document,
@@ -49,6 +50,7 @@ __all__ = [
     "DocState",
     "DocumentRow",
     "Journal",
+    "JournalDamaged",
     "UpdateRow",
 ]
 

@@ -197,6 +197,16 @@ def _update(row: sqlite3.Row) -> UpdateRow:
     )
 
 
+class JournalDamaged(SmfdError):
+    """SQLite reports the journal file damaged (a corrupt page, not a database): nothing more can be recorded."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(
+            f"journal {path} is damaged ({detail}): stop smfd, restore the file from a backup or rebuild it with "
+            f"`sqlite3 {path.name} .recover`, then start again; files stay in the inbox until then"
+        )
+
+
 class JournalConnection:
     """The journal's SQLite connection: opening (WAL, full sync), the schema check, one lock, transactions."""
 
@@ -206,6 +216,7 @@ class JournalConnection:
         self.path = Path(path)
         self.max_attempts = max_attempts
         self.readonly = readonly
+        self.damage: str | None = None  # set when SQLite reports the file damaged; see _noticing_damage
         self._lock = threading.Lock()
         self._conn = self._connect()
         try:
@@ -264,19 +275,32 @@ class JournalConnection:
         """Hold the lock and run the body as one write transaction (committed or rolled back)."""
         if self.readonly:
             raise SmfdError(f"journal {self.path} was opened read-only")
-        with self._lock:
+        with self._lock, self._noticing_damage():
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._noticing_damage():
             yield self._conn
+
+    @contextmanager
+    def _noticing_damage(self) -> Iterator[None]:
+        """Turn SQLite's corruption errors into JournalDamaged and remember them (`damage`): the daemon then
+        stops taking files and reports not ready, instead of failing on every call with a raw error."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            if type(exc) is not sqlite3.DatabaseError:  # constraint, locking, I/O: not damage to the file
+                raise
+            self.damage = str(exc)
+            raise JournalDamaged(self.path, str(exc)) from exc
 
     def close(self) -> None:
         """Close the connection; further calls fail."""

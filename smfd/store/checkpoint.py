@@ -12,7 +12,10 @@ Layout of the checkpoint folder:
 Any version from `base_version` to `version` is reproducible exactly (base + patches), so
 rollback is exact. Only the last `keep` patches are kept: older ones are folded into the base.
 Every file is written atomically (temp file, fsync, rename); the manifest is written last, so
-a crash mid-commit leaves the previous version intact.
+a crash mid-commit leaves the previous version intact. The manifest records each file's SHA-256
+(`files`), checked before the file is used (smfd.store.integrity): a damaged value cache is
+rebuilt from base + patches, a damaged patch makes the state fall back to the version before it
+(with a warning), and a damaged base is refused with a message naming the file.
 """
 
 from __future__ import annotations
@@ -22,16 +25,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from smfd.config import MemorySection
 from smfd.durable import atomic_write, atomic_write_json
 from smfd.errors import SmfdError
 from smfd.model.memory_model import MemoryModel
 from smfd.model.slot_stats import BackgroundStats
+from smfd.store.created_settings import changed_settings
+from smfd.store.integrity import DamagedState, file_digest, is_intact
 from smfd.store.patches import LayerPatch, apply_patches, load_patches, save_patches
+
+log = structlog.get_logger("smfd.store.checkpoint")
+BASE, CURRENT = "base.safetensors", "current.safetensors"
 
 # The state format. 2: settings recorded as the config schema's sections (memory shape incl. seed,
 # healing incl. seed), no fallbacks for states that did not record them. Older formats are refused.
@@ -89,7 +97,7 @@ class CheckpointStore:
         """
         manifest = self.manifest()
         recorded = dict(manifest.get("settings") or {})
-        changed = _changed_settings(recorded, settings, n_layers)
+        changed = changed_settings(recorded, settings, n_layers)
         if changed:
             raise SmfdError(
                 f"the checkpoint in {self.folder} was created with other settings ({'; '.join(changed)}): "
@@ -101,8 +109,11 @@ class CheckpointStore:
     def version(self) -> int:
         return int(self.manifest()["version"])
 
+    def _patch_name(self, version: int) -> str:
+        return f"patches/{version:08d}.safetensors"
+
     def _patch_path(self, version: int) -> Path:
-        return self.patch_dir / f"{version:08d}.safetensors"
+        return self.folder / self._patch_name(version)
 
     # ---- writing --------------------------------------------------------------
     def initialise(
@@ -130,6 +141,8 @@ class CheckpointStore:
             "settings": settings or {},
             "history": [{"version": 0, "timestamp": time.time(), **(meta or {})}],
         }
+        names = [BASE, CURRENT, *(f"{text}.safetensors" for text in ("general_text", "fact_text"))]
+        manifest["files"] = {name: file_digest(self.folder / name) for name in names if (self.folder / name).is_file()}
         atomic_write_json(self.manifest_path, manifest)
 
     def commit(
@@ -147,6 +160,9 @@ class CheckpointStore:
         version = int(manifest["version"]) + 1
         atomic_write(self._patch_path(version), lambda tmp: save_patches(tmp, patches, {"version": version, **meta}))
         self._write_current(model, version)
+        files = manifest.setdefault("files", {})
+        files[self._patch_name(version)] = file_digest(self._patch_path(version))
+        files[CURRENT] = file_digest(self.folder / CURRENT)
         manifest["version"] = version
         manifest["history"] = (manifest["history"] + [{"version": version, "timestamp": time.time(), **meta}])[-1000:]
         atomic_write_json(self.manifest_path, manifest)
@@ -167,6 +183,10 @@ class CheckpointStore:
         path = self.folder / f"{name}.safetensors"
         if not path.is_file():
             return None
+        digests = self.manifest().get("files", {}) if self.exists() else {}
+        if not is_intact(self.folder, path.name, digests):
+            log.warning("state_file_damaged", file=str(path), action="not used; the retain penalty goes without it")
+            return None
         tensors = load_file(str(path))
         return [chunk.tolist() for chunk in torch.split(tensors["ids"], tensors["lengths"].tolist())]
 
@@ -176,12 +196,12 @@ class CheckpointStore:
             tensors[f"bg.{layer}.counts"] = stats.counts
             tensors[f"bg.{layer}.doc_freq"] = stats.doc_freq
             tensors[f"bg.{layer}.n_batches"] = torch.tensor([stats.n_batches])
-        atomic_write(self.folder / "base.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(self.folder / BASE, lambda tmp: save_file(tensors, str(tmp)))
 
     def _write_current(self, model: MemoryModel, version: int) -> None:
         tensors = {_values_key(layer): v.cpu().contiguous() for layer, v in model.values().items()}
         atomic_write(
-            self.folder / "current.safetensors",
+            self.folder / CURRENT,
             lambda tmp: save_file(tensors, str(tmp), metadata={"version": str(version)}),
         )
 
@@ -191,16 +211,20 @@ class CheckpointStore:
         base_version, version = int(manifest["base_version"]), int(manifest["version"])
         if version - base_version <= self.keep:
             return
-        base = load_file(str(self.folder / "base.safetensors"))
+        base = self._load_verified(BASE, manifest)
         new_base_version = version - self.keep
         for v in range(base_version + 1, new_base_version + 1):
-            patches, _ = load_patches(self._patch_path(v))
+            patches, _ = self._load_patch(v, manifest)
             for patch in patches:
                 base[_values_key(patch.layer)].index_copy_(
                     0, patch.slot_ids, patch.after.to(base[_values_key(patch.layer)])
                 )
-        atomic_write(self.folder / "base.safetensors", lambda tmp: save_file(base, str(tmp)))
+        atomic_write(self.folder / BASE, lambda tmp: save_file(base, str(tmp)))
         manifest["base_version"] = new_base_version
+        files = manifest.setdefault("files", {})
+        files[BASE] = file_digest(self.folder / BASE)
+        for v in range(base_version + 1, new_base_version + 1):
+            files.pop(self._patch_name(v), None)
         atomic_write_json(self.manifest_path, manifest)
         for v in range(base_version + 1, new_base_version + 1):
             self._patch_path(v).unlink(missing_ok=True)
@@ -224,41 +248,125 @@ class CheckpointStore:
         return committed
 
     def load_into(self, model: MemoryModel) -> tuple[int, dict[int, BackgroundStats]]:
-        """Restore the memory at the manifest's version; returns (version, background statistics)."""
+        """Restore the memory at the manifest's version (or the last intact one); returns (version, background).
+
+        Every file is checked against its recorded digest first. The value cache is used only when
+        intact and of this version, else the values are replayed from base + patches and the cache
+        rewritten. A damaged patch drops the state back to the version before it, with a warning.
+        """
         manifest = self.manifest()
-        base = load_file(str(self.folder / "base.safetensors"))
+        base = self._load_verified(BASE, manifest)
         background = _background_from(base)
+        version = self._last_intact_version(manifest)
+        cached = self._cached_values(manifest, version)
         model.load_memory_state({k: v for k, v in base.items() if not k.startswith("bg.")})
-        version = int(manifest["version"])
-        current = self.folder / "current.safetensors"
-        cached_version = -1  # a missing value cache is rebuilt from base + patches
-        if current.is_file():
-            with safe_open(str(current), framework="pt") as handle:
-                cached_version = int((handle.metadata() or {}).get("version", -1))
-        if cached_version == version:
-            values = load_file(str(current))
+        if cached is not None:
             for memory in model.memories:
                 with torch.no_grad():
-                    memory.values.copy_(values[_values_key(memory.layer_index)])
+                    memory.values.copy_(cached[_values_key(memory.layer_index)])
         else:
-            self._replay(model, int(manifest["base_version"]), version)
+            self._replay(model, int(manifest["base_version"]), version, manifest)
+            self._write_current(model, version)
+            manifest = self.manifest()
+            manifest.setdefault("files", {})[CURRENT] = file_digest(self.folder / CURRENT)
+            atomic_write_json(self.manifest_path, manifest)
         return version, background
 
-    def _replay(self, model: MemoryModel, from_version: int, to_version: int) -> None:
+    def _last_intact_version(self, manifest: dict) -> int:
+        """The manifest's version, or the one before its first damaged patch (the manifest is rewritten to it)."""
+        base_version, version = int(manifest["base_version"]), int(manifest["version"])
+        files = manifest.get("files", {})
+        for v in range(base_version + 1, version + 1):
+            if not is_intact(self.folder, self._patch_name(v), files):
+                self._fall_back(manifest, v - 1, damaged=v)
+                return v - 1
+        return version
+
+    def _fall_back(self, manifest: dict, target: int, damaged: int) -> None:
+        version = int(manifest["version"])
+        log.warning(
+            "checkpoint_fell_back",
+            damaged=str(self._patch_path(damaged)),
+            version=target,
+            was=version,
+            reason="a patch is damaged or missing; its documents and later ones are no longer held",
+        )
+        manifest["version"] = target
+        manifest["history"].append(
+            {
+                "version": target,
+                "timestamp": time.time(),
+                "rollback_from": version,
+                "reason": f"patch {damaged} damaged",
+            }
+        )
+        for v in range(target + 1, version + 1):
+            manifest.get("files", {}).pop(self._patch_name(v), None)
+        atomic_write_json(self.manifest_path, manifest)
+        for v in range(target + 1, version + 1):
+            self._patch_path(v).unlink(missing_ok=True)
+
+    def _cached_values(self, manifest: dict, version: int) -> dict[str, torch.Tensor] | None:
+        """The value cache if it is intact and holds `version`; None means: rebuild from base + patches."""
+        current = self.folder / CURRENT
+        if not current.is_file():
+            return None
+        if not is_intact(self.folder, CURRENT, manifest.get("files", {})):
+            log.warning("state_file_damaged", file=str(current), action="rebuilt from base + patches")
+            return None
+        try:
+            with safe_open(str(current), framework="pt") as handle:
+                if int((handle.metadata() or {}).get("version", -1)) != version:
+                    return None
+            return load_file(str(current))
+        except (SafetensorError, OSError, ValueError):
+            log.warning("state_file_damaged", file=str(current), action="rebuilt from base + patches")
+            return None
+
+    def _load_verified(self, name: str, manifest: dict) -> dict[str, torch.Tensor]:
+        """Load a file that cannot be rebuilt, refusing it (one line naming it) when missing or damaged."""
+        path = self.folder / name
+        if not path.is_file():
+            raise DamagedState(path, "missing")
+        if not is_intact(self.folder, name, manifest.get("files", {})):
+            raise DamagedState(path, "checksum mismatch")
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise DamagedState(path, f"unreadable: {exc}") from exc
+
+    def _load_patch(self, version: int, manifest: dict) -> tuple[list[LayerPatch], dict[str, object]]:
+        name = self._patch_name(version)
+        if not is_intact(self.folder, name, manifest.get("files", {})):
+            raise DamagedState(self.folder / name, "missing or checksum mismatch")
+        try:
+            return load_patches(self.folder / name)
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            raise DamagedState(self.folder / name, f"unreadable: {exc}") from exc
+
+    def _replay(self, model: MemoryModel, from_version: int, to_version: int, manifest: dict) -> None:
         for v in range(from_version + 1, to_version + 1):
-            patches, _ = load_patches(self._patch_path(v))
+            patches, _ = self._load_patch(v, manifest)
             apply_patches(model.memories, patches)
 
     def rollback(self, model: MemoryModel, target: int) -> int:
-        """Revert `model` (loaded at the current version) to `target` exactly, on disk too."""
+        """Set `model` and the state on disk to version `target` exactly: base + the patches up to it.
+
+        Replaying from the base needs none of the patches above `target`, so a damaged newer patch
+        cannot stop a rollback past it.
+        """
         manifest = self.manifest()
         version, base_version = int(manifest["version"]), int(manifest["base_version"])
         if not base_version <= target <= version:
             raise SmfdError(f"cannot roll back to version {target}: versions {base_version}..{version} are available")
-        for v in range(version, target, -1):
-            patches, _ = load_patches(self._patch_path(v))
-            apply_patches(model.memories, patches, revert=True)
+        base = self._load_verified(BASE, manifest)
+        model.load_memory_state({k: v for k, v in base.items() if not k.startswith("bg.")})
+        self._replay(model, base_version, target, manifest)
         self._write_current(model, target)
+        files = manifest.setdefault("files", {})
+        files[CURRENT] = file_digest(self.folder / CURRENT)
+        for v in range(version, target, -1):
+            files.pop(self._patch_name(v), None)
         manifest["version"] = target
         manifest["history"].append({"version": target, "timestamp": time.time(), "rollback_from": version})
         atomic_write_json(self.manifest_path, manifest)
@@ -278,40 +386,6 @@ def _lineage(history: list[dict]) -> list[dict]:
         else:
             alive = [e for e in alive if int(e["version"]) < version] + [entry]
     return alive
-
-
-def _changed_settings(recorded: dict, settings: dict, n_layers: int | None = None) -> list[str]:
-    """'section.key: state has X, config says Y' for every recorded setting the config changes."""
-    changed = []
-    for section, values in settings.items():
-        old = recorded.get(section)
-        if not isinstance(old, dict):
-            continue
-        for key, value in values.items():
-            if key in old and not _same_setting(section, key, old[key], value, n_layers):
-                changed.append(
-                    f"{section}.{key}: state has {_normalised(old[key])!r}, config says {_normalised(value)!r}"
-                )
-    return changed
-
-
-def _same_setting(section: str, key: str, old: object, new: object, n_layers: int | None) -> bool:
-    if section == "memory" and key == "layers" and n_layers is not None:
-        return _blocks(old, n_layers) == _blocks(new, n_layers)
-    return _normalised(old) == _normalised(new)
-
-
-def _blocks(layers: object, n_layers: int) -> object:
-    """Layer numbers as the block indices the memory attaches to; values that name no blocks as they are."""
-    try:
-        return MemorySection(layers=tuple(layers)).layer_indices(n_layers)  # type: ignore[arg-type]
-    except (SmfdError, TypeError, ValueError):
-        return _normalised(layers)
-
-
-def _normalised(value: object) -> object:
-    """Compare JSON-read settings with fresh ones: tuples and lists alike."""
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _background_from(tensors: dict[str, torch.Tensor]) -> dict[int, BackgroundStats]:
