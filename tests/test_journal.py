@@ -230,3 +230,14 @@ def test_a_corrupt_journal_page_is_reported_as_damage_not_a_raw_sqlite_error(tmp
         with pytest.raises(JournalDamaged, match="journal.db is damaged") as raised:
             damaged.documents("queued", 1000)
         assert damaged.damage is not None and ".recover" in str(raised.value)
+
+
+def test_chunks_of_a_document_that_is_not_processing_are_not_offered_to_an_update(journal):
+    doc_id, _ = journal.add_document("h-failed", "watch", "f.txt", None, 1)
+    journal.claim_queued(1)
+    journal.add_chunks(doc_id, [("left pending", 3)])
+    assert [c.text for c in journal.pending_chunks()] == ["left pending"]
+
+    assert journal.mark_failed(doc_id, "update failed", max_attempts=1) == "failed"
+
+    assert journal.pending_chunks() == [] and journal.pending_chunk_count() == journal.pending_token_count() == 0

@@ -278,3 +278,26 @@ def test_chunk_overlap_setting_reaches_the_chunks_the_learner_stores(
     for earlier, later in zip(chunks, chunks[1:]):
         last_sentence = earlier.rsplit(". ", 1)[-1].removesuffix(".")
         assert last_sentence in later, f"{later!r} does not repeat {last_sentence!r}"
+
+
+def test_a_checkpoint_write_that_fails_undoes_the_update_in_memory(
+    tmp_path, tiny_memory_model, background, store, journal, snapshot_values, bit_identical, monkeypatch
+):
+    import errno
+
+    from smfd.learn.learner import CommitFailed
+    from smfd.store import checkpoint
+
+    doc_ids = submit_all(journal, tmp_path)
+    before = snapshot_values(tiny_memory_model)
+
+    def disk_full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint, "atomic_write", disk_full)
+    with pytest.raises(CommitFailed, match="No space left"):
+        make_learner(tiny_memory_model, background, store, journal).update(guard=lambda: Verdict.unguarded())
+
+    assert bit_identical(snapshot_values(tiny_memory_model), before), "the memory is what the disk holds"
+    assert store.version == 0
+    assert {journal.get_document(d).state for d in doc_ids} == {"processing"}, "the daemon requeues them"

@@ -31,7 +31,7 @@ from smfd.errors import ConfigError, SmfdError
 from smfd.ingest.intake import Intake
 from smfd.ingest.journal import DocState, Journal, JournalDamaged
 from smfd.learn.budget import MemoryBudget
-from smfd.learn.learner import Learner, LearnSettings, UpdateOutcome
+from smfd.learn.learner import CommitFailed, Learner, LearnSettings, UpdateOutcome
 from smfd.observe import systemd_notify
 from smfd.observe.http_server import MetricsServer
 from smfd.observe.logs import configure_logging
@@ -40,6 +40,7 @@ from smfd.paths import StatePaths
 from smfd.store.checkpoint import CheckpointStore
 
 log = structlog.get_logger("smfd.daemon.service")
+EX_TEMPFAIL = 75  # sysexits: `--once` could not write its checkpoint (disk full...); run it again later
 
 
 def _skip_expected_overlap(record: logging.LogRecord) -> bool:
@@ -60,6 +61,8 @@ class Daemon:
         self.metrics = Metrics()
         self.heartbeats = Heartbeats()
         self.ready = False
+        self.commit_failures = 0  # consecutive failed checkpoint writes; updates wait commit_retry_delay()
+        self.retry_updates_at = 0.0  # time.monotonic() before which no update starts
         self.server: MetricsServer | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.learner: Learner | None = None
@@ -155,6 +158,8 @@ class Daemon:
         each, so the guard can reject a harmful document alone) from idling between ticks.
         """
         assert self.learner is not None
+        if time.monotonic() < self.retry_updates_at:
+            return None
         self.heartbeats.busy.add("learner")
         try:
             outcome = None
@@ -163,9 +168,13 @@ class Daemon:
                 outcome = self.learner.update(self.stop_event.is_set, guard=self.probing.check)
                 self._record(outcome)
                 self.heartbeats.beat("learner")
+                self.commit_failures = 0
                 if not (outcome.chunks_learned or outcome.chunks_known or outcome.documents):
                     break
             return outcome
+        except CommitFailed as exc:
+            self._commit_failed(exc)
+            return None
         except JournalDamaged as exc:
             log.error("journal_damaged", reason=str(exc))
             systemd_notify.status("journal damaged: learning stopped")
@@ -181,6 +190,18 @@ class Daemon:
             self.heartbeats.busy.discard("learner")
             self.heartbeats.beat("learner")
             systemd_notify.status("idle" if not self.stop_event.is_set() else "stopping")
+
+    def _commit_failed(self, exc: CommitFailed) -> None:
+        """A checkpoint write failed (disk full...): not the documents' fault. They go back to the queue
+        untouched (no attempt counted) and updates pause, 5 s doubling up to 5 minutes, so a full disk
+        is not retrained in a loop; the failure is logged and counted as a failed update."""
+        self.commit_failures += 1
+        delay = min(5.0 * 2 ** (self.commit_failures - 1), 300.0)
+        self.retry_updates_at = time.monotonic() + delay
+        requeued = self.journal.requeue_processing()
+        log.error("update_commit_failed", reason=str(exc), documents_requeued=requeued, retry_in_seconds=delay)
+        self.metrics.record_update("failed", 0.0)
+        systemd_notify.status(f"checkpoint write failed; retrying in {delay:g} s")
 
     def _record(self, outcome: UpdateOutcome) -> None:
         if outcome.stopped:
@@ -216,7 +237,7 @@ class Daemon:
         self.run_update()
         self.run_probes()
         self.shutdown()
-        return 0
+        return EX_TEMPFAIL if self.commit_failures else 0
 
     def run_forever(self) -> int:
         # While starting (model load, background statistics) SIGTERM keeps its default action: nothing is

@@ -55,6 +55,10 @@ __all__ = [
 ]
 
 
+# Pending chunks that an update may learn: those of documents in processing.
+_LIVE_PENDING = "JOIN documents d ON d.id = c.doc_id WHERE c.state = 'pending' AND d.state = 'processing'"
+
+
 def _placeholders(values: Sequence[Any]) -> str:
     return ",".join("?" * len(values))
 
@@ -306,8 +310,13 @@ class Journal(JournalRecords):
             return ids
 
     def pending_chunks(self, limit: int | None = None) -> list[ChunkRow]:
-        """Pending chunks, oldest first."""
-        sql = "SELECT * FROM chunks WHERE state = 'pending' ORDER BY id"
+        """Pending chunks of documents being processed, oldest first.
+
+        A document that went back to queued or on to failed keeps its chunks until it is chunked
+        again; they must not be learned meanwhile (a failed document would otherwise be retrained
+        on every update and committed later while the journal says failed).
+        """
+        sql = f"SELECT c.* FROM chunks c {_LIVE_PENDING} ORDER BY c.id"
         params: tuple[Any, ...] = ()
         if limit is not None:
             sql += " LIMIT ?"
@@ -322,13 +331,11 @@ class Journal(JournalRecords):
 
     def pending_chunk_count(self) -> int:
         with self._read() as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM chunks WHERE state = 'pending'").fetchone()[0])
+            return int(conn.execute(f"SELECT COUNT(*) FROM chunks c {_LIVE_PENDING}").fetchone()[0])
 
     def pending_token_count(self) -> int:
         with self._read() as conn:
-            return int(
-                conn.execute("SELECT COALESCE(SUM(n_tokens), 0) FROM chunks WHERE state = 'pending'").fetchone()[0]
-            )
+            return int(conn.execute(f"SELECT COALESCE(SUM(c.n_tokens), 0) FROM chunks c {_LIVE_PENDING}").fetchone()[0])
 
     def set_chunk_state(self, chunk_ids: Sequence[int], state: ChunkState | str) -> int:
         """Set the state of chunks; returns how many changed."""

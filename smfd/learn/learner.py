@@ -65,7 +65,12 @@ class UpdateOutcome:
     surprise: list[float] = field(default_factory=list)
 
 
-__all__ = ["Learner", "LearnSettings", "UpdateOutcome"]
+__all__ = ["CommitFailed", "Learner", "LearnSettings", "UpdateOutcome"]
+
+
+class CommitFailed(SmfdError):
+    """Writing an accepted update's checkpoint failed (disk full, I/O error): the update was reverted in
+    memory and its documents are still `processing`; the caller requeues them and retries later."""
 
 
 class Learner:
@@ -305,7 +310,11 @@ class Learner:
         documents: dict[int, list[int]] = {}
         for chunk in chunks:
             documents.setdefault(chunk.doc_id, []).append(chunk.id)
-        outcome.version = self.store.commit(self.model, patches, meta, documents)
+        try:
+            outcome.version = self.store.commit(self.model, patches, meta, documents)
+        except (OSError, SmfdError) as exc:
+            apply_patches(self.model.memories, patches, revert=True)  # the memory stays what the disk holds
+            raise CommitFailed(f"the checkpoint could not be written ({exc}); the update was undone") from exc
         outcome.accepted = True
         outcome.recall_items = self.recall_items(chunks)
         self.journal.set_chunk_state(chunk_ids, ChunkState.LEARNED)

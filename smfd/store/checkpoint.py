@@ -165,8 +165,11 @@ class CheckpointStore:
         files[CURRENT] = file_digest(self.folder / CURRENT)
         manifest["version"] = version
         manifest["history"] = (manifest["history"] + [{"version": version, "timestamp": time.time(), **meta}])[-1000:]
-        atomic_write_json(self.manifest_path, manifest)
-        self._fold_old_patches()
+        atomic_write_json(self.manifest_path, manifest)  # the commit point: from here on, version is on disk
+        try:
+            self._fold_old_patches()
+        except OSError as exc:  # housekeeping only: the next commit folds again
+            log.warning("patch_fold_deferred", version=version, reason=str(exc))
         return version
 
     def save_text(self, name: str, sequences: list[list[int]]) -> None:
