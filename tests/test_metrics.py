@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -425,3 +428,27 @@ def test_alerts_fire_when_they_should(tmp_path):
     path.write_text(ALERT_UNIT_TESTS.format(alerts=json.dumps(str(ALERTS))))
     result = _run([promtool, "test", "rules", str(path)])
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_idle_connections_cannot_pile_up_threads_and_early_hangups_leave_no_traceback(caplog):
+    server = MetricsServer(Metrics(), port=0, max_connections=4, idle_timeout=0.5)
+    with server, caplog.at_level(logging.DEBUG, logger="smfd.http"):
+        threads_before = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(40)]
+        time.sleep(0.3)
+        assert threading.active_count() <= threads_before + 4, "one thread per allowed connection, no more"
+
+        time.sleep(1.0)  # the idle ones time out and give their slots back
+        assert httpx.get(f"{server.url}/livez", timeout=5.0, trust_env=False).status_code == 200
+
+        for _ in range(20):  # ask for the metrics and hang up before reading the answer
+            with socket.create_connection(("127.0.0.1", server.port)) as hangup:
+                hangup.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                hangup.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+        for sock in idle:
+            sock.close()
+
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING], [
+        r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+    ]

@@ -3,12 +3,17 @@
 Why not ``prometheus_client.start_http_server``: it answers every path with
 metrics and has no health endpoints. This serves exactly three paths from a
 ThreadingHTTPServer in a daemon thread, bound to 127.0.0.1 unless told otherwise.
+
+One thread per connection, so connections are bounded (`max_connections`; more are closed at
+once) and an idle keep-alive connection is dropped after `idle_timeout` seconds: a burst of idle
+clients cannot pile up threads. A client that hangs up early is logged at debug, not as a traceback.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,7 +52,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: _Server
     protocol_version = "HTTP/1.1"  # keep-alive for repeated scrapes
-    timeout = 120  # seconds; idle keep-alive connections are closed instead of holding a thread forever
+
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # an idle keep-alive connection gives its thread back
+        super().setup()
 
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         self._dispatch(send_body=True)
@@ -86,18 +94,53 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
-    """ThreadingHTTPServer carrying what the handler needs."""
+    """ThreadingHTTPServer carrying what the handler needs, with a bounded number of connection threads."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], metrics: Metrics, ready: HealthCheck, alive: HealthCheck) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        metrics: Metrics,
+        ready: HealthCheck,
+        alive: HealthCheck,
+        max_connections: int,
+        idle_timeout: float,
+    ) -> None:
         self.metrics = metrics
         self.ready = ready
         self.alive = alive
+        self.idle_timeout = idle_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
         # An instance attribute, read by TCPServer.__init__: IPv6 literals need AF_INET6.
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
+
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug("http connection from %s closed: all connection slots busy", client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: socket.socket, client_address: tuple) -> None:
+        """A client gone early is routine (debug); anything else is one warning line, never a raw traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log.debug("http client %s went away: %s", client_address, error)
+        else:
+            log.warning("http request from %s failed: %s: %s", client_address, type(error).__name__, error)
 
 
 class MetricsServer:
@@ -115,8 +158,12 @@ class MetricsServer:
         port: int = 9464,
         ready: HealthCheck = _always_ok,
         alive: HealthCheck = _always_ok,
+        max_connections: int = 16,
+        idle_timeout: float = 10.0,
     ) -> None:
         self._metrics = metrics
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout
         self._host = host
         self._port = port
         self._ready = ready
@@ -140,7 +187,14 @@ class MetricsServer:
         if self._server is not None:
             raise RuntimeError("MetricsServer already started")
         try:
-            self._server = _Server((self._host, self._port), self._metrics, self._ready, self._alive)
+            self._server = _Server(
+                (self._host, self._port),
+                self._metrics,
+                self._ready,
+                self._alive,
+                self._max_connections,
+                self._idle_timeout,
+            )
         except OSError as error:
             raise SmfdError(f"cannot listen for metrics on {self._host}:{self._port}: {error}") from error
         self._thread = threading.Thread(
