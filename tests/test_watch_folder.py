@@ -231,3 +231,27 @@ def test_a_sidecar_is_never_taken_as_a_document_of_its_own(make_source, inbox, i
 
     assert [r.name for r in results] == ["paired.txt"]
     assert sorted(p.name for p in inbox.iterdir()) == ["lonely.qa.jsonl"]  # waits for its document
+
+
+def test_odd_entries_never_block_the_files_after_them_and_are_reported_once(make_source, inbox, intake, capsys):
+    with open(os.path.join(os.fsencode(inbox), b"a-latin1-caf\xe9.txt"), "w") as handle:
+        handle.write("A name that is not UTF-8 still names a document.")
+    os.mkfifo(inbox / "b-fifo")
+    os.symlink(inbox / "c-loop", inbox / "c-loop")
+    os.symlink(inbox / "missing-target.txt", inbox / "d-dangling.txt")
+    (inbox / "e-sub").mkdir()
+    (inbox / "z-last.txt").write_text("The file sorting after all of them.")
+    for name in os.listdir(inbox):
+        os.utime(os.path.join(inbox, name), (time.time() - 60,) * 2, follow_symlinks=False)
+    source = make_source(recursive=False)
+
+    first = source.scan_once(settle=False)
+    logged_first = capsys.readouterr().out
+    again = source.scan_once(settle=False)
+    logged_again = capsys.readouterr().out
+
+    assert sorted((r.outcome, r.name) for r in first) == [("queued", "a-latin1-caf\\xe9.txt"), ("queued", "z-last.txt")]
+    assert again == []
+    for reason in ("a FIFO", "a symlink loop", "a dangling symlink", "this watch is not recursive"):
+        assert reason in logged_first
+    assert "entry_not_taken" not in logged_again, "each odd entry is reported once, not on every scan"

@@ -44,6 +44,7 @@ from smfd.durable import atomic_write_text
 from smfd.errors import SmfdError
 from smfd.ingest.extract import RejectedInput, check_text, content_hash, extract_text
 from smfd.ingest.journal import Journal
+from smfd.ingest.journal_schema import path_text
 from smfd.ingest.sidecars import RecallItem, parse_sidecar, sidecar_for, spooled_sidecar, write_items
 
 Outcome = Literal["queued", "duplicate", "quarantined", "vanished"]
@@ -66,13 +67,14 @@ def _is_within(path: str, root: str) -> bool:
 
 
 def _display_name(path: Path, watch_root: Path | None) -> str:
-    """Path relative to the watch folder (kept lexical: a symlink's own name, not its target)."""
+    """Path relative to the watch folder (kept lexical: a symlink's own name, not its target); bytes that
+    are not UTF-8 escaped (`\\xff`), so such a file is journaled and learned under a readable name."""
     if watch_root is not None:
         try:
-            return path.absolute().relative_to(watch_root.absolute()).as_posix()
+            return path_text(path.absolute().relative_to(watch_root.absolute()).as_posix())
         except ValueError:
             pass
-    return path.name
+    return path_text(path.name)
 
 
 class Intake:

@@ -40,6 +40,7 @@ from smfd.ingest.journal_schema import (
     UpdateRow,
     _chunk,
     _document,
+    path_text,
 )
 
 __all__ = [
@@ -93,7 +94,7 @@ class Journal(JournalRecords):
                     content_hash,
                     source,
                     name,
-                    None if spool_path is None else str(spool_path),
+                    None if spool_path is None else path_text(spool_path),
                     size_bytes,
                     state,
                     original["id"] if original else None,
@@ -118,7 +119,7 @@ class Journal(JournalRecords):
             cursor = conn.execute(
                 "INSERT INTO documents (content_hash, source, name, spool_path, size_bytes, state, reason, "
                 "created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'quarantined', ?, ?, ?)",
-                (content_hash, source, name, None if path is None else str(path), size_bytes, reason, now, now),
+                (content_hash, source, name, None if path is None else path_text(path), size_bytes, reason, now, now),
             )
             return int(cursor.lastrowid)
 
@@ -267,7 +268,7 @@ class Journal(JournalRecords):
             params: list[Any] = [reason, now]
             if spool_path is not None:
                 sql += ", spool_path = ?"
-                params.append(str(spool_path))
+                params.append(path_text(spool_path))
             if conn.execute(sql + " WHERE id = ?", [*params, doc_id]).rowcount != 1:
                 raise SmfdError(f"journal has no document with id {doc_id}")
 
@@ -276,7 +277,7 @@ class Journal(JournalRecords):
         with self._tx() as conn:
             conn.execute(
                 "UPDATE documents SET spool_path = ?, updated_at = ? WHERE id = ?",
-                (str(spool_path), time.time(), doc_id),
+                (path_text(spool_path), time.time(), doc_id),
             )
 
     def counts(self) -> dict[str, int]:

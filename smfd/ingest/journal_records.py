@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from smfd.errors import SmfdError
-from smfd.ingest.journal_schema import JournalConnection, UpdateRow, _update
+from smfd.ingest.journal_schema import JournalConnection, UpdateRow, _update, path_text
 
 
 class JournalRecords(JournalConnection):
@@ -68,13 +68,13 @@ class JournalRecords(JournalConnection):
             conn.execute(
                 "INSERT OR REPLACE INTO seen_files (path, size_bytes, mtime_ns, doc_id, seen_at) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (str(path), size_bytes, mtime_ns, doc_id, time.time()),
+                (path_text(path), size_bytes, mtime_ns, doc_id, time.time()),
             )
 
     def is_seen_file(self, path: str | Path, size_bytes: int, mtime_ns: int) -> bool:
         with self._read() as conn:
             row = conn.execute(
                 "SELECT 1 FROM seen_files WHERE path = ? AND size_bytes = ? AND mtime_ns = ?",
-                (str(path), size_bytes, mtime_ns),
+                (path_text(path), size_bytes, mtime_ns),
             ).fetchone()
         return row is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -195,6 +196,12 @@ def _update(row: sqlite3.Row) -> UpdateRow:
         accepted=bool(row["accepted"]),
         measures=json.loads(row["measures"]),
     )
+
+
+def path_text(path: str | os.PathLike[str]) -> str:
+    """A path as journal text. A file name that is not valid UTF-8 (Python carries its bytes as
+    lone surrogates, which SQLite refuses) is written with its bad bytes escaped (`\\xff`)."""
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
 
 
 class JournalDamaged(SmfdError):

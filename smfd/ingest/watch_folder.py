@@ -24,6 +24,7 @@ reads them only when their target resolves inside the root.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import stat
@@ -41,6 +42,7 @@ from watchdog.observers.polling import PollingObserver
 
 from smfd.errors import SmfdError
 from smfd.ingest.intake import Intake, IntakeResult
+from smfd.ingest.journal_schema import path_text
 from smfd.ingest.sidecars import is_sidecar
 
 TEMP_NAME_PATTERNS = ("*.part", "*.tmp", "~*")
@@ -56,6 +58,30 @@ class _Observation:
     size: int
     mtime_ns: int
     since: float
+
+
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _skip_reason(path: str, info: os.stat_result) -> str | None:
+    """Why an entry can never be taken (None: a regular file, or a link to one, worth reading)."""
+    if stat.S_ISLNK(info.st_mode):
+        try:
+            target = os.stat(path)
+        except FileNotFoundError:
+            return "a dangling symlink"
+        except OSError as exc:
+            return "a symlink loop" if exc.errno == errno.ELOOP else f"an unreadable symlink: {exc.strerror}"
+        info = target
+    if stat.S_ISREG(info.st_mode):
+        return None
+    return f"not a regular file: {_KINDS.get(stat.S_IFMT(info.st_mode), 'a special file')}"
 
 
 def glob_match(relative: str, pattern: str) -> bool:
@@ -147,6 +173,7 @@ class WatchFolderSource:
         self._hint_lock = threading.Lock()
         self._work_lock = threading.RLock()
         self._pending: dict[str, _Observation | None] = {}
+        self._noted: dict[str, str] = {}  # path -> the reason last logged for not taking it
         self._last_rescan: float | None = None
         self._observer: BaseObserver | None = None
         self._skip_dirs = tuple(os.path.realpath(d) for d in (intake.spool_dir, intake.quarantine_dir))
@@ -230,6 +257,8 @@ class WatchFolderSource:
                 continue
             dirnames[:] = [d for d in dirnames if self._descend(os.path.join(directory, d))]
             if not self.recursive:
+                for name in dirnames:
+                    self._note_once(os.path.join(directory, name), "a folder: this watch is not recursive")
                 dirnames[:] = []
             for filename in filenames:
                 path = os.path.join(directory, filename)
@@ -311,25 +340,44 @@ class WatchFolderSource:
         return False
 
     def _take(self, ready) -> list[IntakeResult]:  # ready: (path, stat) -> bool
+        """Offer each candidate to the intake; one entry's failure never holds up the entries after it."""
         results = []
         for path in sorted(self._pending):
             try:
-                info = os.lstat(path)
-            except FileNotFoundError:
-                del self._pending[path]  # gone before it settled: nothing to take
+                result = self._take_one(path, ready)
+            except Exception as exc:  # noqa: BLE001 - isolate the entry; it is retried at the next scan
+                self.intake_errors_total += 1
+                self._note_once(path, f"intake failed: {type(exc).__name__}: {exc}", level="error")
                 continue
-            if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)) or self.intake.journal.is_seen_file(
-                path, info.st_size, info.st_mtime_ns
-            ):
-                del self._pending[path]
-                continue
-            if not ready(path, info):
-                continue
-            result = self._claim(path)
             if result is not None:
-                del self._pending[path]
                 results.append(result)
         return results
+
+    def _take_one(self, path: str, ready) -> IntakeResult | None:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            del self._pending[path]  # gone before it settled: nothing to take
+            return None
+        skip = _skip_reason(path, info)
+        if skip is not None or self.intake.journal.is_seen_file(path, info.st_size, info.st_mtime_ns):
+            if skip is not None:
+                self._note_once(path, skip)
+            del self._pending[path]
+            return None
+        if not ready(path, info):
+            return None
+        result = self._claim(path)
+        if result is not None:
+            del self._pending[path]
+        return result
+
+    def _note_once(self, path: str, reason: str, level: str = "warning") -> None:
+        """Log why an entry is not taken the first time it is seen, not on every rescan."""
+        if self._noted.get(path) == reason:
+            return
+        self._noted[path] = reason
+        getattr(self._log, level)("entry_not_taken", path=path_text(path), reason=reason)
 
     def _claim(self, path: str) -> IntakeResult | None:
         """Hand one file to the intake; an intake failure (disk full...) is logged and retried later."""
