@@ -28,3 +28,29 @@ class BackgroundStats:
         self.counts += torch.bincount(slot_reads, minlength=self.counts.numel()).double()
         self.doc_freq[torch.unique(slot_reads)] += 1
         self.n_batches += 1
+
+
+BACKGROUND_PREFIX = "bg."
+
+
+def background_to_tensors(background: dict[int, BackgroundStats]) -> dict[str, torch.Tensor]:
+    """Flat named tensors (`bg.LAYER.counts`, ...) for storing the statistics beside memory parameters."""
+    tensors = {}
+    for layer, stats in background.items():
+        tensors[f"{BACKGROUND_PREFIX}{layer}.counts"] = stats.counts
+        tensors[f"{BACKGROUND_PREFIX}{layer}.doc_freq"] = stats.doc_freq
+        tensors[f"{BACKGROUND_PREFIX}{layer}.n_batches"] = torch.tensor([stats.n_batches])
+    return tensors
+
+
+def background_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[int, BackgroundStats]:
+    """The statistics stored by `background_to_tensors`; other tensors in `tensors` are ignored."""
+    layers = sorted({int(k.split(".")[1]) for k in tensors if k.startswith(BACKGROUND_PREFIX)})
+    return {
+        layer: BackgroundStats(
+            tensors[f"{BACKGROUND_PREFIX}{layer}.counts"],
+            tensors[f"{BACKGROUND_PREFIX}{layer}.doc_freq"],
+            int(tensors[f"{BACKGROUND_PREFIX}{layer}.n_batches"].item()),
+        )
+        for layer in layers
+    }

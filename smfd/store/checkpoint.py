@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from smfd.durable import atomic_write, atomic_write_json
 from smfd.errors import SmfdError
 from smfd.model.memory_model import MemoryModel
-from smfd.model.slot_stats import BackgroundStats
+from smfd.model.slot_stats import BACKGROUND_PREFIX, BackgroundStats, background_from_tensors, background_to_tensors
 from smfd.store.created_settings import changed_settings
 from smfd.store.integrity import DamagedState, file_digest, is_intact
 from smfd.store.patches import LayerPatch, apply_patches, load_patches, save_patches
@@ -194,11 +194,7 @@ class CheckpointStore:
         return [chunk.tolist() for chunk in torch.split(tensors["ids"], tensors["lengths"].tolist())]
 
     def _write_base(self, state: dict[str, torch.Tensor], background: dict[int, BackgroundStats]) -> None:
-        tensors = dict(state)
-        for layer, stats in background.items():
-            tensors[f"bg.{layer}.counts"] = stats.counts
-            tensors[f"bg.{layer}.doc_freq"] = stats.doc_freq
-            tensors[f"bg.{layer}.n_batches"] = torch.tensor([stats.n_batches])
+        tensors = {**state, **background_to_tensors(background)}
         atomic_write(self.folder / BASE, lambda tmp: save_file(tensors, str(tmp)))
 
     def _write_current(self, model: MemoryModel, version: int) -> None:
@@ -259,10 +255,10 @@ class CheckpointStore:
         """
         manifest = self.manifest()
         base = self._load_verified(BASE, manifest)
-        background = _background_from(base)
+        background = background_from_tensors(base)
         version = self._last_intact_version(manifest)
         cached = self._cached_values(manifest, version)
-        model.load_memory_state({k: v for k, v in base.items() if not k.startswith("bg.")})
+        model.load_memory_state({k: v for k, v in base.items() if not k.startswith(BACKGROUND_PREFIX)})
         if cached is not None:
             for memory in model.memories:
                 with torch.no_grad():
@@ -363,7 +359,7 @@ class CheckpointStore:
         if not base_version <= target <= version:
             raise SmfdError(f"cannot roll back to version {target}: versions {base_version}..{version} are available")
         base = self._load_verified(BASE, manifest)
-        model.load_memory_state({k: v for k, v in base.items() if not k.startswith("bg.")})
+        model.load_memory_state({k: v for k, v in base.items() if not k.startswith(BACKGROUND_PREFIX)})
         self._replay(model, base_version, target, manifest)
         self._write_current(model, target)
         files = manifest.setdefault("files", {})
@@ -389,13 +385,3 @@ def _lineage(history: list[dict]) -> list[dict]:
         else:
             alive = [e for e in alive if int(e["version"]) < version] + [entry]
     return alive
-
-
-def _background_from(tensors: dict[str, torch.Tensor]) -> dict[int, BackgroundStats]:
-    layers = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("bg.")})
-    return {
-        layer: BackgroundStats(
-            tensors[f"bg.{layer}.counts"], tensors[f"bg.{layer}.doc_freq"], int(tensors[f"bg.{layer}.n_batches"].item())
-        )
-        for layer in layers
-    }
