@@ -292,3 +292,42 @@ def test_sidecar_symlink_out_of_the_folder_is_not_read(intake, inbox, tmp_path):
     assert not spooled_sidecar(Path(intake.journal.get_document(result.doc_id).spool_path)).exists()
     assert "outside the watch folder" in (intake.quarantine_dir / "harbour.qa.jsonl.reason").read_text()
     assert outside.read_text() == '{"prompt": "secret", "target": "value"}\n'
+
+
+class Killed(BaseException):
+    """The process dies here (nothing after it runs)."""
+
+
+def test_a_file_whose_intake_was_cut_short_by_a_crash_is_not_journaled_twice(intake, inbox, monkeypatch):
+    source = inbox / "note.txt"
+    source.write_text("The ferry leaves at dawn.")
+    with monkeypatch.context() as patched:
+        patched.setattr(intake, "_remove_source", lambda path: (_ for _ in ()).throw(Killed()))
+        with pytest.raises(Killed):  # journaled and spooled, killed before the inbox file was removed
+            intake.claim_file(source, "watch", inbox, move=True)
+
+    again = intake.claim_file(source, "watch", inbox, move=True)  # the restarted daemon finds it
+
+    assert again.outcome == "taken_before" and not source.exists()
+    assert intake.journal.counts()["queued"] == 1 and intake.journal.counts()["duplicate"] == 0
+
+
+def test_a_file_that_grows_while_it_is_taken_stays_for_its_next_version(intake, inbox, monkeypatch):
+    source = inbox / "log.txt"
+    source.write_text("First line of the log.")
+    journal_text = intake._journal_text
+
+    def writer_appends_meanwhile(*args, **kwargs):
+        result = journal_text(*args, **kwargs)
+        with open(source, "a") as handle:
+            handle.write(" Second line, written late.")
+        return result
+
+    monkeypatch.setattr(intake, "_journal_text", writer_appends_meanwhile)
+    first = intake.claim_file(source, "watch", inbox, move=True)
+    monkeypatch.undo()
+
+    assert first.outcome == "queued" and source.exists(), "the appended text is not lost with the file"
+    second = intake.claim_file(source, "watch", inbox, move=True)
+    assert second.outcome == "queued" and second.doc_id != first.doc_id and not source.exists()
+    assert "Second line" in Path(intake.journal.get_document(second.doc_id).spool_path).read_text()

@@ -47,8 +47,8 @@ from smfd.ingest.journal import Journal
 from smfd.ingest.journal_schema import path_text
 from smfd.ingest.sidecars import RecallItem, parse_sidecar, sidecar_for, spooled_sidecar, write_items
 
-Outcome = Literal["queued", "duplicate", "quarantined", "vanished"]
-OUTCOMES: tuple[Outcome, ...] = ("queued", "duplicate", "quarantined", "vanished")
+Outcome = Literal["queued", "duplicate", "quarantined", "vanished", "taken_before"]
+OUTCOMES: tuple[Outcome, ...] = ("queued", "duplicate", "quarantined", "vanished", "taken_before")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,15 @@ class IntakeResult:
     name: str
     reason: str | None = None
     code: str | None = None
+
+
+def _changed_since(path: Path, seen: os.stat_result) -> bool:
+    """Whether the file at `path` is no longer the version `seen` (size or modification time moved on)."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_size, now.st_mtime_ns) != (seen.st_size, seen.st_mtime_ns)
 
 
 def _is_within(path: str, root: str) -> bool:
@@ -153,6 +162,9 @@ class Intake:
         probes = self._take_sidecar(sidecar, source, watch_root, move)
         result = self._journal_text(text, source, name, size=len(data), probes=probes)
         if move:
+            if _changed_since(path, link_stat):  # a writer still at work: keep it for the next version
+                self._log.warning("file_changed_while_taken", name=name, doc_id=result.doc_id)
+                return result
             self._remove_source(path)
             if probes is not None:
                 self._remove_source(sidecar)
@@ -249,7 +261,12 @@ class Intake:
         with self._lock:  # check-then-spool must not interleave between sources
             if probes is not None:  # spooled before the journal row, so a queued document never lacks them
                 self._spool_probes(spooled_sidecar(spool_path), probes)
-            if not self.journal.is_known(digest):
+            live = self.journal.live_document(digest)
+            if live is not None and (live.source, live.name) == (source, name) and spool_path.exists():
+                # The same file, journaled before a crash cut its intake short (the source was not removed yet).
+                self._log.info("document_taken_before", name=name, source=source, doc_id=live.id)
+                return IntakeResult("taken_before", live.id, name, "journaled before an interrupted intake")
+            if live is None:
                 self._write_spool(spool_path, normalized)
             doc_id, duplicate = self.journal.add_document(digest, source, name, spool_path, size)
         if duplicate:

@@ -125,12 +125,16 @@ class Journal(JournalRecords):
 
     def is_known(self, content_hash: str) -> bool:
         """True when this content would be recorded as a duplicate."""
+        return self.live_document(content_hash) is not None
+
+    def live_document(self, content_hash: str) -> DocumentRow | None:
+        """The document holding this content (any state but duplicate, failed or rolled back), if any."""
         with self._read() as conn:
             row = conn.execute(
-                "SELECT 1 FROM documents WHERE content_hash = ? AND state NOT IN ('duplicate', 'failed')",
+                f"SELECT * FROM documents WHERE content_hash = ? AND state NOT IN {RELEARNABLE_STATES!r}",
                 (content_hash,),
             ).fetchone()
-        return row is not None
+        return None if row is None else _document(row)
 
     def get_document(self, doc_id: int) -> DocumentRow | None:
         with self._read() as conn:
