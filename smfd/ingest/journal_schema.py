@@ -228,6 +228,12 @@ class JournalConnection:
         self._conn = self._connect()
         try:
             self._prepare()
+        except sqlite3.OperationalError as exc:  # I/O, locking, permissions: the file itself may be fine
+            self._conn.close()
+            raise SmfdError(
+                f"journal {self.path} cannot be opened: {exc} (is the disk full or the folder read-only?); "
+                "nothing was changed: free space or fix the permissions and start again"
+            ) from exc
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             raise SmfdError(f"journal {self.path} is not a usable SQLite database: {exc}") from exc
