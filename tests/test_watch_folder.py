@@ -255,3 +255,21 @@ def test_odd_entries_never_block_the_files_after_them_and_are_reported_once(make
     for reason in ("a FIFO", "a symlink loop", "a dangling symlink", "this watch is not recursive"):
         assert reason in logged_first
     assert "entry_not_taken" not in logged_again, "each odd entry is reported once, not on every scan"
+
+
+def test_a_writer_that_pauses_longer_than_the_settle_time_is_waited_for_until_it_closes(make_source, inbox, intake):
+    source = make_source()  # the native observer: it reports opens and closes
+    source.start()
+    assert not source.using_polling
+    with open(inbox / "slow.txt", "w") as writer:
+        writer.write("The first half of the note,")
+        writer.flush()
+        paused = poll_until(source, 1, timeout=SETTLE * 6)  # the file holds still for 6 settle times
+        assert paused == [] and (inbox / "slow.txt").exists(), "not taken while its writer holds it open"
+        writer.write(" and the second half, written after the pause.")
+
+    [result] = poll_until(source, 1)
+
+    assert result.outcome == "queued"
+    spooled = Path(intake.journal.get_document(result.doc_id).spool_path).read_text()
+    assert spooled.endswith("written after the pause.")

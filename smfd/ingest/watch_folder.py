@@ -6,7 +6,9 @@ watchdog handler silently kills its dispatcher thread) and never does work. A st
 scan and a periodic rescan catch anything the events missed (inotify queue overflow,
 files moved in as a whole directory, network filesystems). A file is taken only when
 its size and mtime have stayed unchanged for ``settle_seconds``, so a file still being
-written or copied is not read half-way.
+written or copied is not read half-way; where the native observer reports opens and closes
+(inotify), a file some process opened and has not closed yet waits for its close too (up to
+``HELD_OPEN_LIMIT_S`` without a change, in case a close event was lost).
 
 Filtering, applied to the path relative to the root (POSIX separators):
 
@@ -24,10 +26,8 @@ reads them only when their target resolves inside the root.
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import os
-import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -41,6 +41,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from smfd.errors import SmfdError
+from smfd.ingest.entries import skip_reason
 from smfd.ingest.intake import Intake, IntakeResult
 from smfd.ingest.journal_schema import path_text
 from smfd.ingest.sidecars import is_sidecar
@@ -48,6 +49,7 @@ from smfd.ingest.sidecars import is_sidecar
 TEMP_NAME_PATTERNS = ("*.part", "*.tmp", "~*")
 # Events that may mean "a file has new content here". Deletions and opens are not.
 _HINT_EVENT_TYPES = frozenset({"created", "modified", "moved", "closed", "attrib"})
+HELD_OPEN_LIMIT_S = 600.0  # a file unchanged this long is taken even if no close event came for its open
 OBSERVER_STOP_TIMEOUT_S = 5.0
 
 
@@ -58,30 +60,6 @@ class _Observation:
     size: int
     mtime_ns: int
     since: float
-
-
-_KINDS = {
-    stat.S_IFDIR: "a folder",
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFSOCK: "a socket",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-}
-
-
-def _skip_reason(path: str, info: os.stat_result) -> str | None:
-    """Why an entry can never be taken (None: a regular file, or a link to one, worth reading)."""
-    if stat.S_ISLNK(info.st_mode):
-        try:
-            target = os.stat(path)
-        except FileNotFoundError:
-            return "a dangling symlink"
-        except OSError as exc:
-            return "a symlink loop" if exc.errno == errno.ELOOP else f"an unreadable symlink: {exc.strerror}"
-        info = target
-    if stat.S_ISREG(info.st_mode):
-        return None
-    return f"not a regular file: {_KINDS.get(stat.S_IFMT(info.st_mode), 'a special file')}"
 
 
 def glob_match(relative: str, pattern: str) -> bool:
@@ -170,6 +148,7 @@ class WatchFolderSource:
         self.last_scan_unsettled = 0
         self.using_polling = polling
         self._hints: set[str] = set()
+        self._open_handles: dict[str, int] = {}  # path -> opens not yet closed, from inotify's events
         self._hint_lock = threading.Lock()
         self._work_lock = threading.RLock()
         self._pending: dict[str, _Observation | None] = {}
@@ -219,7 +198,14 @@ class WatchFolderSource:
 
     # ----------------------------------------------------------------- hints
     def _record_event(self, event: FileSystemEvent) -> None:
-        """Called on watchdog's thread: only note the path (moves: the destination)."""
+        """Called on watchdog's thread: only note the path (moves: the destination) and count open handles."""
+        if not event.is_directory and event.event_type in ("opened", "closed", "closed_no_write"):
+            opened = os.fsdecode(event.src_path)
+            with self._hint_lock:
+                held = self._open_handles.get(opened, 0) + (1 if event.event_type == "opened" else -1)
+                self._open_handles[opened] = max(held, 0)
+                if not self._open_handles[opened]:
+                    del self._open_handles[opened]
         if event.event_type not in _HINT_EVENT_TYPES:
             return
         path = os.fsdecode(event.dest_path if event.event_type == EVENT_TYPE_MOVED else event.src_path)
@@ -331,7 +317,14 @@ class WatchFolderSource:
         if seen is None or (seen.size, seen.mtime_ns) != (info.st_size, info.st_mtime_ns):
             self._pending[path] = _Observation(info.st_size, info.st_mtime_ns, now)
             return False
+        if self._held_open(path):
+            return now - seen.since >= HELD_OPEN_LIMIT_S
         return now - seen.since >= self.settle_seconds
+
+    def _held_open(self, path: str) -> bool:
+        """Whether some process opened the file and has not closed it (known only from inotify events)."""
+        with self._hint_lock:
+            return self._open_handles.get(path, 0) > 0
 
     def _old_enough(self, path: str, info: os.stat_result) -> bool:
         if time.time() - info.st_mtime >= self.settle_seconds:
@@ -359,7 +352,7 @@ class WatchFolderSource:
         except FileNotFoundError:
             del self._pending[path]  # gone before it settled: nothing to take
             return None
-        skip = _skip_reason(path, info)
+        skip = skip_reason(path, info)
         if skip is not None or self.intake.journal.is_seen_file(path, info.st_size, info.st_mtime_ns):
             if skip is not None:
                 self._note_once(path, skip)
