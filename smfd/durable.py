@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 
 def fsync_directory(directory: Path) -> None:
     """Make a rename inside `directory` durable. Filesystems that cannot open directories are tolerated."""
@@ -53,6 +55,18 @@ def remove_leftover_temp_files(root: Path) -> list[Path]:
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+def read_rebuildable_json(path: Path) -> Any:
+    """A JSON state file that smfd can compute again (e.g. the base model's probe results): its content,
+    or None when it is missing or damaged (not JSON, not UTF-8), so the caller rebuilds it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        structlog.get_logger("smfd.durable").warning("state_file_damaged", file=str(path), reason=str(exc))
+        return None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -190,3 +190,19 @@ def test_recall_is_reported_overall_and_by_probe_kind(tmp_path, tiny_memory_mode
     assert set(measured) >= {"accuracy", "accuracy.verbatim", "accuracy.reworded"}
     hits = {kind: measured[f"accuracy.{kind}"] for kind in ("verbatim", "reworded")}
     assert measured["accuracy"] == (hits["verbatim"] + 2 * hits["reworded"]) / 3
+
+
+def test_damaged_probe_files_are_rebuilt_or_skipped_not_raised(tmp_path, tiny_memory_model):
+    """The base results are derived from the frozen base: a damaged cache is scored again. A damaged
+    recall line is skipped; the intact ones are still measured."""
+    probes = RetentionProbes(tiny_memory_model, ProbesSection(fast_subset=8), tmp_path / "state")
+    base = probes.establish_baseline()
+    probes.state_file.write_bytes(b'{"tracked": {"commonsense": [\x00\xff garbage')
+    again = RetentionProbes(tiny_memory_model, ProbesSection(fast_subset=8), tmp_path / "state")
+    assert again.establish_baseline() == base, "the same frozen base scores the same"
+
+    probes.add_recall([{"prompt": "The harbour bridge was painted", "target": "orange", "kind": "verbatim"}])
+    with open(probes.recall_file, "a") as recall:
+        recall.write('{"prompt": "cut sh\n')
+    measured = probes.measure_recall()
+    assert measured is not None and measured["items"] == 1

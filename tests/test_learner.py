@@ -174,11 +174,16 @@ def test_chunks_the_model_already_knows_are_marked_known_and_not_trained(
     assert [(d.state, d.checkpoint_version) for d in map(journal.get_document, doc_ids)] == [("done", 0), ("done", 0)]
 
 
+@pytest.mark.parametrize("damage", ["missing", "altered"])
 def test_unreadable_spool_file_fails_that_document_and_learns_the_others(
-    tmp_path, tiny_memory_model, background, store, journal
+    damage, tmp_path, tiny_memory_model, background, store, journal
 ):
     good, lost = submit_all(journal, tmp_path)
-    Path(journal.get_document(lost).spool_path).unlink()
+    spool = Path(journal.get_document(lost).spool_path)
+    if damage == "missing":
+        spool.unlink()
+    else:  # the text no longer matches the hash it was journaled under: never learned
+        spool.write_text(spool.read_text().replace("parrot", "parr\x00t"))
 
     outcome = make_learner(tiny_memory_model, background, store, journal).update()
 

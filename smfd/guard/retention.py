@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
 import torch
 
 from smfd.config import ProbesSection, ProbeSuite
-from smfd.durable import atomic_write_json, atomic_write_text
+from smfd.durable import atomic_write_json, atomic_write_text, read_rebuildable_json
 from smfd.errors import SmfdError
 from smfd.guard.probes import ProbeItem, load_items
 from smfd.ingest.sidecars import SIDECAR_KIND, RecallItem
@@ -34,6 +35,8 @@ from smfd.model.scoring import (
     text_windows,
 )
 from smfd.paths import StatePaths, builtin_file, read_prompts
+
+log = structlog.get_logger("smfd.guard.retention")
 
 HELDOUT_WINDOW = 128
 RECALL_KEPT = 500  # recall probes kept on disk (newest)
@@ -101,7 +104,8 @@ class RetentionProbes:
     # ---- baseline ----------------------------------------------------------------------
     def establish_baseline(self) -> Measures:
         """Score the frozen base once (cached on disk) and pick the tracked items."""
-        cached = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        cached = read_rebuildable_json(self.state_file)  # damaged: the base is scored again
+        cached = cached if isinstance(cached, dict) else {}
         with self.model.base():
             self.base_drift_logprobs = (
                 next_token_logprobs(self.model.model, self.drift_windows) if self.drift_windows else []
@@ -196,7 +200,16 @@ class RetentionProbes:
     def _recall_records(self) -> list[dict]:
         if not self.recall_file.exists():
             return []
-        return [json.loads(line) for line in self.recall_file.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.recall_file.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                record = None
+                log.warning("recall_probe_damaged", file=str(self.recall_file), line=line[:80])
+            if isinstance(record, dict) and {"prompt", "target"} <= record.keys():
+                records.append(record)
+        return records
 
     def measure_recall(self) -> dict[str, float] | None:
         """Accuracy and target NLL of the newest learned facts (greedy continuation contains the target),

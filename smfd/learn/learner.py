@@ -22,6 +22,7 @@ import structlog
 
 from smfd.errors import SmfdError
 from smfd.guard.verdict import GuardCheck, Verdict
+from smfd.ingest.extract import content_hash
 from smfd.ingest.journal import ChunkRow, ChunkState, DocState, Journal
 from smfd.ingest.sidecars import RecallItem, cut_cloze, read_items, spooled_sidecar
 from smfd.learn.budget import MIB, MemoryBudget
@@ -153,6 +154,8 @@ class Learner:
         for doc in claimed:
             try:
                 text = Path(doc.spool_path).read_text(encoding="utf-8")
+                if doc.content_hash is not None and content_hash(text) != doc.content_hash:
+                    raise SmfdError(f"spool file {doc.spool_path} is damaged (its text no longer matches its hash)")
                 chunking = self.settings.chunking
                 chunks = chunk_text(
                     text,
