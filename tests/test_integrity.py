@@ -180,3 +180,18 @@ def test_a_journal_damaged_while_running_fails_readyz_and_stops_intake(tmp_path,
         assert (tmp_path / "inbox" / "lighthouse.txt").exists(), "the file waits in the inbox"
     finally:
         daemon.shutdown()
+
+
+def test_a_reader_beside_the_daemon_falls_back_in_memory_but_never_writes_the_state(
+    store, three_versions, make_memory_model, snapshot_values, bit_identical
+):
+    scribble(store.patch_dir / "00000003.safetensors")
+    (store.folder / "current.safetensors").unlink()
+    manifest_before = store.manifest_path.read_bytes()
+
+    fresh = make_memory_model()
+    assert store.load_into(fresh, repair=False)[0] == 2
+    assert bit_identical(snapshot_values(fresh), three_versions[2])
+    assert store.manifest_path.read_bytes() == manifest_before, "the owner decides; a reader only reads"
+    assert (store.patch_dir / "00000003.safetensors").exists()
+    assert not (store.folder / "current.safetensors").exists()

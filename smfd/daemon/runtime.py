@@ -94,7 +94,7 @@ def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
     store = CheckpointStore(StatePaths(cfg.state_dir).memory, keep=cfg.checkpoint.keep)
     if store.exists():
         store.check_settings(state_settings(cfg, model), n_layers=len(decoder_layers(model.model)))
-        version, background = store.load_into(model)
+        version, background = store.load_into(model, repair=create)  # only the state's owner repairs it
         log.info("checkpoint_loaded", version=version)
         return Runtime(model, store, background, version, store.load_text("general_text"), store.load_text("fact_text"))
     if not create:

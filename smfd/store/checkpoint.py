@@ -168,7 +168,7 @@ class CheckpointStore:
         atomic_write_json(self.manifest_path, manifest)  # the commit point: from here on, version is on disk
         try:
             self._fold_old_patches()
-        except OSError as exc:  # housekeeping only: the next commit folds again
+        except (OSError, SmfdError) as exc:  # housekeeping only, after the commit point: the next commit folds again
             log.warning("patch_fold_deferred", version=version, reason=str(exc))
         return version
 
@@ -246,17 +246,19 @@ class CheckpointStore:
                 committed[int(doc_id)] = CommittedDocument(int(entry["version"]), tuple(int(i) for i in chunk_ids))
         return committed
 
-    def load_into(self, model: MemoryModel) -> tuple[int, dict[int, BackgroundStats]]:
+    def load_into(self, model: MemoryModel, repair: bool = True) -> tuple[int, dict[int, BackgroundStats]]:
         """Restore the memory at the manifest's version (or the last intact one); returns (version, background).
 
         Every file is checked against its recorded digest first. The value cache is used only when
-        intact and of this version, else the values are replayed from base + patches and the cache
-        rewritten. A damaged patch drops the state back to the version before it, with a warning.
+        intact and of this version, else the values are replayed from base + patches. A damaged patch
+        drops the memory back to the version before it, with a warning. With `repair` (only for the
+        state's owner, under the state lock) the disk follows: the manifest falls back and the cache is
+        rewritten; a reader (`smfd ask`, `smfd probe` beside a running daemon) never writes.
         """
         manifest = self.manifest()
         base = self._load_verified(BASE, manifest)
         background = background_from_tensors(base)
-        version = self._last_intact_version(manifest)
+        version = self._last_intact_version(manifest, repair)
         cached = self._cached_values(manifest, version)
         model.load_memory_state({k: v for k, v in base.items() if not k.startswith(BACKGROUND_PREFIX)})
         if cached is not None:
@@ -265,19 +267,24 @@ class CheckpointStore:
                     memory.values.copy_(cached[_values_key(memory.layer_index)])
         else:
             self._replay(model, int(manifest["base_version"]), version, manifest)
+            if not repair:
+                return version, background
             self._write_current(model, version)
             manifest = self.manifest()
             manifest.setdefault("files", {})[CURRENT] = file_digest(self.folder / CURRENT)
             atomic_write_json(self.manifest_path, manifest)
         return version, background
 
-    def _last_intact_version(self, manifest: dict) -> int:
-        """The manifest's version, or the one before its first damaged patch (the manifest is rewritten to it)."""
+    def _last_intact_version(self, manifest: dict, repair: bool) -> int:
+        """The manifest's version, or the one before its first damaged patch (with `repair`, the manifest too)."""
         base_version, version = int(manifest["base_version"]), int(manifest["version"])
         files = manifest.get("files", {})
         for v in range(base_version + 1, version + 1):
             if not is_intact(self.folder, self._patch_name(v), files):
-                self._fall_back(manifest, v - 1, damaged=v)
+                if repair:
+                    self._fall_back(manifest, v - 1, damaged=v)
+                else:
+                    log.warning("checkpoint_patch_damaged", damaged=str(self._patch_path(v)), using_version=v - 1)
                 return v - 1
         return version
 
