@@ -61,7 +61,7 @@ class Daemon:
         self.metrics = Metrics()
         self.heartbeats = Heartbeats()
         self.ready = False
-        self.commit_failures = 0  # consecutive failed checkpoint writes; updates wait commit_retry_delay()
+        self.commit_failures = 0  # consecutive failed checkpoint writes (see _commit_failed)
         self.retry_updates_at = 0.0  # time.monotonic() before which no update starts
         self.server: MetricsServer | None = None
         self.scheduler: BackgroundScheduler | None = None
