@@ -200,6 +200,7 @@ def status_report(cfg) -> dict:
         )
     store = CheckpointStore(StatePaths(cfg.state_dir).memory, keep=cfg.checkpoint.keep)
     report["checkpoint_version"] = store.version if store.exists() else None
+    report["memory_fill"] = store.memory_fill() if store.exists() else None
     probes_file = StatePaths(cfg.state_dir).probe_last
     report["last_probes"] = json.loads(probes_file.read_text()) if probes_file.exists() else None
     return report
@@ -216,6 +217,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("documents: " + ", ".join(f"{k} {v}" for k, v in docs.items()))
     print(f"pending chunks: {report['pending_chunks']} ({report['pending_tokens']} tokens)")
     print(f"checkpoint version: {report['checkpoint_version']}")
+    if report["memory_fill"]:
+        fill = report["memory_fill"]
+        print(
+            f"memory: {fill['rows_trained']} of {fill['rows_total']} rows trained; "
+            f"{fill['background_read_share']:.1%} of ordinary text's reads land on them"
+        )
     last = report["last_update"]
     if last:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["timestamp"]))

@@ -181,6 +181,8 @@ def test_once_learns_good_files_and_quarantines_bad_ones(tmp_path, tiny_model_di
     assert code == 0
     assert status["documents"]["done"] == 2 and status["checkpoint_version"] == 2
     assert status["pending_chunks"] == 0 and status["last_update"]["accepted"] is True
+    fill = status["memory_fill"]  # how full the memory is, from the checkpoint (no model loaded)
+    assert 0 < fill["rows_trained"] < fill["rows_total"] == 16 * 16 and 0 <= fill["background_read_share"] <= 1
 
 
 def test_probe_rollback_and_ask_after_learning(tmp_path, tiny_model_dir, capsys):

@@ -306,3 +306,25 @@ def test_a_checkpoint_write_that_fails_undoes_the_update_in_memory(
     assert bit_identical(snapshot_values(tiny_memory_model), before), "the memory is what the disk holds"
     assert store.version == 0
     assert {journal.get_document(d).state for d in doc_ids} == {"processing"}, "the daemon requeues them"
+
+
+def test_memory_fill_counts_the_rows_updates_trained_and_the_background_reads_on_them(
+    tmp_path, tiny_memory_model, background, store, journal
+):
+    from smfd.model.slot_stats import memory_fill
+
+    learner = make_learner(tiny_memory_model, background, store, journal)
+    empty = learner.fill()
+    assert (empty.rows_trained, empty.background_read_share) == (0, 0.0), "a fresh memory holds nothing"
+
+    submit_all(journal, tmp_path)
+    outcome = learner.update(guard=lambda: Verdict(True, None, {}))
+
+    trained = {layer: (values != 0).any(dim=1) for layer, values in tiny_memory_model.values().items()}
+    expected_share = sum(float(background[k].counts[t].sum()) for k, t in trained.items()) / sum(
+        float(background[k].counts.sum()) for k in trained
+    )
+    assert outcome.fill == memory_fill(tiny_memory_model.values(), background)
+    assert outcome.fill.rows_trained == sum(int(t.sum()) for t in trained.values()) == outcome.rows_updated
+    assert outcome.fill.background_read_share == pytest.approx(expected_share)
+    assert store.memory_fill() == outcome.fill.as_dict(), "recorded with the checkpoint for smfd status"

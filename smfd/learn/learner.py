@@ -32,7 +32,7 @@ from smfd.learn.surprise import sequence_surprise
 from smfd.learn.updater import SparseUpdater, split_batch
 from smfd.model.batch import TokenBatch, encode, make_batch
 from smfd.model.memory_model import MemoryModel
-from smfd.model.slot_stats import BackgroundStats
+from smfd.model.slot_stats import BackgroundStats, MemoryFill, memory_fill
 from smfd.store.checkpoint import CheckpointStore
 from smfd.store.patches import LayerPatch, apply_patches
 from smfd.text.chunker import chunk_text
@@ -64,6 +64,7 @@ class UpdateOutcome:
     stopped: bool = False
     reason: str = ""
     surprise: list[float] = field(default_factory=list)
+    fill: MemoryFill | None = None  # how full the memory is after an accepted update
 
 
 __all__ = ["CommitFailed", "Learner", "LearnSettings", "UpdateOutcome"]
@@ -143,6 +144,10 @@ class Learner:
             device=self.budget.device_label,
         )
         return batch_size
+
+    def fill(self) -> MemoryFill:
+        """How full the memory is now (rows trained, ordinary text's reads on them)."""
+        return memory_fill(self.model.values(), self.background)
 
     def count_tokens(self, text: str) -> int:
         return len(self.model.tokenizer(text, add_special_tokens=False).input_ids)
@@ -309,7 +314,14 @@ class Learner:
                 **{k: v for k, v in measures.items() if isinstance(v, (int, float))},
             )
             return
-        meta = {"chunks": len(chunks), "rows": outcome.rows_updated, "steps": outcome.steps, "measures": measures}
+        outcome.fill = memory_fill(self.model.values(), self.background)
+        meta = {
+            "chunks": len(chunks),
+            "rows": outcome.rows_updated,
+            "steps": outcome.steps,
+            "measures": measures,
+            "fill": outcome.fill.as_dict(),
+        }
         documents: dict[int, list[int]] = {}
         for chunk in chunks:
             documents.setdefault(chunk.doc_id, []).append(chunk.id)

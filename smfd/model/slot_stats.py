@@ -54,3 +54,35 @@ def background_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[int, Backg
         )
         for layer in layers
     }
+
+
+@dataclass(frozen=True)
+class MemoryFill:
+    """How full the memory is: value rows ever trained (a trained row is never all zeros again), and the
+    share of ordinary text's reads (the background statistics) that land on them. As the share grows,
+    ordinary text reads more of what was learned: retention gets harder to keep (the long-stream risk)."""
+
+    rows_trained: int
+    rows_total: int
+    background_read_share: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "rows_trained": self.rows_trained,
+            "rows_total": self.rows_total,
+            "background_read_share": self.background_read_share,
+        }
+
+
+def memory_fill(values: dict[int, torch.Tensor], background: dict[int, BackgroundStats]) -> MemoryFill:
+    """The fill over all memory layers (`values`: layer -> value table; rows start at zero when attached)."""
+    trained_rows, total_rows, trained_reads, all_reads = 0, 0, 0.0, 0.0
+    for layer, table in values.items():
+        trained = (table.detach() != 0).any(dim=1).cpu()
+        trained_rows += int(trained.sum())
+        total_rows += int(trained.numel())
+        stats = background.get(layer)
+        if stats is not None:
+            trained_reads += float(stats.counts[trained].sum())
+            all_reads += float(stats.counts.sum())
+    return MemoryFill(trained_rows, total_rows, trained_reads / all_reads if all_reads else 0.0)

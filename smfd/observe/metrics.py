@@ -190,6 +190,17 @@ class Metrics:
             "smfd_memory_budget_bytes", "Configured memory budget, by device.", ["device"], registry=reg
         )
         self.learner_up = Gauge("smfd_learner_up", "1 while the learner worker is healthy, else 0.", registry=reg)
+        self.memory_rows_trained = Gauge(
+            "smfd_memory_rows_trained", "Memory value rows ever trained (all layers).", registry=reg
+        )
+        self.memory_rows_total = Gauge(
+            "smfd_memory_rows", "Memory value rows in all layers, trained or not.", registry=reg
+        )
+        self.memory_background_read_share = Gauge(
+            "smfd_memory_background_read_share",
+            "Share of ordinary text's memory reads that land on trained rows (0..1).",
+            registry=reg,
+        )
         self.build_info = Info("smfd_build", "Version of the running daemon.", registry=reg)
 
     def _initialise_bounded_series(self) -> None:
@@ -314,6 +325,12 @@ class Metrics:
         self.peak_memory.labels(device=name).set(peak_bytes)
         if budget_bytes is not None:
             self.memory_budget.labels(device=name).set(budget_bytes)
+
+    def set_memory_fill(self, rows_trained: int, rows_total: int, background_read_share: float) -> None:
+        """Record how full the memory is (after start-up and after every accepted update)."""
+        self.memory_rows_trained.set(rows_trained)
+        self.memory_rows_total.set(rows_total)
+        self.memory_background_read_share.set(background_read_share)
 
     def set_learner_up(self, up: bool) -> None:
         """Record whether the learner worker is healthy."""

@@ -238,6 +238,11 @@ class CheckpointStore:
         return strays
 
     # ---- reading --------------------------------------------------------------
+    def memory_fill(self) -> dict | None:
+        """How full the memory was after the current version's update (recorded at commit), or None."""
+        lineage = _lineage(self.manifest()["history"])
+        return next((entry["fill"] for entry in reversed(lineage) if "fill" in entry), None)
+
     def committed_documents(self) -> dict[int, CommittedDocument]:
         """Every document learned by a version the current one descends from (rolled-back versions excluded)."""
         committed: dict[int, CommittedDocument] = {}
