@@ -199,13 +199,14 @@ class WatchFolderSource:
     # ----------------------------------------------------------------- hints
     def _record_event(self, event: FileSystemEvent) -> None:
         """Called on watchdog's thread: only note the path (moves: the destination) and count open handles."""
-        if not event.is_directory and event.event_type in ("opened", "closed", "closed_no_write"):
+        if not event.is_directory and event.event_type in ("opened", "closed", "closed_no_write", "deleted", "moved"):
             opened = os.fsdecode(event.src_path)
             with self._hint_lock:
                 held = self._open_handles.get(opened, 0) + (1 if event.event_type == "opened" else -1)
-                self._open_handles[opened] = max(held, 0)
-                if not self._open_handles[opened]:
-                    del self._open_handles[opened]
+                if held > 0 and event.event_type not in ("deleted", "moved"):
+                    self._open_handles[opened] = held
+                else:  # closed, or gone from this name: nothing holds it any more
+                    self._open_handles.pop(opened, None)
         if event.event_type not in _HINT_EVENT_TYPES:
             return
         path = os.fsdecode(event.dest_path if event.event_type == EVENT_TYPE_MOVED else event.src_path)
