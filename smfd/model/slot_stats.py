@@ -78,7 +78,7 @@ def memory_fill(values: dict[int, torch.Tensor], background: dict[int, Backgroun
     """The fill over all memory layers (`values`: layer -> value table; rows start at zero when attached)."""
     trained_rows, total_rows, trained_reads, all_reads = 0, 0, 0.0, 0.0
     for layer, table in values.items():
-        trained = (table.detach() != 0).any(dim=1).cpu()
+        trained = _nonzero_rows(table.detach())
         trained_rows += int(trained.sum())
         total_rows += int(trained.numel())
         stats = background.get(layer)
@@ -86,3 +86,10 @@ def memory_fill(values: dict[int, torch.Tensor], background: dict[int, Backgroun
             trained_reads += float(stats.counts[trained].sum())
             all_reads += float(stats.counts.sum())
     return MemoryFill(trained_rows, total_rows, trained_reads / all_reads if all_reads else 0.0)
+
+
+def _nonzero_rows(table: torch.Tensor, rows_per_block: int = 16384) -> torch.Tensor:
+    """Which rows hold any non-zero value, a block of rows at a time: a whole-table comparison would
+    allocate a boolean copy of the table (150 MB for the default memory) on every update."""
+    blocks = [(block != 0).any(dim=1) for block in torch.split(table, rows_per_block)]
+    return torch.cat(blocks).cpu() if blocks else torch.zeros(0, dtype=torch.bool)
