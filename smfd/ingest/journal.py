@@ -123,10 +123,6 @@ class Journal(JournalRecords):
             )
             return int(cursor.lastrowid)
 
-    def is_known(self, content_hash: str) -> bool:
-        """True when this content would be recorded as a duplicate."""
-        return self.live_document(content_hash) is not None
-
     def live_document(self, content_hash: str) -> DocumentRow | None:
         """The document holding this content (any state but duplicate, failed or rolled back), if any."""
         with self._read() as conn:

@@ -159,10 +159,10 @@ class CheckpointStore:
         manifest = self.manifest()
         version = int(manifest["version"]) + 1
         atomic_write(self._patch_path(version), lambda tmp: save_patches(tmp, patches, {"version": version, **meta}))
-        self._write_current(model, version)
+        current_digest = self._write_current(model, version)
         files = manifest.setdefault("files", {})
         files[self._patch_name(version)] = file_digest(self._patch_path(version))
-        files[CURRENT] = file_digest(self.folder / CURRENT)
+        files[CURRENT] = current_digest
         manifest["version"] = version
         manifest["history"] = (manifest["history"] + [{"version": version, "timestamp": time.time(), **meta}])[-1000:]
         atomic_write_json(self.manifest_path, manifest)  # the commit point: from here on, version is on disk
@@ -197,12 +197,14 @@ class CheckpointStore:
         tensors = {**state, **background_to_tensors(background)}
         atomic_write(self.folder / BASE, lambda tmp: save_file(tensors, str(tmp)))
 
-    def _write_current(self, model: MemoryModel, version: int) -> None:
+    def _write_current(self, model: MemoryModel, version: int) -> str:
+        """Write the value cache for `version`; returns its digest for the manifest's `files`."""
         tensors = {_values_key(layer): v.cpu().contiguous() for layer, v in model.values().items()}
         atomic_write(
             self.folder / CURRENT,
             lambda tmp: save_file(tensors, str(tmp), metadata={"version": str(version)}),
         )
+        return file_digest(self.folder / CURRENT)
 
     def _fold_old_patches(self) -> None:
         """Keep at most `keep` patches: apply the oldest ones to the base snapshot and delete them."""
@@ -261,11 +263,9 @@ class CheckpointStore:
         rewritten; a reader (`smfd ask`, `smfd probe` beside a running daemon) never writes.
         """
         manifest = self.manifest()
-        base = self._load_verified(BASE, manifest)
-        background = background_from_tensors(base)
+        background = background_from_tensors(self._load_base_into(model, manifest))
         version = self._last_intact_version(manifest, repair)
         cached = self._cached_values(manifest, version)
-        model.load_memory_state({k: v for k, v in base.items() if not k.startswith(BACKGROUND_PREFIX)})
         if cached is not None:
             for memory in model.memories:
                 with torch.no_grad():
@@ -274,9 +274,9 @@ class CheckpointStore:
             self._replay(model, int(manifest["base_version"]), version, manifest)
             if not repair:
                 return version, background
-            self._write_current(model, version)
+            current_digest = self._write_current(model, version)
             manifest = self.manifest()
-            manifest.setdefault("files", {})[CURRENT] = file_digest(self.folder / CURRENT)
+            manifest.setdefault("files", {})[CURRENT] = current_digest
             atomic_write_json(self.manifest_path, manifest)
         return version, background
 
@@ -302,17 +302,15 @@ class CheckpointStore:
             was=version,
             reason="a patch is damaged or missing; its documents and later ones are no longer held",
         )
-        manifest["version"] = target
-        manifest["history"].append(
-            {
-                "version": target,
-                "timestamp": time.time(),
-                "rollback_from": version,
-                "reason": f"patch {damaged} damaged",
-            }
-        )
+        self._drop_versions_above(manifest, target, reason=f"patch {damaged} damaged")
+
+    def _drop_versions_above(self, manifest: dict, target: int, **history: object) -> None:
+        """Make `target` the manifest's version (recorded as a rollback) and delete the patches above it."""
+        version = int(manifest["version"])
         for v in range(target + 1, version + 1):
-            manifest.get("files", {}).pop(self._patch_name(v), None)
+            manifest.setdefault("files", {}).pop(self._patch_name(v), None)
+        manifest["version"] = target
+        manifest["history"].append({"version": target, "timestamp": time.time(), "rollback_from": version, **history})
         atomic_write_json(self.manifest_path, manifest)
         for v in range(target + 1, version + 1):
             self._patch_path(v).unlink(missing_ok=True)
@@ -346,6 +344,12 @@ class CheckpointStore:
         except (SafetensorError, OSError) as exc:
             raise DamagedState(path, f"unreadable: {exc}") from exc
 
+    def _load_base_into(self, model: MemoryModel, manifest: dict) -> dict[str, torch.Tensor]:
+        """Set `model`'s memory to the verified base snapshot; returns the snapshot (with its background statistics)."""
+        base = self._load_verified(BASE, manifest)
+        model.load_memory_state({k: v for k, v in base.items() if not k.startswith(BACKGROUND_PREFIX)})
+        return base
+
     def _load_patch(self, version: int, manifest: dict) -> tuple[list[LayerPatch], dict[str, object]]:
         name = self._patch_name(version)
         if not is_intact(self.folder, name, manifest.get("files", {})):
@@ -370,19 +374,10 @@ class CheckpointStore:
         version, base_version = int(manifest["version"]), int(manifest["base_version"])
         if not base_version <= target <= version:
             raise SmfdError(f"cannot roll back to version {target}: versions {base_version}..{version} are available")
-        base = self._load_verified(BASE, manifest)
-        model.load_memory_state({k: v for k, v in base.items() if not k.startswith(BACKGROUND_PREFIX)})
+        self._load_base_into(model, manifest)
         self._replay(model, base_version, target, manifest)
-        self._write_current(model, target)
-        files = manifest.setdefault("files", {})
-        files[CURRENT] = file_digest(self.folder / CURRENT)
-        for v in range(version, target, -1):
-            files.pop(self._patch_name(v), None)
-        manifest["version"] = target
-        manifest["history"].append({"version": target, "timestamp": time.time(), "rollback_from": version})
-        atomic_write_json(self.manifest_path, manifest)
-        for v in range(version, target, -1):
-            self._patch_path(v).unlink(missing_ok=True)
+        manifest.setdefault("files", {})[CURRENT] = self._write_current(model, target)
+        self._drop_versions_above(manifest, target)
         return target
 
 
