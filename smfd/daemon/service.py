@@ -32,7 +32,6 @@ from smfd.ingest.intake import Intake
 from smfd.ingest.journal import DocState, Journal, JournalDamaged
 from smfd.learn.budget import MemoryBudget
 from smfd.learn.learner import CommitFailed, Learner, LearnSettings, UpdateOutcome
-from smfd.model.slot_stats import MemoryFill
 from smfd.observe import systemd_notify
 from smfd.observe.http_server import MetricsServer
 from smfd.observe.logs import configure_logging
@@ -114,7 +113,7 @@ class Daemon:
         self.sources = Sources(self.cfg, self.intake, self.journal, self.metrics, self.heartbeats, self.paths)
         self.sources.build(self.cfg)
         self.metrics.set_checkpoint(runtime.version, time.time())
-        self._report_fill(self.learner.fill())
+        self.metrics.set_memory_fill(self.learner.fill())
         last = self.journal.last_update()
         if last is not None:
             self.metrics.restore_last_update(last.timestamp)
@@ -221,15 +220,12 @@ class Daemon:
         if outcome.accepted:
             self.metrics.set_checkpoint(outcome.version or 0, time.time())
             if outcome.fill is not None:
-                self._report_fill(outcome.fill)
+                self.metrics.set_memory_fill(outcome.fill)
             self.probing.add_recall(outcome.recall_items)
         for source, settled in outcome.documents_settled:
             self.metrics.document(source if source in ("watch", "feed") else "watch", settled)
         self.metrics.set_queue(self.journal.pending_chunk_count(), self.journal.pending_token_count())
         self._report_memory()
-
-    def _report_fill(self, fill: MemoryFill) -> None:
-        self.metrics.set_memory_fill(fill.rows_trained, fill.rows_total, fill.background_read_share)
 
     def _report_memory(self) -> None:
         assert self.learner is not None

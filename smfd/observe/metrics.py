@@ -28,6 +28,7 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from smfd import __version__
+from smfd.model.slot_stats import MemoryFill
 
 DOCUMENT_SOURCES = ("watch", "feed")
 DOCUMENT_OUTCOMES = ("queued", "duplicate", "quarantined", "done", "failed", "rejected")
@@ -193,9 +194,7 @@ class Metrics:
         self.memory_rows_trained = Gauge(
             "smfd_memory_rows_trained", "Memory value rows ever trained (all layers).", registry=reg
         )
-        self.memory_rows_total = Gauge(
-            "smfd_memory_rows", "Memory value rows in all layers, trained or not.", registry=reg
-        )
+        self.memory_rows = Gauge("smfd_memory_rows", "Memory value rows in all layers, trained or not.", registry=reg)
         self.memory_background_read_share = Gauge(
             "smfd_memory_background_read_share",
             "Share of ordinary text's memory reads that land on trained rows (0..1).",
@@ -326,11 +325,11 @@ class Metrics:
         if budget_bytes is not None:
             self.memory_budget.labels(device=name).set(budget_bytes)
 
-    def set_memory_fill(self, rows_trained: int, rows_total: int, background_read_share: float) -> None:
+    def set_memory_fill(self, fill: MemoryFill) -> None:
         """Record how full the memory is (after start-up and after every accepted update)."""
-        self.memory_rows_trained.set(rows_trained)
-        self.memory_rows_total.set(rows_total)
-        self.memory_background_read_share.set(background_read_share)
+        self.memory_rows_trained.set(fill.rows_trained)
+        self.memory_rows.set(fill.rows_total)
+        self.memory_background_read_share.set(fill.background_read_share)
 
     def set_learner_up(self, up: bool) -> None:
         """Record whether the learner worker is healthy."""
