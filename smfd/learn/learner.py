@@ -314,7 +314,7 @@ class Learner:
                 **{k: v for k, v in measures.items() if isinstance(v, (int, float))},
             )
             return
-        outcome.fill = memory_fill(self.model.values(), self.background)
+        outcome.fill = self.fill()
         meta = {
             "chunks": len(chunks),
             "rows": outcome.rows_updated,
