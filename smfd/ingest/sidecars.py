@@ -18,6 +18,7 @@ from pathlib import Path
 
 from smfd.durable import atomic_write_text
 from smfd.ingest.extract import RejectedInput, check_text, decode_utf8, jsonl_objects
+from smfd.ingest.journal import ChunkRow, Journal
 from smfd.text.sentences import split_sentences
 
 SIDECAR_SUFFIX = ".qa.jsonl"
@@ -89,4 +90,20 @@ def cut_cloze(texts: list[str]) -> list[RecallItem]:
                 target = " ".join(words[-CUT_TARGET_WORDS:]).strip("\"'(),")
                 if target:
                     items.append({"prompt": " ".join(words[:-CUT_TARGET_WORDS]), "target": target, "kind": CLOZE_KIND})
+    return items
+
+
+def recall_items(journal: Journal, chunks: list[ChunkRow]) -> list[RecallItem]:
+    """Recall probes for learned chunks: each document's sidecar pairs, else clozes cut from its chunks."""
+    by_document: dict[int, list[str]] = {}
+    for chunk in chunks:
+        by_document.setdefault(chunk.doc_id, []).append(chunk.text)
+    items: list[RecallItem] = []
+    for doc_id, texts in by_document.items():
+        doc = journal.get_document(doc_id)
+        sidecar = None if doc is None or doc.spool_path is None else spooled_sidecar(Path(doc.spool_path))
+        if sidecar is not None and sidecar.exists():
+            items.extend(read_items(sidecar))
+        else:
+            items.extend(cut_cloze(texts))
     return items

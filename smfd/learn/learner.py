@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +25,9 @@ from smfd.errors import SmfdError
 from smfd.guard.verdict import GuardCheck, Verdict
 from smfd.ingest.extract import content_hash
 from smfd.ingest.journal import ChunkRow, ChunkState, DocState, Journal
-from smfd.ingest.sidecars import RecallItem, cut_cloze, read_items, spooled_sidecar
+from smfd.ingest.sidecars import RecallItem, recall_items
 from smfd.learn.budget import MIB, MemoryBudget
+from smfd.learn.gate import ModelGate, accepted_view
 from smfd.learn.interference import RetainSet
 from smfd.learn.lesson import LearnSettings, TokenSurprise, build_lesson, lesson_batches
 from smfd.learn.surprise import sequence_surprise
@@ -85,8 +87,11 @@ class Learner:
         settings: LearnSettings,
         budget: MemoryBudget | None = None,
         retain: RetainSet | None = None,
+        gate: ModelGate | None = None,
     ) -> None:
         self.model = model
+        self.gate = gate or ModelGate()
+        self._undecided: list[LayerPatch] = []  # an update's patches between its last step and the verdict
         self.retain = retain
         self.budget = budget or MemoryBudget(model.device, None, None)
         self.batch_size = settings.train.batch_size
@@ -106,14 +111,16 @@ class Learner:
         updater = SparseUpdater(self.model.model, self.model.memories, self.background, settings.train, self.retain)
         batch_size = min(self.batch_size, settings.train.batch_size)
         if _step_footprint(settings) != _step_footprint(self.settings):
-            batch_size = self._planned_batch_size(settings, updater)
+            with self.gate.learner():
+                batch_size = self._planned_batch_size(settings, updater)
         self.settings = settings
         self.updater = updater
         self.batch_size = batch_size
 
     def plan_batch_size(self) -> int:
         """Measure one step and fit the micro-batch into the memory budget (the step is undone)."""
-        self.batch_size = self._planned_batch_size(self.settings, self.updater)
+        with self.gate.learner():
+            self.batch_size = self._planned_batch_size(self.settings, self.updater)
         return self.batch_size
 
     def _planned_batch_size(self, settings: LearnSettings, updater: SparseUpdater) -> int:
@@ -144,6 +151,16 @@ class Learner:
             device=self.budget.device_label,
         )
         return batch_size
+
+    def serve(self, job: Callable[[MemoryModel, int], None]) -> None:
+        """Queue `job(model, version)` for a served request, run on the model's thread as soon as the
+        learner allows (between two optimizer steps with `serve.during_update: pause_learner`), on the
+        model as last accepted: what an update in progress has trained so far is never visible."""
+        self.gate.submit(lambda: job(self.model, self.store.version))
+
+    def _accepted_view(self) -> AbstractContextManager[None]:
+        unaccepted = self._undecided or self.updater.recorder.pending(self.model.memories)
+        return accepted_view(self.model.memories, unaccepted)
 
     def fill(self) -> MemoryFill:
         """How full the memory is now (rows trained, ordinary text's reads on them)."""
@@ -201,6 +218,11 @@ class Learner:
 
     # ---- stage 3: the update ----------------------------------------------------------
     def update(self, should_stop: Callable[[], bool] = lambda: False, guard: GuardCheck | None = None) -> UpdateOutcome:
+        """One update, holding the model gate (served requests run only at its pause points)."""
+        with self.gate.learner():
+            return self._update(should_stop, guard)
+
+    def _update(self, should_stop: Callable[[], bool], guard: GuardCheck | None) -> UpdateOutcome:
         started = time.perf_counter()
         outcome = UpdateOutcome(documents=self.chunk_claimed_documents())
         chunks = self.journal.pending_chunks()
@@ -208,6 +230,7 @@ class Learner:
             outcome.documents_settled = self._finish_documents(self.store.version)
             return outcome
         learn, known, outcome.surprise, scored = self.split_known(chunks)
+        self.gate.pause_point(self._accepted_view)
         if known:
             self.journal.set_chunk_state([c.id for c in known], ChunkState.KNOWN)
         outcome.chunks_known = len(known)
@@ -216,7 +239,12 @@ class Learner:
             if outcome.stopped:
                 return outcome
             outcome.seconds = time.perf_counter() - started
-            self._accept_or_reject(learn, patches, outcome, guard)
+            self._undecided = patches
+            try:
+                self.gate.pause_point(self._accepted_view)
+                self._accept_or_reject(learn, patches, outcome, guard)
+            finally:
+                self._undecided = []
         else:
             outcome.version = self.store.version
         outcome.documents_settled = self._finish_documents(outcome.version)
@@ -229,9 +257,11 @@ class Learner:
     ) -> list[LayerPatch]:
         """Run the optimizer steps; returns the update's patches (already reverted if stopped)."""
         batches = self._lesson_batches(chunks, scored)
+        self.gate.pause_point(self._accepted_view)
         try:
             self.updater.plan_update(batches)
             for batch in batches:
+                self.gate.pause_point(self._accepted_view)
                 if should_stop():
                     outcome.stopped = True
                     break
@@ -314,6 +344,7 @@ class Learner:
                 **{k: v for k, v in measures.items() if isinstance(v, (int, float))},
             )
             return
+        self.gate.pause_point(self._accepted_view)  # requests still see the previous version until it is on disk
         outcome.fill = self.fill()
         meta = {
             "chunks": len(chunks),
@@ -331,7 +362,7 @@ class Learner:
             apply_patches(self.model.memories, patches, revert=True)  # the memory stays what the disk holds
             raise CommitFailed(f"the checkpoint could not be written ({exc}); the update was undone") from exc
         outcome.accepted = True
-        outcome.recall_items = self.recall_items(chunks)
+        outcome.recall_items = recall_items(self.journal, chunks)
         self.journal.set_chunk_state(chunk_ids, ChunkState.LEARNED)
         self.journal.record_update(outcome.version, len(chunks), outcome.rows_updated, outcome.seconds, True, measures)
         log.info(
@@ -342,21 +373,6 @@ class Learner:
             steps=outcome.steps,
             tokens=outcome.tokens,
         )
-
-    def recall_items(self, chunks: list[ChunkRow]) -> list[RecallItem]:
-        """Recall probes for learned chunks: each document's sidecar pairs, else clozes cut from its chunks."""
-        by_document: dict[int, list[str]] = {}
-        for chunk in chunks:
-            by_document.setdefault(chunk.doc_id, []).append(chunk.text)
-        items: list[RecallItem] = []
-        for doc_id, texts in by_document.items():
-            doc = self.journal.get_document(doc_id)
-            sidecar = None if doc is None or doc.spool_path is None else spooled_sidecar(Path(doc.spool_path))
-            if sidecar is not None and sidecar.exists():
-                items.extend(read_items(sidecar))
-            else:
-                items.extend(cut_cloze(texts))
-        return items
 
     def _finish_documents(self, version: int | None) -> list[tuple[str, str]]:
         """Mark done every processing document whose chunks are all settled; the checkpoint is already on disk.

@@ -52,13 +52,18 @@ def attach_memory(model: PreTrainedModel, config: MemorySection) -> list[Product
 
 
 @contextlib.contextmanager
-def memory_bypassed(memories: list[ProductKeyMemory]) -> Iterator[None]:
-    """Run the frozen base model: every memory read returns zero while inside."""
+def memory_switched(memories: list[ProductKeyMemory], enabled: bool) -> Iterator[None]:
+    """Every memory on (or off) while inside; each back to its own state after."""
     previous = [m.enabled for m in memories]
     for memory in memories:
-        memory.enabled = False
+        memory.enabled = enabled
     try:
         yield
     finally:
         for memory, state in zip(memories, previous):
             memory.enabled = state
+
+
+def memory_bypassed(memories: list[ProductKeyMemory]) -> contextlib.AbstractContextManager[None]:
+    """Run the frozen base model: every memory read returns zero while inside."""
+    return memory_switched(memories, False)

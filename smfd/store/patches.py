@@ -44,7 +44,13 @@ class PatchRecorder:
             seen.update(zip(fresh, rows))
 
     def finish(self, memories: list[ProductKeyMemory]) -> list[LayerPatch]:
-        """One patch per touched layer: union of rows, first-seen `before`, current `after`."""
+        """One patch per touched layer: union of rows, first-seen `before`, current `after`; the recorder empties."""
+        patches = self.pending(memories)
+        self._before = {}
+        return patches
+
+    def pending(self, memories: list[ProductKeyMemory]) -> list[LayerPatch]:
+        """The patches of the update so far, without closing it (the recorder keeps its rows)."""
         patches = []
         for memory in memories:
             seen = self._before.get(memory.layer_index)
@@ -54,7 +60,6 @@ class PatchRecorder:
             before = torch.stack([seen[int(i)] for i in ids])
             after = memory.values.detach()[ids.to(memory.values.device)].cpu().clone()
             patches.append(LayerPatch(memory.layer_index, ids, before, after))
-        self._before = {}
         return patches
 
 
