@@ -45,7 +45,10 @@ def _sub_parser(name: str) -> argparse.ArgumentParser:
         parser.add_argument("probes", type=Path, help="JSONL: {prompt,target} or {ctx,endings,label} per line")
         parser.add_argument("--json", action="store_true", help="one JSON object per item, then a summary line")
     elif name == "ask":
-        parser.description = "Complete a prompt with the learned model."
+        parser.description = (
+            "Complete a prompt with the learned model: through the running daemon's API when serve is on "
+            "and it answers, else by loading the model here."
+        )
         _config_arg(parser)
         parser.add_argument("prompt")
         parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -145,11 +148,24 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    """Answer through the running daemon's API when it serves one; else load the model here."""
     from smfd.model.scoring import greedy_continuations
+    from smfd.serve.client import api_url, ask_daemon
 
     if not args.prompt.strip():
         raise SmfdError("ask: the prompt is empty")
     cfg = _load_config(args.config)
+    if not args.base:
+        answered = ask_daemon(cfg.serve, args.prompt, args.max_new_tokens)
+        if answered is not None:
+            print(args.prompt + answered[0])
+            print(f"(answered by the running daemon, memory version {answered[1]})", file=sys.stderr)
+            return 0
+        if cfg.serve.enabled:
+            print(
+                f"smfd ask: no daemon answers at {api_url(cfg.serve)}; loading the model here (this takes a while)",
+                file=sys.stderr,
+            )
     runtime = _quiet_runtime(cfg)
     model = runtime.model
     if args.base:

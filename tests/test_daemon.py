@@ -61,6 +61,7 @@ def write_config(folder: Path, model_dir: Path, **overrides) -> Path:
         "schedule": {"interval_seconds": 1, "pending_chunks_trigger": 1},
         "state_dir": "./state",
         "metrics": {"enabled": True, "port": free_port()},
+        "serve": {"enabled": False, "port": free_port(), "model_name": "smfd"},
         "budget": {"ram_mb": None},
         "probes": {"builtin": True, "fast_subset": 4},
         "guard": {"max_nll_increase_ratio": 10.0, "max_accuracy_drop": 1.0, "max_drift_kl": 100.0},
@@ -208,6 +209,11 @@ def test_probe_rollback_and_ask_after_learning(tmp_path, tiny_model_dir, capsys)
 
     code, out, _ = run_cli(["ask", "--config", str(config), "The lighthouse keeper"], capsys)
     assert code == 0 and out.startswith("The lighthouse keeper")
+    served_config = write_config(
+        tmp_path, tiny_model_dir, serve={"enabled": True}, train={"passes": 6, "lr": 3.0, "top_t": 64}
+    )
+    code, fallback, err = run_cli(["ask", "--config", str(served_config), "The lighthouse keeper"], capsys)
+    assert code == 0 and fallback == out and "no daemon answers" in err, "without a daemon, ask loads the model itself"
 
     assert run_cli(["rollback", "--config", str(config), "0"], capsys)[0] == 0
     code, out, _ = run_cli(["probe", "--config", str(config), str(probes), "--json"], capsys)
@@ -252,6 +258,17 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def start_daemon(config: Path, **env: str) -> subprocess.Popen:
+    """`smfd --config CONFIG` as a foreground process, its log on stdout."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "smfd", "--config", str(config)],
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def test_foreground_daemon_learns_a_dropped_file_serves_metrics_and_stops_on_sigterm(tmp_path, tiny_model_dir):
     config = write_config(tmp_path, tiny_model_dir, sources={"rescan_seconds": 600})  # only an event can find the file
     port = yaml.safe_load(config.read_text())["metrics"]["port"]
@@ -259,14 +276,7 @@ def test_foreground_daemon_learns_a_dropped_file_serves_metrics_and_stops_on_sig
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     notify.settimeout(0.2)
-    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "smfd", "--config", str(config)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_daemon(config, NOTIFY_SOCKET=str(notify_path))
     messages: list[str] = []
 
     def ready() -> bool:
@@ -308,6 +318,52 @@ def test_foreground_daemon_learns_a_dropped_file_serves_metrics_and_stops_on_sig
     recall = [json.loads(line) for line in (tmp_path / "state" / "probes" / "recall.jsonl").read_text().splitlines()]
     assert recall and all(f"{r['prompt']} {r['target']}" in NEW_TEXT for r in recall)  # cut from the learned text
     assert CheckpointStore(tmp_path / "state" / "memory").version == 1
+
+
+def test_a_running_daemon_serves_the_openai_api_and_answers_from_each_accepted_update(tmp_path, tiny_model_dir, capsys):
+    import openai
+
+    config = write_config(
+        tmp_path, tiny_model_dir, serve={"enabled": True}, train={"passes": 6, "lr": 3.0, "top_t": 64}
+    )
+    settings = yaml.safe_load(config.read_text())
+    process = start_daemon(config)
+    metrics_url = f"http://127.0.0.1:{settings['metrics']['port']}"
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{settings['serve']['port']}/v1", api_key="-", max_retries=0)
+    prompt = "The lighthouse keeper Marta Olsen painted the tower"
+
+    def ready() -> bool:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            return httpx.get(f"{metrics_url}/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(ready, 120, "/readyz")
+        before = client.completions.create(model="smfd", prompt=prompt, max_tokens=6, temperature=0)
+        assert before.system_fingerprint == "smfd-memory-v0"
+        (tmp_path / "inbox" / "lighthouse.txt").write_text(NEW_TEXT)
+        journal = Journal(tmp_path / "state" / "journal.sqlite", readonly=True)
+        wait_for(lambda: journal.counts()["done"] == 1, 60, "the dropped file to be learned")
+        journal.close()
+        after = client.chat.completions.create(
+            model="smfd", messages=[{"role": "user", "content": prompt}], max_tokens=6, temperature=0
+        )
+        assert after.system_fingerprint == "smfd-memory-v1"
+        code, out, err = run_cli(["ask", "--config", str(config), prompt, "--max-new-tokens", "6"], capsys)
+        answer = client.completions.create(model="smfd", prompt=prompt, max_tokens=6, temperature=0)
+        assert code == 0 and out.strip() == prompt + answer.choices[0].text.rstrip()
+        assert "answered by the running daemon, memory version 1" in err
+        scraped = httpx.get(f"{metrics_url}/metrics").text
+        assert 'smfd_api_requests_total{route="completions",status="200"} 3.0' in scraped
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.stdout.read()
+    assert "api_serving" in output, output[-2000:]
 
 
 PROMETHEUS_MISSING = "prometheus not on PATH (Debian: apt-get install -y --no-install-recommends prometheus)"

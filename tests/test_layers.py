@@ -19,6 +19,7 @@ LAYERS = [
     ("guard",),  # retention probes and the verdict the learner acts on
     ("learn",),  # surprise, lesson, selection, update, the learner (which asks the guard)
     ("observe",),  # metrics, HTTP, logs, systemd
+    ("serve",),  # the OpenAI-compatible API on the learner's model
     ("daemon",),  # start-up and the loop
     ("bench",),  # the benchmark drives the same stages
     ("cli", "__main__"),

@@ -55,6 +55,11 @@ FAMILIES = {
     "smfd_probe_duration_seconds": "histogram",
     "smfd_learner_up": "gauge",
     "smfd_build_info": "gauge",
+    "smfd_api_requests_total": "counter",
+    "smfd_api_time_to_first_token_seconds": "histogram",
+    "smfd_api_request_duration_seconds": "histogram",
+    "smfd_api_generated_tokens_total": "counter",
+    "smfd_api_requests_in_flight": "gauge",
 }
 METRIC_NAME = re.compile(r"\bsmfd_[a-z_]+")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -82,6 +87,11 @@ def _populate(metrics: Metrics) -> None:
     metrics.feed_fetch_error("timeout")
     metrics.watcher_rescan()
     metrics.set_learner_up(True)
+    metrics.api.request("chat_completions", 200, 1.5)
+    metrics.api.request("completions", 500, 0.1)
+    metrics.api.first_token_after("chat_completions", 0.2)
+    metrics.api.generated("chat_completions", 40)
+    metrics.api.in_flight.set(1)
 
 
 @pytest.fixture()
@@ -267,7 +277,7 @@ def test_dashboard_is_provisionable():
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
-    assert rows == ["Health", "Ingestion", "Learning", "Retention", "Resources"]
+    assert rows == ["Health", "Ingestion", "Learning", "Retention", "Resources", "Serving"]
     ids = [p["id"] for p in _dashboard_panels(dashboard)]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     for panel in _dashboard_panels(dashboard):

@@ -21,6 +21,8 @@ NOT_SETTINGS = {
     ("learn/heal.py", "batch_size"): "rows per sampling forward when general text is drawn from the model",
     ("learn/heal.py", "seed"): "the sampling seed of that general text",
     ("learn/learner.py", "steps"): "an update's count of optimizer steps (UpdateOutcome), not heal.steps",
+    ("serve/protocol.py", "max_tokens"): "an API request's own max_tokens (absent: serve.default_max_tokens)",
+    ("serve/protocol.py", "seed"): "an API request's sampling seed",
     ("bench/data.py", "background_text"): "the benchmark's background text itself, not the memory.background_text path",
 }
 

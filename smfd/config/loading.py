@@ -173,6 +173,9 @@ def resolve_paths(cfg: SmfdConfig, base_dir: Path) -> SmfdConfig:
     background = cfg.memory.background_text
     if background is not None:
         background = _resolve_against(background, base_dir)
+    key_file = cfg.serve.api_key_file
+    if key_file is not None:
+        key_file = _resolve_against(key_file, base_dir)
     return cfg.model_copy(
         update={
             "state_dir": state_dir,
@@ -180,6 +183,7 @@ def resolve_paths(cfg: SmfdConfig, base_dir: Path) -> SmfdConfig:
             "model": cfg.model.model_copy(update={"path": model_path, "cache_dir": cache_dir}),
             "sources": cfg.sources.model_copy(update={"watch": watch}),
             "probes": cfg.probes.model_copy(update={"suites": suites, "drift_prompts": drift}),
+            "serve": cfg.serve.model_copy(update={"api_key_file": key_file}),
         }
     )
 

@@ -266,6 +266,24 @@ class MetricsSection(BaseModel):
     port: int = Field(9464, ge=0, le=65535)
 
 
+class ServeSection(BaseModel):
+    """The OpenAI-compatible HTTP API on the learning model (smfd.serve); loopback only by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8464, ge=0, le=65535)
+    model_name: str = Field("smfd", min_length=1)  # the id /v1/models lists and requests must name
+    api_key_file: Path | None = None  # a file holding the bearer token requests must send; None = no check
+    max_concurrent: int = Field(8, ge=1)  # requests waiting or running; past this a request gets 429
+    # pause_learner: a request runs between two optimizer steps of an update, on the last accepted
+    # memory; wait: requests wait until the update is accepted or rolled back
+    during_update: Literal["pause_learner", "wait"] = "pause_learner"
+    default_max_tokens: int = Field(256, ge=1)  # when a request gives no max_tokens
+    max_body_bytes: int = Field(1_000_000, ge=1024)  # a larger request body gets 413
+
+
 class LoggingSection(BaseModel):
     """Log level and format.
 
@@ -340,6 +358,7 @@ class SmfdConfig(BaseModel):
     budget: BudgetSection = Field(default_factory=BudgetSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     probes: ProbesSection = Field(default_factory=ProbesSection)
     guard: GuardSection = Field(default_factory=GuardSection)

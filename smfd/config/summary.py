@@ -79,6 +79,14 @@ def _describe_retain(cfg: SmfdConfig) -> str:
 def _describe_operations(cfg: SmfdConfig) -> list[str]:
     metrics, guard, probes = cfg.metrics, cfg.guard, cfg.probes
     metrics_text = f"http://{metrics.host}:{metrics.port}/metrics" if metrics.enabled else "off"
+    serve = cfg.serve
+    serve_text = (
+        f"http://{serve.host}:{serve.port}/v1 as model {serve.model_name!r}, up to {serve.max_concurrent} requests, "
+        f"{'bearer key from ' + str(serve.api_key_file) if serve.api_key_file else 'no key'}; during an update: "
+        f"{serve.during_update.replace('_', ' ')}"
+        if serve.enabled
+        else "off"
+    )
     suites = ", ".join(
         f"{suite.name} ({suite.kind}, {suite.path}{'' if suite.limit is None else f', limit {suite.limit}'})"
         for suite in probes.suites
@@ -97,6 +105,7 @@ def _describe_operations(cfg: SmfdConfig) -> list[str]:
         f"drift prompts {probes.drift_prompts or ('built-in' if probes.builtin else 'none')}",
         f"  guard: {guard_text}",
         f"  metrics: {metrics_text}",
+        f"  serve: {serve_text}",
         f"  logging: {cfg.logging.level}, {'JSON' if cfg.logging.json_format else 'plain text'}",
     ]
 

@@ -5,12 +5,14 @@ Threads:
   and reloads the config on SIGHUP;
 - the APScheduler "default" executor polls sources (watch folders, feeds) and never touches
   the model;
-- the APScheduler "learner" executor has exactly one thread: the only one that uses the
-  model (updates and probes), so they never race.
+- the APScheduler "learner" executor is the model's one thread (smfd.learn.gate): start-up,
+  updates, probes and the API's generations all run there, so they never race, and PyTorch keeps
+  one OpenMP team (a second one on a small machine slows every op).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import signal
 import threading
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 
 import structlog
-from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.executors.pool import BasePoolExecutor, ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from smfd.config import SmfdConfig, load_config, validate_model_path
@@ -31,12 +33,14 @@ from smfd.errors import ConfigError, SmfdError
 from smfd.ingest.intake import Intake
 from smfd.ingest.journal import DocState, Journal, JournalDamaged
 from smfd.learn.budget import MemoryBudget
+from smfd.learn.gate import ModelGate
 from smfd.learn.learner import CommitFailed, Learner, LearnSettings, UpdateOutcome
 from smfd.observe import systemd_notify
 from smfd.observe.http_server import MetricsServer
 from smfd.observe.logs import configure_logging
 from smfd.observe.metrics import Metrics
 from smfd.paths import StatePaths
+from smfd.serve.server import ApiServer
 from smfd.store.checkpoint import CheckpointStore
 
 log = structlog.get_logger("smfd.daemon.service")
@@ -64,9 +68,11 @@ class Daemon:
         self.commit_failures = 0  # consecutive failed checkpoint writes (see _commit_failed)
         self.retry_updates_at = 0.0  # time.monotonic() before which no update starts
         self.server: MetricsServer | None = None
+        self.api: ApiServer | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.learner: Learner | None = None
         self.probing = Probing(self.cfg, self.metrics, self.heartbeats)
+        self.gate = ModelGate(yield_to_requests=self.cfg.serve.during_update == "pause_learner")
         self.sources: Sources | None = None
 
     def _load(self) -> SmfdConfig:
@@ -95,6 +101,18 @@ class Daemon:
             )
             self.server.start()
         systemd_notify.status("loading model")
+        self.gate.pool.submit(self._start_learner).result()  # all model work on one thread: smfd.learn.gate
+        self.sources = Sources(self.cfg, self.intake, self.journal, self.metrics, self.heartbeats, self.paths)
+        self.sources.build(self.cfg)
+        last = self.journal.last_update()
+        if last is not None:
+            self.metrics.restore_last_update(last.timestamp)
+        self.metrics.set_learner_up(True)
+        self._report_memory()
+        self.ready = True
+
+    def _start_learner(self) -> None:
+        """Load the model and memory, plan the batch, record the base probes (on the model's thread)."""
         runtime = open_runtime(self.cfg)
         settle_rolled_back(self.journal, runtime.version)
         budget = MemoryBudget(runtime.model.device, self.cfg.budget.ram_mb, self.cfg.budget.vram_mb)
@@ -107,23 +125,18 @@ class Daemon:
             settings,
             budget,
             runtime.retain_set(settings, self.cfg),
+            self.gate,
         )
         self.learner.plan_batch_size()
         self.probing.start(runtime.model)
-        self.sources = Sources(self.cfg, self.intake, self.journal, self.metrics, self.heartbeats, self.paths)
-        self.sources.build(self.cfg)
         self.metrics.set_checkpoint(runtime.version, time.time())
         self.metrics.set_memory_fill(self.learner.fill())
-        last = self.journal.last_update()
-        if last is not None:
-            self.metrics.restore_last_update(last.timestamp)
-        self.metrics.set_learner_up(True)
-        self._report_memory()
-        self.ready = True
 
     def run_probes(self) -> None:
-        """The full probe set, on a schedule (learner thread only)."""
-        self.probing.run_full(self.learner.store.version if self.learner else 0)
+        """The full probe set, on a schedule (learner thread only; served requests wait for it)."""
+        assert self.learner is not None
+        with self.learner.gate.learner():
+            self.probing.run_full(self.learner.store.version)
 
     def _readiness(self) -> tuple[bool, str]:
         """(ready, why not) for /readyz: not before the model is loaded, not while the journal is damaged."""
@@ -237,8 +250,8 @@ class Daemon:
         """Take everything pending, learn it, checkpoint, exit."""
         self.start()
         self.poll_sources(settle=False)
-        self.run_update()
-        self.run_probes()
+        self.gate.pool.submit(self.run_update).result()
+        self.gate.pool.submit(self.run_probes).result()
         self.shutdown()
         return EX_TEMPFAIL if self.commit_failures else 0
 
@@ -247,6 +260,9 @@ class Daemon:
         # in flight that could be lost, and the handler's stop flag would only be seen once start-up ends.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.start()
+        if self.cfg.serve.enabled:  # not in --once: a batch run answers no one
+            self.api = ApiServer(self.learner, self.cfg.serve, self.metrics.api)
+            self.api.start()
         self._install_signals()
         assert self.sources is not None
         self.sources.start_watchers()
@@ -269,7 +285,7 @@ class Daemon:
 
     def _build_scheduler(self) -> BackgroundScheduler:
         scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(1), "learner": ThreadPoolExecutor(1)},
+            executors={"default": ThreadPoolExecutor(1), "learner": _ModelThreadExecutor(self.gate.pool)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         scheduler.add_job(self.poll_sources, "interval", seconds=1.0, id="sources", executor="default")
@@ -348,13 +364,23 @@ class Daemon:
         self.stop_event.set()
         if self.sources is not None:
             self.sources.stop()
+        if self.api is not None:
+            self.api.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
+        self.gate.shutdown()
         if self.server is not None:
             self.server.stop()
         self.metrics.set_learner_up(False)
         self.journal.close()
         log.info("daemon_stopped")
+
+
+class _ModelThreadExecutor(BasePoolExecutor):
+    """APScheduler's "learner" executor: its jobs (updates, probes, reloads) run on the model's one thread."""
+
+    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        super().__init__(pool)
 
 
 def _now(scheduler: BackgroundScheduler):

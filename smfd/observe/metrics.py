@@ -29,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from smfd import __version__
 from smfd.model.slot_stats import MemoryFill
+from smfd.observe.api_metrics import ApiMetrics
 
 DOCUMENT_SOURCES = ("watch", "feed")
 DOCUMENT_OUTCOMES = ("queued", "duplicate", "quarantined", "done", "failed", "rejected")
@@ -79,6 +80,7 @@ class Metrics:
         self._define_learning()
         self._define_retention()
         self._define_health()
+        self.api = ApiMetrics(self.registry)  # the OpenAI-compatible API's families (zero while serving is off)
         self.build_info.info({"version": version})
         self._initialise_bounded_series()
 
