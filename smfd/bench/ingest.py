@@ -17,6 +17,7 @@ read from a notify socket, progress from the journal, memory from /proc/PID/stat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -101,14 +102,16 @@ def latency(args: argparse.Namespace) -> dict:
     inbox = Path(args.inbox)
     time.sleep(2)  # let the first (empty) update pass
     done_before = _journal_counts(args.state_dir)["done"]
+    requests = _api_requests(args)
     dropped = time.monotonic()
     (inbox / "one-kilobyte.txt").write_text(text)
     learned_s = None
-    while time.monotonic() - dropped < args.timeout:
-        if _journal_counts(args.state_dir)["done"] > done_before:
-            learned_s = time.monotonic() - dropped
-            break
-        time.sleep(0.5)
+    with requests or contextlib.nullcontext():
+        while time.monotonic() - dropped < args.timeout:
+            if _journal_counts(args.state_dir)["done"] > done_before:
+                learned_s = time.monotonic() - dropped
+                break
+            time.sleep(0.5)
     code = daemon.stop()
     probes = args.state_dir.parent / "latency-probes.jsonl"
     with open(probes, "w") as handle:
@@ -130,6 +133,7 @@ def latency(args: argparse.Namespace) -> dict:
     last.close()
     return {
         "bytes": len(text.encode()),
+        "api_requests": None if requests is None else requests.summary(),
         "ready_seconds": round(ready_s, 1),
         "learned_seconds": None if learned_s is None else round(learned_s, 1),
         "exit_code": code,
@@ -142,6 +146,20 @@ def latency(args: argparse.Namespace) -> dict:
             "probe_seconds": update.measures.get("probe_seconds"),
         },
     }
+
+
+def _api_requests(args: argparse.Namespace):
+    """With --requests-per-second: streamed chat requests to the daemon's API while the file is learned."""
+    if not args.requests_per_second:
+        return None
+    from smfd.bench.serving import Requests
+    from smfd.config import load_config
+    from smfd.serve.client import api_url
+
+    serve = load_config(args.config, {**os.environ, "SMFD_STATE_DIR": str(args.state_dir)}).serve
+    if not serve.enabled:
+        raise SystemExit("--requests-per-second needs serve.enabled in the config")
+    return Requests(f"{api_url(serve)}/chat/completions", serve.model_name, 1.0 / args.requests_per_second)
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -269,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--text", type=Path, help="latency: text to drop (its first --bytes bytes)")
     parser.add_argument("--bytes", type=int, default=1024)
+    parser.add_argument(
+        "--requests-per-second", type=float, default=0, help="latency: API chat requests sent meanwhile (0: none)"
+    )
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--docs", type=Path, help="docs: fictional-knowledge JSON to learn")
     parser.add_argument("--limit-docs", type=int, default=None)
