@@ -70,11 +70,6 @@ def _stream_first_token(url: str, model: str, body: dict) -> float:
     return first
 
 
-def _on_model_thread(learner: Learner, fn, *args, **kwargs):
-    """Run `fn` where the daemon runs all model work (smfd.learn.gate), and wait for it."""
-    return learner.gate.pool.submit(fn, *args, **kwargs).result()
-
-
 def idle(learner: Learner, base_url: str, model_name: str, rounds: int) -> dict:
     tokenizer, model = learner.model.tokenizer, learner.model.model
     ids = tokenizer(PROMPT_SOURCE, add_special_tokens=False).input_ids[:30]
@@ -83,8 +78,8 @@ def idle(learner: Learner, base_url: str, model_name: str, rounds: int) -> dict:
     bare_first, api_first, bare_rate, api_rate = [], [], [], []
     for _ in range(rounds):  # interleaved, so the machine's drift reaches both alike
         started = time.perf_counter()
-        _on_model_thread(
-            learner, model.generate, tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=1, do_sample=False
+        learner.gate.run(
+            model.generate, tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=1, do_sample=False
         )
         bare_first.append(time.perf_counter() - started)
         api_first.append(
@@ -94,8 +89,8 @@ def idle(learner: Learner, base_url: str, model_name: str, rounds: int) -> dict:
         )
     for _ in range(max(2, rounds // 4)):
         started = time.perf_counter()
-        out = _on_model_thread(
-            learner, model.generate, tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=128, do_sample=False
+        out = learner.gate.run(
+            model.generate, tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=128, do_sample=False
         )
         bare_rate.append((out.shape[1] - tensor.shape[1]) / (time.perf_counter() - started))
         started = time.perf_counter()
@@ -182,12 +177,12 @@ def updates(learner: Learner, probing: Probing, doc: str, base_url: str, model_n
         started = time.perf_counter()
         if requests is not None:
             with requests:
-                outcome = _on_model_thread(learner, learner.update, guard=probing.check)
+                outcome = learner.gate.run(learner.update, guard=probing.check)
         else:
-            outcome = _on_model_thread(learner, learner.update, guard=probing.check)
+            outcome = learner.gate.run(learner.update, guard=probing.check)
         seconds = time.perf_counter() - started
         if learner.store.version > start_version:
-            _on_model_thread(learner, learner.store.rollback, learner.model, start_version)
+            learner.gate.run(learner.store.rollback, learner.model, start_version)
         run = {
             "policy": policy or "no requests",
             "update_s": seconds,
@@ -215,24 +210,24 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, environ)
     serve = cfg.serve.model_copy(update={"enabled": True, "port": 0, "api_key_file": None})
     gate = ModelGate()
-    runtime = gate.pool.submit(open_runtime, cfg, False).result()
+    runtime = gate.run(open_runtime, cfg, False)
     metrics = Metrics()
     probing = Probing(cfg, metrics, Heartbeats())
-    gate.pool.submit(probing.start, runtime.model).result()
+    gate.run(probing.start, runtime.model)
     settings = LearnSettings.from_config(cfg)
     budget = MemoryBudget(runtime.model.device, cfg.budget.ram_mb, cfg.budget.vram_mb)
     work = Path(cfg.state_dir) / "serving-bench"
     work.mkdir(exist_ok=True)
     with Journal(work / f"journal-{int(time.time())}.sqlite") as journal:
-        retain = gate.pool.submit(runtime.retain_set, settings, cfg).result()
+        retain = gate.run(runtime.retain_set, settings, cfg)
         learner = Learner(runtime.model, runtime.background, runtime.store, journal, settings, budget, retain, gate)
-        _on_model_thread(learner, learner.plan_batch_size)
+        learner.gate.run(learner.plan_batch_size)
         server = ApiServer(learner, serve, metrics.api)
         server.start()
         base_url = f"http://127.0.0.1:{server.port}/v1"
         try:
             result = {
-                "threads": _on_model_thread(learner, torch.get_num_threads),
+                "threads": learner.gate.run(torch.get_num_threads),
                 "idle": idle(learner, base_url, serve.model_name, args.rounds),
                 "updates": updates(
                     learner, probing, args.doc.read_text(encoding="utf-8"), base_url, serve.model_name, work

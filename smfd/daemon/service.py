@@ -101,7 +101,7 @@ class Daemon:
             )
             self.server.start()
         systemd_notify.status("loading model")
-        self.gate.pool.submit(self._start_learner).result()  # all model work on one thread: smfd.learn.gate
+        self.gate.run(self._start_learner)  # all model work on one thread: smfd.learn.gate
         self.sources = Sources(self.cfg, self.intake, self.journal, self.metrics, self.heartbeats, self.paths)
         self.sources.build(self.cfg)
         last = self.journal.last_update()
@@ -250,8 +250,8 @@ class Daemon:
         """Take everything pending, learn it, checkpoint, exit."""
         self.start()
         self.poll_sources(settle=False)
-        self.gate.pool.submit(self.run_update).result()
-        self.gate.pool.submit(self.run_probes).result()
+        self.gate.run(self.run_update)
+        self.gate.run(self.run_probes)
         self.shutdown()
         return EX_TEMPFAIL if self.commit_failures else 0
 

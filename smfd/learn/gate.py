@@ -22,10 +22,13 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
+from typing import TypeVar
 
 from smfd.model.memory import ProductKeyMemory
 from smfd.model.retrofit import memory_switched
 from smfd.store.patches import LayerPatch, apply_patches
+
+T = TypeVar("T")
 
 
 class ModelGate:
@@ -43,6 +46,10 @@ class ModelGate:
         """The learner's span of model use; queued requests wait for it, or for a pause point in it."""
         with self._lock:
             yield
+
+    def run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """Run `fn` on the model's thread and wait for its result (start-up, `--once`, benchmarks)."""
+        return self.pool.submit(fn, *args, **kwargs).result()
 
     def submit(self, job: Callable[[], None]) -> None:
         """Queue a served request: it runs at the learner's next pause point, or as soon as the model is free."""

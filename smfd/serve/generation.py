@@ -72,6 +72,7 @@ class _TextStream(BaseStreamer):
         self.prompt_seen = False
         self.sent = 0
         self.stopped = False
+        self.longest_stop = max((len(s) for s in stops), default=0)
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() first hands over the prompt
@@ -84,8 +85,7 @@ class _TextStream(BaseStreamer):
         self.ids.extend(int(i) for i in value.flatten().tolist())
         self.result.completion_tokens = len(self.ids)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        longest = max((len(s) for s in self.stops), default=0)
-        cut = _stop_index(text, self.stops, max(0, self.sent - longest)) if self.stops else None
+        cut = _stop_index(text, self.stops, max(0, self.sent - self.longest_stop)) if self.stops else None
         if cut is not None:
             self.stopped = True
             self._send(text[:cut])
