@@ -178,6 +178,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def status_report(cfg) -> dict:
+    from smfd.guard.verdict import VerdictTally
     from smfd.ingest.journal import DOCUMENT_STATES, Journal
     from smfd.store.checkpoint import CheckpointStore
 
@@ -189,7 +190,10 @@ def status_report(cfg) -> dict:
             report["documents"] = journal.counts()
             report["pending_chunks"] = journal.pending_chunk_count()
             report["pending_tokens"] = journal.pending_token_count()
-            last = journal.last_update()
+            recent = journal.updates(limit=cfg.guard.warn_window)
+            verdicts = [(u.accepted, u.measures.get("reason")) for u in reversed(recent)]
+            report["guard"] = VerdictTally.of(verdicts, cfg.guard).as_dict()
+            last = recent[0] if recent else None
             report["last_update"] = (
                 None
                 if last is None
@@ -211,6 +215,7 @@ def status_report(cfg) -> dict:
                 "documents": dict.fromkeys(DOCUMENT_STATES, 0),
                 "pending_chunks": 0,
                 "pending_tokens": 0,
+                "guard": None,
                 "last_update": None,
             }
         )
@@ -237,8 +242,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         fill = report["memory_fill"]
         print(
             f"memory: {fill['rows_trained']} of {fill['rows_total']} rows trained; "
-            f"{fill['background_read_share']:.1%} of ordinary text's reads land on them"
+            f"{fill['background_read_share']:.1%} of ordinary text's reads land on them; "
+            f"{fill.get('row_retrainings', 0)} row trainings overwrote earlier ones"
         )
+    guard = report["guard"]
+    if guard and guard["accepted"] + guard["rejected"]:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(guard["reasons"].items())) or "none"
+        print(
+            f"guard: {guard['accepted']} of the last {guard['accepted'] + guard['rejected']} updates accepted; "
+            f"rolled back: {reasons}"
+        )
+        if guard["alarming"]:
+            print("WARNING: most recent updates were rolled back: the daemon has mostly stopped learning")
     last = report["last_update"]
     if last:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["timestamp"]))

@@ -184,6 +184,28 @@ def test_once_learns_good_files_and_quarantines_bad_ones(tmp_path, tiny_model_di
     assert status["pending_chunks"] == 0 and status["last_update"]["accepted"] is True
     fill = status["memory_fill"]  # how full the memory is, from the checkpoint (no model loaded)
     assert 0 < fill["rows_trained"] < fill["rows_total"] == 16 * 16 and 0 <= fill["background_read_share"] <= 1
+    assert 0 <= fill["row_retrainings"] <= fill["rows_trained"]
+    guard = status["guard"]  # the guard's verdicts over the last guard.warn_window updates
+    assert (guard["accepted"], guard["rejected"], guard["alarming"]) == (2, 0, False)
+
+
+def test_a_daemon_that_rolls_back_most_updates_says_so(tmp_path, tiny_model_dir, capsys):
+    strict = {"max_drift_kl": 0.0, "max_nll_increase_ratio": 0.0, "warn_window": 2, "warn_rejected_share": 0.5}
+    config = write_config(tmp_path, tiny_model_dir, guard=strict, train={"lr": 3.0, "top_t": 64})
+    for name, text in (("a.txt", NEW_TEXT), ("b.txt", NEW_TEXT.replace("Marta", "Greta"))):
+        (tmp_path / "inbox" / name).write_text(text)
+
+    code, _, err = run_cli(["--config", str(config), "--once"], capsys)
+
+    assert code == 0, err
+    warnings = [json.loads(line) for line in err.splitlines() if "most_updates_rolled_back" in line]
+    assert warnings and warnings[-1]["level"] == "warning" and warnings[-1]["rejected"] == 2
+    code, out, _ = run_cli(["status", "--config", str(config)], capsys)
+    assert code == 0 and "guard: 0 of the last 2 updates accepted" in out
+    assert "WARNING: most recent updates were rolled back" in out
+    status = json.loads(run_cli(["status", "--config", str(config), "--json"], capsys)[1])
+    assert status["guard"]["alarming"] and status["guard"]["rejected_share"] == 1.0
+    assert sum(status["guard"]["reasons"].values()) == 2 and status["checkpoint_version"] == 0
 
 
 def test_probe_rollback_and_ask_after_learning(tmp_path, tiny_model_dir, capsys):

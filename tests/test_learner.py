@@ -151,7 +151,8 @@ def test_rejecting_guard_leaves_memory_untouched_and_records_an_unaccepted_updat
     store.load_into(fresh)
     assert bit_identical(snapshot_values(fresh), before)
     (update,) = journal.updates()
-    assert (update.accepted, update.version, update.measures) == (False, 0, {"drift": 0.9, "probe": "known_facts"})
+    measures = {"drift": 0.9, "probe": "known_facts", "reason": "drift"}  # the reason, for the guard's tally
+    assert (update.accepted, update.version, update.measures) == (False, 0, measures)
     assert {c.state for c in all_chunks(journal, doc_ids)} == {"rejected"}
     assert {journal.get_document(d).state for d in doc_ids} == {"done"}
 
@@ -328,3 +329,44 @@ def test_memory_fill_counts_the_rows_updates_trained_and_the_background_reads_on
     assert outcome.fill.rows_trained == sum(int(t.sum()) for t in trained.values()) == outcome.rows_updated
     assert outcome.fill.background_read_share == pytest.approx(expected_share)
     assert store.memory_fill() == outcome.fill.as_dict(), "recorded with the checkpoint for smfd status"
+
+
+def test_rows_an_update_trains_again_are_counted_and_kept_with_the_checkpoint(
+    tmp_path, tiny_memory_model, background, store, journal, make_memory_model
+):
+    learner = make_learner(tiny_memory_model, background, store, journal)
+    submit(journal, tmp_path / "spool", "harbour.txt", DOCUMENTS["harbour.txt"])
+    first = learner.update(guard=lambda: Verdict(True, None, {}))
+    assert first.rows_reused == 0 and first.fill.row_retrainings == 0, "a fresh memory has nothing to overwrite"
+    between = {layer: values.detach().clone() for layer, values in tiny_memory_model.values().items()}
+
+    submit(journal, tmp_path / "spool", "observatory.txt", DOCUMENTS["observatory.txt"])
+    second = learner.update(guard=lambda: Verdict(True, None, {}))
+
+    expected = 0
+    for layer, values in tiny_memory_model.values().items():
+        changed = (values.detach() != between[layer]).any(dim=1)
+        expected += int((changed & (between[layer] != 0).any(dim=1)).sum())
+    assert second.rows_reused == expected > 0, "the tiny memory's 16 selected rows overlap between documents"
+    assert second.fill.row_retrainings == expected
+    assert store.row_retrainings() == expected, "kept with the checkpoint"
+    restarted = Learner(make_memory_model(), background, store, journal, SETTINGS)
+    assert restarted.fill().row_retrainings == expected
+
+
+def test_a_full_memory_keeps_learning_and_reports_that_it_is_full(
+    tmp_path, tiny_memory_model, background, store, journal
+):
+    import torch
+
+    with torch.no_grad():  # every row holds something, as after a long stream: no fresh row is left
+        for memory in tiny_memory_model.memories:
+            memory.values.fill_(1e-4)
+    learner = make_learner(tiny_memory_model, background, store, journal)
+    submit_all(journal, tmp_path)
+
+    outcome = learner.update(guard=lambda: Verdict(True, None, {}))
+
+    assert outcome.accepted and outcome.rows_updated > 0 and store.version == 1
+    assert outcome.rows_reused == outcome.rows_updated, "every row it trained held earlier learning"
+    assert outcome.fill.rows_trained == outcome.fill.rows_total and outcome.fill.background_read_share == 1.0

@@ -339,6 +339,8 @@ class GuardSection(BaseModel):
     max_accuracy_drop: float = Field(0.02, ge=0)
     max_nll_increase_ratio: float = Field(0.02, ge=0)
     max_drift_kl: float = Field(0.05, ge=0)
+    warn_window: int = Field(20, ge=1)
+    warn_rejected_share: float = Field(0.5, ge=0, lt=1)
 
 
 class SmfdConfig(BaseModel):

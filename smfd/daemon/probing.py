@@ -4,13 +4,14 @@ scheduled full probe run, each reported to the metrics. Runs on the learner thre
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 import structlog
 
 from smfd.config import SmfdConfig
 from smfd.daemon.health import Heartbeats
 from smfd.guard.retention import RetentionProbes
-from smfd.guard.verdict import Guard, Verdict
+from smfd.guard.verdict import Guard, Verdict, VerdictWindow
 from smfd.model.memory_model import MemoryModel
 from smfd.observe import systemd_notify
 from smfd.observe.metrics import Metrics
@@ -27,9 +28,16 @@ class Probing:
         self.heartbeats = heartbeats
         self.probes: RetentionProbes | None = None
         self.guard: Guard | None = None
+        self.verdicts = VerdictWindow(cfg.guard)
 
-    def start(self, model: MemoryModel) -> None:
-        """Record the base model's probe results (once) and take the current state as the accepted one."""
+    def start(self, model: MemoryModel, earlier_verdicts: Iterable[tuple[bool, str | None]] = ()) -> None:
+        """Record the base model's probe results (once) and take the current state as the accepted one.
+
+        `earlier_verdicts`: (accepted, rollback reason) of the journal's last updates, oldest first, so
+        a restart does not forget that most recent updates were rolled back.
+        """
+        self.verdicts = VerdictWindow(self.cfg.guard, earlier_verdicts)
+        self.metrics.set_guard_tally(self.verdicts.tally())
         if not (self.cfg.probes.builtin or self.cfg.probes.suites):
             return
         systemd_notify.status("measuring base probes")
@@ -43,6 +51,7 @@ class Probing:
     def reconfigure(self, cfg: SmfdConfig) -> None:
         """New thresholds from a reload (the suites stay: they are measured against the base)."""
         self.cfg = cfg
+        self.verdicts = VerdictWindow(cfg.guard, self.verdicts.verdicts)
         if self.guard is not None:
             self.guard.section = cfg.guard
 
@@ -58,6 +67,8 @@ class Probing:
                 self.metrics.set_drift_kl(after["drift"]["kl"])
         elif verdict.reason is not None:
             self.metrics.rollback(verdict.reason.value)
+        reason = verdict.reason.value if verdict.reason is not None and not verdict.accepted else None
+        self.metrics.set_guard_tally(self.verdicts.add(verdict.accepted, reason))
         return verdict
 
     def run_full(self, version: int) -> None:

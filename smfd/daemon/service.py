@@ -128,7 +128,8 @@ class Daemon:
             self.gate,
         )
         self.learner.plan_batch_size()
-        self.probing.start(runtime.model)
+        recent = self.journal.updates(limit=self.cfg.guard.warn_window)
+        self.probing.start(runtime.model, [(u.accepted, u.measures.get("reason")) for u in reversed(recent)])
         self.metrics.set_checkpoint(runtime.version, time.time())
         self.metrics.set_memory_fill(self.learner.fill())
 

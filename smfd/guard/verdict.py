@@ -8,7 +8,8 @@ exactly and its document counted as rejected.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -90,3 +91,67 @@ class Guard:
         if accepted:
             self.accepted = after
         return Verdict(accepted, reason, measures)
+
+
+@dataclass(frozen=True)
+class VerdictTally:
+    """The guard's verdicts over a window of recent updates: how many it accepted and rolled back, and why.
+
+    `alarming`: more than `guard.warn_rejected_share` of a full window of `guard.warn_window`
+    updates were rolled back. A daemon in that state has mostly stopped learning (a memory so full
+    that ordinary text reads what it learned, or thresholds too tight for the stream), and says so.
+    """
+
+    window: int
+    accepted: int
+    rejected: int
+    reasons: dict[str, int]
+    alarming: bool
+
+    @property
+    def rejected_share(self) -> float:
+        total = self.accepted + self.rejected
+        return self.rejected / total if total else 0.0
+
+    @classmethod
+    def of(cls, verdicts: Iterable[tuple[bool, str | None]], section: GuardSection) -> VerdictTally:
+        """Tally (accepted, rollback reason) pairs, newest last; only the last `section.warn_window` count."""
+        recent = list(verdicts)[-section.warn_window :]
+        rejected = [reason or "rejected" for accepted, reason in recent if not accepted]
+        alarming = len(rejected) > section.warn_rejected_share * section.warn_window
+        return cls(section.warn_window, len(recent) - len(rejected), len(rejected), dict(Counter(rejected)), alarming)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "window": self.window,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "rejected_share": self.rejected_share,
+            "reasons": self.reasons,
+            "alarming": self.alarming,
+        }
+
+
+class VerdictWindow:
+    """The last `guard.warn_window` verdicts of a running daemon, seeded from the journal at start-up."""
+
+    def __init__(self, section: GuardSection, earlier: Iterable[tuple[bool, str | None]] = ()) -> None:
+        self.section = section
+        self.verdicts: deque[tuple[bool, str | None]] = deque(earlier, maxlen=section.warn_window)
+
+    def add(self, accepted: bool, reason: str | None) -> VerdictTally:
+        """Record one update's verdict; warns (log level warning) while most recent updates are rolled back."""
+        self.verdicts.append((accepted, reason))
+        tally = self.tally()
+        if tally.alarming:
+            log.warning(
+                "most_updates_rolled_back",
+                rejected=tally.rejected,
+                window=tally.window,
+                reasons=tally.reasons,
+                hint="the daemon has mostly stopped learning: see the memory fill and the guard's thresholds",
+            )
+        return tally
+
+    def tally(self) -> VerdictTally:
+        return VerdictTally.of(self.verdicts, self.section)

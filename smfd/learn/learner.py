@@ -36,7 +36,7 @@ from smfd.model.batch import TokenBatch, encode, make_batch
 from smfd.model.memory_model import MemoryModel
 from smfd.model.slot_stats import BackgroundStats, MemoryFill, memory_fill
 from smfd.store.checkpoint import CheckpointStore
-from smfd.store.patches import LayerPatch, apply_patches
+from smfd.store.patches import LayerPatch, apply_patches, reused_rows
 from smfd.text.chunker import chunk_text
 
 log = structlog.get_logger("smfd.learn.learner")
@@ -55,6 +55,7 @@ class UpdateOutcome:
     chunks_learned: int = 0
     chunks_known: int = 0
     rows_updated: int = 0
+    rows_reused: int = 0  # of those, rows an earlier update had trained (smfd.store.patches.reused_rows)
     slots_selected: int = 0
     steps: int = 0
     tokens: int = 0
@@ -162,9 +163,9 @@ class Learner:
         unaccepted = self._undecided or self.updater.recorder.pending(self.model.memories)
         return accepted_view(self.model.memories, unaccepted)
 
-    def fill(self) -> MemoryFill:
-        """How full the memory is now (rows trained, ordinary text's reads on them)."""
-        return memory_fill(self.model.values(), self.background)
+    def fill(self, uncommitted_reuse: int = 0) -> MemoryFill:
+        """How full the memory is now; its row retrainings are the committed ones plus `uncommitted_reuse`."""
+        return memory_fill(self.model.values(), self.background, self.store.row_retrainings() + uncommitted_reuse)
 
     def count_tokens(self, text: str) -> int:
         return len(self.model.tokenizer(text, add_special_tokens=False).input_ids)
@@ -278,7 +279,7 @@ class Learner:
             outcome.reason = "stopped before the update finished; its documents will be learned after restart"
             log.info("update_interrupted", steps=outcome.steps)
             return []
-        outcome.rows_updated = sum(p.n_rows for p in patches)
+        outcome.rows_updated, outcome.rows_reused = sum(p.n_rows for p in patches), reused_rows(patches)
         outcome.chunks_learned = len(chunks)
         return patches
 
@@ -335,6 +336,7 @@ class Learner:
             self.journal.set_chunk_state(chunk_ids, ChunkState.REJECTED)
             reason = verdict.reason.value if verdict.reason is not None else "rejected"
             outcome.version, outcome.accepted, outcome.reason = self.store.version, False, reason
+            measures = {**measures, "reason": reason}  # the guard's verdicts along the stream (`smfd status`)
             self.journal.record_update(
                 outcome.version, len(chunks), outcome.rows_updated, outcome.seconds, False, measures
             )
@@ -345,10 +347,11 @@ class Learner:
             )
             return
         self.gate.pause_point(self._accepted_view)  # requests still see the previous version until it is on disk
-        outcome.fill = self.fill()
+        outcome.fill = self.fill(outcome.rows_reused)
         meta = {
             "chunks": len(chunks),
             "rows": outcome.rows_updated,
+            "rows_reused": outcome.rows_reused,
             "steps": outcome.steps,
             "measures": measures,
             "fill": outcome.fill.as_dict(),
@@ -370,6 +373,7 @@ class Learner:
             version=outcome.version,
             chunks=len(chunks),
             rows=outcome.rows_updated,
+            rows_reused=outcome.rows_reused,
             steps=outcome.steps,
             tokens=outcome.tokens,
         )

@@ -65,17 +65,22 @@ class MemoryFill:
     rows_trained: int
     rows_total: int
     background_read_share: float
+    row_retrainings: int = 0  # rows trained by an update after an earlier one had trained them, summed over updates
 
     def as_dict(self) -> dict[str, float]:
         return {
             "rows_trained": self.rows_trained,
             "rows_total": self.rows_total,
             "background_read_share": self.background_read_share,
+            "row_retrainings": self.row_retrainings,
         }
 
 
-def memory_fill(values: dict[int, torch.Tensor], background: dict[int, BackgroundStats]) -> MemoryFill:
-    """The fill over all memory layers (`values`: layer -> value table; rows start at zero when attached)."""
+def memory_fill(
+    values: dict[int, torch.Tensor], background: dict[int, BackgroundStats], row_retrainings: int = 0
+) -> MemoryFill:
+    """The fill over all memory layers (`values`: layer -> value table; rows start at zero when attached);
+    `row_retrainings` is counted by the caller from the updates' patches (it is not visible in the values)."""
     trained_rows, total_rows, trained_reads, all_reads = 0, 0, 0.0, 0.0
     for layer, table in values.items():
         trained = _nonzero_rows(table.detach())
@@ -85,7 +90,7 @@ def memory_fill(values: dict[int, torch.Tensor], background: dict[int, Backgroun
         if stats is not None:
             trained_reads += float(stats.counts[trained].sum())
             all_reads += float(stats.counts.sum())
-    return MemoryFill(trained_rows, total_rows, trained_reads / all_reads if all_reads else 0.0)
+    return MemoryFill(trained_rows, total_rows, trained_reads / all_reads if all_reads else 0.0, row_retrainings)
 
 
 def _nonzero_rows(table: torch.Tensor, rows_per_block: int = 16384) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,6 +31,9 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from smfd import __version__
 from smfd.model.slot_stats import MemoryFill
 from smfd.observe.api_metrics import ApiMetrics
+
+if TYPE_CHECKING:
+    from smfd.guard.verdict import VerdictTally
 
 DOCUMENT_SOURCES = ("watch", "feed")
 DOCUMENT_OUTCOMES = ("queued", "duplicate", "quarantined", "done", "failed", "rejected")
@@ -202,6 +206,16 @@ class Metrics:
             "Share of ordinary text's memory reads that land on trained rows (0..1).",
             registry=reg,
         )
+        self.memory_row_retrainings = Gauge(
+            "smfd_memory_row_retrainings",
+            "Rows trained again by a later update (each such training counted), over the current memory's updates.",
+            registry=reg,
+        )
+        self.guard_rejected_share = Gauge(
+            "smfd_guard_recent_rejected_ratio",
+            "Share of the last guard.warn_window updates that the guard rolled back (0..1).",
+            registry=reg,
+        )
         self.build_info = Info("smfd_build", "Version of the running daemon.", registry=reg)
 
     def _initialise_bounded_series(self) -> None:
@@ -332,6 +346,11 @@ class Metrics:
         self.memory_rows_trained.set(fill.rows_trained)
         self.memory_rows.set(fill.rows_total)
         self.memory_background_read_share.set(fill.background_read_share)
+        self.memory_row_retrainings.set(fill.row_retrainings)
+
+    def set_guard_tally(self, tally: VerdictTally) -> None:
+        """Record the guard's recent verdicts (after start-up and after every update it judged)."""
+        self.guard_rejected_share.set(tally.rejected_share)
 
     def set_learner_up(self, up: bool) -> None:
         """Record whether the learner worker is healthy."""

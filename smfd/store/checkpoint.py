@@ -245,6 +245,11 @@ class CheckpointStore:
         lineage = _lineage(self.manifest()["history"])
         return next((entry["fill"] for entry in reversed(lineage) if "fill" in entry), None)
 
+    def row_retrainings(self) -> int:
+        """Rows trained again by the updates the current version descends from (0 for a state without the count)."""
+        fill = self.memory_fill() if self.exists() else None
+        return int(fill.get("row_retrainings", 0)) if fill else 0
+
     def committed_documents(self) -> dict[int, CommittedDocument]:
         """Every document learned by a version the current one descends from (rolled-back versions excluded)."""
         committed: dict[int, CommittedDocument] = {}

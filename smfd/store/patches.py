@@ -63,6 +63,12 @@ class PatchRecorder:
         return patches
 
 
+def reused_rows(patches: list[LayerPatch]) -> int:
+    """Rows of these patches that held something before the update (value rows start at zero): rows an
+    earlier update had trained and this one trained again, overwriting part of what they held."""
+    return sum(int((patch.before != 0).any(dim=1).sum()) for patch in patches)
+
+
 def apply_patches(memories: list[ProductKeyMemory], patches: list[LayerPatch], *, revert: bool = False) -> None:
     """Write each patch's `after` rows (or `before` rows when reverting) into the memory tables."""
     by_layer = {m.layer_index: m for m in memories}
