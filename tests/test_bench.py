@@ -240,6 +240,45 @@ def test_bench_default_runs_each_method_in_its_own_process(
     assert full["cost"]["peak_memory_bytes"] > 0
 
 
+def test_curve_every_evaluates_along_the_stream_without_changing_what_is_learned(
+    model_dir: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    plain, curved = tmp_path / "plain", tmp_path / "curved"
+    assert main(bench_args(model_dir, data, plain, "smf,lora", "--in-process")) == 0
+    assert main(bench_args(model_dir, data, curved, "smf,lora", "--in-process", "--curve-every", "1")) == 0
+    without = json.loads((plain / "results.json").read_text())["methods"]
+    results = json.loads((curved / "results.json").read_text())
+    for label in ("smf", "lora"):
+        curve = results["methods"][label]["curve"]
+        assert [point["documents"] for point in curve] == [1, 2]
+        assert [point.get("final", False) for point in curve] == [False, True]
+        first = curve[0]["learn"]
+        assert first["mem_items"] == 2 and first["first_mem_items"] == 2  # after one document: its probes only
+        assert first["first_mem_acc"] == first["mem_acc"]
+        assert curve[1]["learn"]["mem_items"] == 4 and curve[1]["learn"]["first_mem_items"] == 2
+        # An intermediate point scores the shortened HellaSwag set against the base on the same rows.
+        assert curve[0]["retain"]["hellaswag_rows"] == 8 and "hellaswag_drop" in curve[0]["relative"]
+        assert curve[1]["relative"] == results["methods"][label]["relative"]
+        # Evaluating mid-stream changes nothing the stream learns afterwards.
+        assert results["methods"][label]["learn"] == without[label]["learn"]
+        assert results["methods"][label]["retain"]["heldout_nll"] == without[label]["retain"]["heldout_nll"]
+    smf_memory = [point["memory"] for point in results["methods"]["smf"]["curve"]]
+    assert 0 < smf_memory[0]["rows_trained"] <= smf_memory[1]["rows_trained"]
+    assert smf_memory[1]["rows_trained_more_than_once"] <= smf_memory[1]["row_retrainings"]
+    assert results["methods"]["lora"]["curve"][0]["memory"] == {}
+    assert "### Stream curve: `smf`" in (curved / "results.md").read_text()
+    assert (curved / "stream_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (plain / "stream_curve.png").exists()
+
+
+@pytest.mark.parametrize(("every", "match"), [("0", "must be >= 1, got 0"), ("3", "larger than the 2 documents")])
+def test_curve_every_outside_the_stream_is_refused(
+    model_dir: Path, data: dict[str, Path], tmp_path: Path, every: str, match: str
+) -> None:
+    with pytest.raises(SmfdError, match=f"--curve-every.*{match}"):
+        main(bench_args(model_dir, data, tmp_path / "out", "full", "--in-process", "--curve-every", every))
+
+
 def _expect_error(
     model_dir: Path, data: dict[str, Path], tmp_path: Path, match: str, methods: str = "full", **swap: Path
 ) -> None:

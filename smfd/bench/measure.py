@@ -41,6 +41,41 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def learning_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    documents: list[Document],
+    label: str,
+    in_context: bool = False,
+) -> list[dict[str, list[tuple[bool, float]]]]:
+    """Per document and probe kind: (target inside the greedy continuation, mean target NLL) of each probe.
+
+    `in_context`: each prompt is preceded by its own document's text and a blank line (the ceiling
+    a learned memory is measured against).
+    """
+    scores = []
+    for doc in tqdm(documents, desc=f"{label}: probes", unit="doc", leave=False):
+        items = [(kind, p) for kind in PROBE_KINDS for p in doc.probes[kind]]
+        prefix = doc.text + CONTEXT_SEPARATOR if in_context else ""
+        scored = score_cloze(model, tokenizer, [(prefix + p.prompt, p.target) for _, p in items])
+        per_kind: dict[str, list[tuple[bool, float]]] = {kind: [] for kind in PROBE_KINDS}
+        for (kind, _), result in zip(items, scored):
+            per_kind[kind].append((result.correct, result.nll))
+        scores.append(per_kind)
+    return scores
+
+
+def summarise_learning(scores: list[dict[str, list[tuple[bool, float]]]], prefix: str = "") -> dict[str, Any]:
+    """`{prefix}{kind}_acc`, `_nll` and `_items` over the documents' probe scores."""
+    learn: dict[str, Any] = {}
+    for kind in PROBE_KINDS:
+        results = [result for doc in scores for result in doc[kind]]
+        learn[f"{prefix}{kind}_acc"] = _mean([float(ok) for ok, _ in results])
+        learn[f"{prefix}{kind}_nll"] = _mean([nll for _, nll in results])
+        learn[f"{prefix}{kind}_items"] = len(results)
+    return learn
+
+
 def evaluate_learning(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -48,32 +83,15 @@ def evaluate_learning(
     label: str,
     in_context: bool = False,
 ) -> dict[str, Any]:
-    """Cloze accuracy (target inside the greedy continuation) and mean target NLL per probe kind.
-
-    `in_context`: each prompt is preceded by its own document's text and a blank line (the ceiling
-    a learned memory is measured against).
-    """
-    correct: dict[str, list[float]] = {kind: [] for kind in PROBE_KINDS}
-    nll: dict[str, list[float]] = {kind: [] for kind in PROBE_KINDS}
-    for doc in tqdm(documents, desc=f"{label}: probes", unit="doc", leave=False):
-        items = [(kind, p) for kind in PROBE_KINDS for p in doc.probes[kind]]
-        prefix = doc.text + CONTEXT_SEPARATOR if in_context else ""
-        scored = score_cloze(model, tokenizer, [(prefix + p.prompt, p.target) for _, p in items])
-        for (kind, _), result in zip(items, scored):
-            correct[kind].append(float(result.correct))
-            nll[kind].append(result.nll)
-    learn: dict[str, Any] = {}
-    for kind in PROBE_KINDS:
-        learn[f"{kind}_acc"] = _mean(correct[kind])
-        learn[f"{kind}_nll"] = _mean(nll[kind])
-        learn[f"{kind}_items"] = len(correct[kind])
-    return learn
+    """Cloze accuracy (target inside the greedy continuation) and mean target NLL per probe kind."""
+    return summarise_learning(learning_scores(model, tokenizer, documents, label, in_context))
 
 
-def evaluate_hellaswag(
+def hellaswag_correct(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: list[ChoiceItem], label: str
-) -> float:
-    correct = 0
+) -> list[bool]:
+    """Whether the model picks each item's right ending."""
+    correct: list[bool] = []
     for group in _batches(items, EVAL_BATCH, f"{label}: hellaswag"):
         results = score_choice(
             model,
@@ -81,8 +99,14 @@ def evaluate_hellaswag(
             [(i.context, list(i.endings), i.label) for i in group],
             batch_size=CHOICE_PAIRS_PER_FORWARD,
         )
-        correct += sum(r.correct for r in results)
-    return correct / len(items)
+        correct.extend(r.correct for r in results)
+    return correct
+
+
+def evaluate_hellaswag(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: list[ChoiceItem], label: str
+) -> float:
+    return sum(hellaswag_correct(model, tokenizer, items, label)) / len(items)
 
 
 def known_facts_correct(

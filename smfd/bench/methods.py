@@ -26,7 +26,8 @@ from smfd.learn.surprise import sequence_surprise
 from smfd.learn.updater import SparseUpdater, StepResult
 from smfd.model.batch import TokenBatch, encode, epoch_batches
 from smfd.model.memory_model import MemoryModel
-from smfd.model.slot_stats import BackgroundStats
+from smfd.model.slot_stats import BackgroundStats, memory_fill
+from smfd.store.patches import reused_rows
 from smfd.text.restate import training_texts
 
 if TYPE_CHECKING:  # peft is imported only by workers that train LoRA or full finetuning
@@ -126,6 +127,8 @@ class Learning(Protocol):
 
     def surprise(self, sequences: list[list[int]]) -> list[torch.Tensor] | None: ...
 
+    def memory(self) -> dict[str, Any]: ...
+
     def describe(self) -> dict[str, Any]: ...
 
 
@@ -146,8 +149,13 @@ class SmfLearning:
         self.heal = heal
         self.batch_size = settings.train.batch_size
         self.updater = SparseUpdater(memory_model.model, memory_model.memories, background, settings.train, retain)
+        self.background = background
         self.rows_updated = 0
         self.sequences_trained = 0
+        self.row_retrainings = 0  # rows an update trained that an earlier update had trained
+        self.times_trained = {
+            m.layer_index: torch.zeros(m.values.shape[0], dtype=torch.int32) for m in memory_model.memories
+        }
 
     def document_batches(
         self, document: str, chunks: list[str], passes: int, restate: bool, seed: int
@@ -168,7 +176,11 @@ class SmfLearning:
 
     def end_document(self) -> int:
         """Close the document's update (as the daemon does per update); returns the rows it changed."""
-        rows = sum(p.n_rows for p in self.updater.finish_update())
+        patches = self.updater.finish_update()
+        for patch in patches:
+            self.times_trained[patch.layer][patch.slot_ids] += 1
+        self.row_retrainings += reused_rows(patches)
+        rows = sum(p.n_rows for p in patches)
         self.rows_updated += rows
         return rows
 
@@ -183,6 +195,16 @@ class SmfLearning:
         return sequence_surprise(
             mm.model, mm.memories, sequences, mm.tokenizer.pad_token_id, self.batch_size, mm.device
         )
+
+    def memory(self) -> dict[str, Any]:
+        """How full the memory is (smfd.model.slot_stats.MemoryFill) and how often rows were trained again."""
+        fill = memory_fill({m.layer_index: m.values for m in self.memory_model.memories}, self.background)
+        counts = torch.cat(list(self.times_trained.values()))
+        return {
+            **fill.as_dict(),
+            "rows_trained_more_than_once": int((counts > 1).sum()),
+            "row_retrainings": self.row_retrainings,
+        }
 
     def rows_changed(self) -> int:
         """Value rows that differ from their zero initialisation now: the memory this run actually used."""
@@ -241,6 +263,9 @@ class AdamWLearning:
 
     def surprise(self, sequences: list[list[int]]) -> list[torch.Tensor] | None:
         return None
+
+    def memory(self) -> dict[str, Any]:
+        return {}  # dense training has no memory table to fill
 
     def describe(self) -> dict[str, Any]:
         return {**self.trainer.describe(), "optimizer": "AdamW"}

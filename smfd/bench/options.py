@@ -33,6 +33,7 @@ from smfd.learn.lesson import LearnSettings
 DEFAULT_METHODS = "in-context,smf,lora,full"  # the ceiling, the daemon's recipe, the two dense baselines
 DEFAULT_CACHE_DIR = "~/.cache/smfd/models"
 BASE_LOGPROBS_FILE = "base_logprobs.safetensors"
+CURVE_HELLASWAG_ROWS = 200  # HellaSwag rows scored at a curve's intermediate points (the last one scores all)
 # (default, --quick value) for the sizes the quick preset shrinks.
 PRESETS: dict[str, tuple[int | None, int | None]] = {
     "limit_docs": (None, 4),
@@ -80,6 +81,7 @@ class BenchConfig:
     in_process: bool
     keep_logprobs: bool
     quick: bool
+    curve_every: int | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BenchConfig:
@@ -239,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--seed", type=int, metavar="N", default=0, help="seed for batch order and adapter initialisation (default 0)"
     )
+    run.add_argument(
+        "--curve-every",
+        type=int,
+        metavar="N",
+        help="also evaluate after every N documents: results.json gains 'curve', stream_curve.png plots it "
+        f"(intermediate points score the first {CURVE_HELLASWAG_ROWS} HellaSwag rows only)",
+    )
     sizes = parser.add_argument_group("evaluation sizes")
     sizes.add_argument(
         "--quick",
@@ -341,6 +350,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         in_process=args.in_process,
         keep_logprobs=args.keep_logprobs,
         quick=args.quick,
+        curve_every=args.curve_every,
     )
     _check_positive(
         {

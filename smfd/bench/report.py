@@ -14,6 +14,7 @@ from smfd.durable import atomic_write, atomic_write_json, atomic_write_text
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 PLOT_PNG = "learning_vs_forgetting.png"
+CURVE_PNG = "stream_curve.png"
 
 
 def _difference(a: float | None, b: float | None) -> float | None:
@@ -152,7 +153,65 @@ def markdown(results: dict[str, Any]) -> str:
             "- `in-context`: no training; each probe's prompt is preceded by its own document and a blank line "
             "(the ceiling); its retention columns are the base model's."
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _curve_tables(results)) + "\n"
+
+
+CURVE_COLUMNS = (
+    "documents",
+    "mem acc",
+    "gen acc",
+    "first-N mem acc",
+    "known facts kept",
+    "HellaSwag drop (pts, rows)",
+    "NLL +%",
+    "drift KL",
+    "rows trained",
+    "trained more than once",
+    "background read share",
+)
+
+
+def _curve_row(point: dict[str, Any]) -> list[str]:
+    learn, retain, memory = point["learn"], point["retain"], point.get("memory") or {}
+    relative = point.get("relative", {})
+    ratio = relative.get("heldout_nll_increase_ratio")
+    return [
+        str(point["documents"]),
+        _pct(learn["mem_acc"]),
+        _pct(learn["gen_acc"]),
+        _pct(learn.get("first_mem_acc")),
+        _pct(retain["known_facts_acc"]),
+        f"{_signed(relative.get('hellaswag_drop'))} ({retain['hellaswag_rows']})",
+        _signed(None if ratio is None else ratio * 100, 2),
+        _num(retain["drift_kl"], 4),
+        str(memory["rows_trained"]) if memory else "–",
+        str(memory["rows_trained_more_than_once"]) if memory else "–",
+        _pct(memory.get("background_read_share"), 2) if memory else "–",
+    ]
+
+
+def _curve_tables(results: dict[str, Any]) -> list[str]:
+    """One table per method run with --curve-every: its points along the stream."""
+    lines: list[str] = []
+    for label, entry in results["methods"].items():
+        if "curve" not in entry:
+            continue
+        lines += [
+            "",
+            f"### Stream curve: `{label}`",
+            "",
+            "| " + " | ".join(CURVE_COLUMNS) + " |",
+            "|" + "|".join("---:" for _ in CURVE_COLUMNS) + "|",
+        ]
+        lines += ["| " + " | ".join(_curve_row(point)) + " |" for point in entry["curve"]]
+    if lines:
+        lines += [
+            "",
+            "first-N: the first --curve-every documents of the stream (are early documents overwritten?). "
+            "Intermediate points score the first HellaSwag rows only, against the base model on the same rows; "
+            "the last point is the full evaluation above.",
+        ]
+    return lines
 
 
 # ---------------------------------------------------------------- plot
@@ -211,10 +270,61 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+CURVE_PANELS = (
+    (
+        "recall over all documents learned (%)",
+        lambda p: _scaled(p["learn"]["mem_acc"]),
+        lambda p: _scaled(p["learn"]["gen_acc"]),
+    ),
+    ("known facts kept (%)", lambda p: _scaled(p["retain"]["known_facts_acc"]), None),
+    ("held-out NLL increase (%)", lambda p: _scaled(p["relative"].get("heldout_nll_increase_ratio")), None),
+    (
+        "recall of the first documents (%)",
+        lambda p: _scaled(p["learn"].get("first_mem_acc")),
+        lambda p: _scaled(p["learn"].get("first_gen_acc")),
+    ),
+)
+
+
+def _scaled(value: float | None) -> float | None:
+    return None if value is None else value * 100
+
+
+def plot_curve(results: dict[str, Any], path: Path) -> None:
+    """Recall and retention against documents learned, one colour per method (solid: memorised, dashed: reworded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    palette = plt.get_cmap("tab10")
+    curves = [(label, entry["curve"]) for label, entry in results["methods"].items() if "curve" in entry]
+    for axis, (title, solid, dashed) in zip(axes.flat, CURVE_PANELS):
+        for index, (label, points) in enumerate(curves):
+            counts = [p["documents"] for p in points]
+            for values, style, suffix in ((solid, "-", ""), (dashed, "--", " (reworded)")):
+                if values is None:
+                    continue
+                ys = [values(p) for p in points]
+                axis.plot(counts, ys, style, marker="o", color=palette(index % 10), label=label + suffix)
+        axis.set_title(title, fontsize=10)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=7, loc="best")
+    for axis in axes[1]:
+        axis.set_xlabel("documents learned")
+    figure.suptitle(f"Along the stream: {results['model']}")
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
+    plt.close(figure)
+
+
 def write_reports(out: Path, results: dict[str, Any]) -> None:
     atomic_write_json(out / RESULTS_JSON, results)
     atomic_write_text(out / RESULTS_MD, markdown(results))
     plot(results, out / PLOT_PNG)
+    if any("curve" in entry for entry in results["methods"].values()):
+        plot_curve(results, out / CURVE_PNG)
 
 
 def summary_line(out: Path, results: dict[str, Any]) -> str:

@@ -3,7 +3,8 @@
 Protocol (the daemon's view of a stream): documents are fed one at a time in file order; per
 document its training texts (chunks plus restatements, identical for every method) are encoded,
 grouped into `passes` shuffled passes of batches and stepped through; SMF closes an update after
-each document. Evaluation happens once, after the last document.
+each document. Evaluation happens after the last document and, with --curve-every N, after every
+N documents as well (smfd.bench.curve).
 
 The base model and every method run in their own process (multiprocessing "spawn"), one after
 the other, so peak memory is per method and no state leaks between methods. Workers receive and
@@ -17,40 +18,43 @@ import json
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from smfd.bench import report
-from smfd.bench.data import (
-    HeldoutSplit,
-    document_chunks,
-    document_training_texts,
-    split_heldout,
-    texts_digest,
+from smfd.bench.context import WorkerContext, evaluate_retention, logprobs_path, open_context
+from smfd.bench.curve import (
+    CurveReference,
+    check_curve_every,
+    curve_point,
+    final_point,
+    intermediate_points,
 )
+from smfd.bench.data import texts_digest
 from smfd.bench.measure import (
     evaluate_heldout,
-    evaluate_hellaswag,
     evaluate_learning,
     forward_speed,
+    hellaswag_correct,
     known_facts_correct,
+    learning_scores,
     logprobs,
     peak_memory,
     same_batch_speed,
+    summarise_learning,
     timing_batch,
 )
 from smfd.bench.methods import BackgroundSource, Learning, build_learning
-from smfd.bench.options import BASE_LOGPROBS_FILE, BenchConfig, Inputs, build_parser, config_from_args, load_inputs
+from smfd.bench.options import CURVE_HELLASWAG_ROWS, BenchConfig, build_parser, config_from_args, load_inputs
 from smfd.bench.specs import (
     IN_CONTEXT,
     MethodSpec,
@@ -58,54 +62,10 @@ from smfd.bench.specs import (
 )
 from smfd.durable import atomic_write
 from smfd.errors import SmfdError
-from smfd.learn.lesson import LearnSettings
 from smfd.model.batch import encode
-from smfd.model.loading import load_base_model, resolve_model_source
-from smfd.model.memory_model import pick_device
-from smfd.model.scoring import drift_kl
+from smfd.model.loading import resolve_model_source
 
 # ---------------------------------------------------------------- workers
-
-
-@dataclass
-class WorkerContext:
-    cfg: BenchConfig
-    inputs: Inputs
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    model_name: str
-    model_id: str
-    device: torch.device
-    split: HeldoutSplit
-    chunks: list[list[str]]
-
-    def texts(self, restate: bool) -> list[list[str]]:
-        return [document_training_texts(c, restate) for c in self.chunks]
-
-
-def open_context(cfg: BenchConfig) -> WorkerContext:
-    """Everything a benchmark process shares between methods: data, base model, device, held-out split, chunks."""
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    inputs = load_inputs(cfg)
-    model, tokenizer, source = load_base_model(cfg.model, Path(cfg.cache_dir))
-    device = pick_device(cfg.device)
-    model.to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    split = split_heldout(
-        tokenizer, inputs.heldout_text, cfg.heldout_text, cfg.split_sizes(), inputs.background_text, cfg.background_text
-    )
-    overlap = LearnSettings().chunking.overlap_sentences
-    chunks = [
-        document_chunks(d, tokenizer, cfg.chunk_tokens, cfg.title_context, cfg.with_paraphrases, overlap)
-        for d in tqdm(inputs.documents, desc="chunking", unit="doc", leave=False)
-    ]
-    return WorkerContext(cfg, inputs, model, tokenizer, source.display_name, str(source.path), device, split, chunks)
-
-
-def _logprobs_path(cfg: BenchConfig) -> Path:
-    return Path(cfg.out) / BASE_LOGPROBS_FILE
 
 
 def _budget(ctx: WorkerContext, texts: list[list[str]], passes: int, restate: bool) -> dict[str, Any]:
@@ -138,10 +98,11 @@ def run_base(ctx: WorkerContext) -> dict[str, Any]:
     known = known_facts_correct(model, tok, ctx.inputs.known_facts, "base")
     base_lp = logprobs(model, ctx.split.drift_windows)
     tensors = {f"window_{i:04d}": lp.contiguous() for i, lp in enumerate(base_lp)}
-    atomic_write(_logprobs_path(ctx.cfg), lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(logprobs_path(ctx.cfg), lambda tmp: save_file(tensors, str(tmp)))
     n_known = sum(known)
+    hellaswag = hellaswag_correct(model, tok, ctx.inputs.hellaswag, "base")
     retain = {
-        "hellaswag_acc": evaluate_hellaswag(model, tok, ctx.inputs.hellaswag, "base"),
+        "hellaswag_acc": sum(hellaswag) / len(hellaswag),
         "hellaswag_rows": len(ctx.inputs.hellaswag),
         "known_facts_acc": 1.0 if n_known else None,
         "known_facts_items": n_known,
@@ -163,6 +124,10 @@ def run_base(ctx: WorkerContext) -> dict[str, Any]:
         "retain": retain,
         "cost": cost,
         "known_correct": [i for i, ok in enumerate(known) if ok],
+        "curve_reference": {
+            "base_hellaswag_acc": sum(hellaswag[:CURVE_HELLASWAG_ROWS]) / len(hellaswag[:CURVE_HELLASWAG_ROWS]),
+            "base_heldout_nll": retain["heldout_nll"],
+        },
         "budget": _budget(ctx, ctx.texts(ctx.cfg.restate), ctx.cfg.passes, ctx.cfg.restate),
         "ranges": ctx.split.ranges,
         "model": ctx.model_name,
@@ -171,10 +136,20 @@ def run_base(ctx: WorkerContext) -> dict[str, Any]:
     }
 
 
-def train_documents(ctx: WorkerContext, learning: Learning, passes: int, restate: bool, label: str) -> dict[str, Any]:
-    """Feed documents one at a time, as the daemon does; returns the training cost."""
-    steps, tokens, step_seconds, doc_seconds, losses = 0, 0, 0.0, [], []
+PointHook = Callable[[int], dict[str, Any]]
+
+
+def train_documents(
+    ctx: WorkerContext, learning: Learning, passes: int, restate: bool, label: str, point: PointHook | None = None
+) -> dict[str, Any]:
+    """Feed documents one at a time, as the daemon does; returns the training cost (and the curve's points).
+
+    `point(n)` evaluates the model after n documents, at the counts `intermediate_points` names;
+    its time is not part of the training cost.
+    """
+    steps, tokens, step_seconds, doc_seconds, losses, curve = 0, 0, 0.0, [], [], []
     documents = list(zip(ctx.inputs.documents, ctx.chunks))
+    pauses = set(intermediate_points(len(documents), ctx.cfg.curve_every)) if point is not None else set()
     for index, (document, chunks) in enumerate(tqdm(documents, desc=f"{label}: learn", unit="doc")):
         started = time.perf_counter()
         batches = learning.document_batches(document.text, chunks, passes, restate, ctx.cfg.seed + index)
@@ -187,6 +162,9 @@ def train_documents(ctx: WorkerContext, learning: Learning, passes: int, restate
             losses.append(result.loss)
         learning.end_document()
         doc_seconds.append(time.perf_counter() - started)
+        if index + 1 in pauses:
+            assert point is not None
+            curve.append(point(index + 1))
     return {
         "steps": steps,
         "tokens_trained": tokens,
@@ -196,27 +174,13 @@ def train_documents(ctx: WorkerContext, learning: Learning, passes: int, restate
         "seconds_per_document": sum(doc_seconds) / len(doc_seconds),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
+        "curve": curve,
     }
 
 
-def evaluate_retention(
-    ctx: WorkerContext, model: PreTrainedModel, known_correct: list[int], label: str
+def run_method(
+    ctx: WorkerContext, spec: MethodSpec, known_correct: list[int], reference: dict[str, float] | None = None
 ) -> dict[str, Any]:
-    facts = [ctx.inputs.known_facts[i] for i in known_correct]
-    still = known_facts_correct(model, ctx.tokenizer, facts, label) if facts else []
-    base_lp = load_file(str(_logprobs_path(ctx.cfg)))
-    base_windows = [base_lp[f"window_{i:04d}"] for i in range(len(base_lp))]
-    return {
-        "hellaswag_acc": evaluate_hellaswag(model, ctx.tokenizer, ctx.inputs.hellaswag, label),
-        "hellaswag_rows": len(ctx.inputs.hellaswag),
-        "known_facts_acc": sum(still) / len(still) if still else None,
-        "known_facts_items": len(facts),
-        "heldout_nll": evaluate_heldout(model, ctx.split.heldout_windows, label),
-        "drift_kl": drift_kl(base_windows, logprobs(model, ctx.split.drift_windows)),
-    }
-
-
-def run_method(ctx: WorkerContext, spec: MethodSpec, known_correct: list[int]) -> dict[str, Any]:
     passes = spec.options.get("passes", ctx.cfg.passes)
     restate = spec.options.get("restate", ctx.cfg.restate)
     texts = ctx.texts(restate)
@@ -224,17 +188,31 @@ def run_method(ctx: WorkerContext, spec: MethodSpec, known_correct: list[int]) -
     background = BackgroundSource(ctx.split.background, Path(ctx.cfg.out) / "cache", ctx.model_id)
     learning, setup = build_learning(spec, ctx.model, ctx.tokenizer, ctx.cfg.learn_settings(), background)
     setup_seconds = time.perf_counter() - setup_started
-    train_cost = train_documents(ctx, learning, passes, restate, spec.label)
+    point = None
+    if ctx.cfg.curve_every is not None and reference is not None:
+        curve_reference = CurveReference(
+            ctx.inputs.hellaswag[:CURVE_HELLASWAG_ROWS],
+            reference["base_hellaswag_acc"],
+            reference["base_heldout_nll"],
+        )
+
+        def point(n: int) -> dict[str, Any]:
+            return curve_point(ctx, learning, curve_reference, known_correct, n, spec.label)
+
+    train_cost = train_documents(ctx, learning, passes, restate, spec.label, point)
+    curve = train_cost.pop("curve")
     trained = peak_memory(ctx.device)
     model = learning.eval_model()
     model.eval()
     eval_started = time.perf_counter()
-    learn = evaluate_learning(model, ctx.tokenizer, ctx.inputs.documents, spec.label)
+    scores = learning_scores(model, ctx.tokenizer, ctx.inputs.documents, spec.label)
+    learn = summarise_learning(scores)
     retain = evaluate_retention(ctx, model, known_correct, spec.label)
     cost = {
         **train_cost,
         "setup_seconds": setup_seconds,
         "eval_seconds": time.perf_counter() - eval_started,
+        "curve_eval_seconds": sum(p["eval_seconds"] for p in curve),
         **trained,
         **peak_memory(ctx.device, "peak_memory_eval"),
         **setup,
@@ -244,7 +222,7 @@ def run_method(ctx: WorkerContext, spec: MethodSpec, known_correct: list[int]) -
     cost.update(
         same_batch_speed(learning, timing_batch(ctx.split, ctx.tokenizer), ctx.cfg.timing_steps, ctx.device, passes)
     )
-    return {
+    result = {
         "learn": learn,
         "retain": retain,
         "cost": cost,
@@ -255,6 +233,10 @@ def run_method(ctx: WorkerContext, spec: MethodSpec, known_correct: list[int]) -
             "tokens_trained": train_cost["tokens_trained"],
         },
     }
+    if point is not None:
+        first = summarise_learning(scores[: ctx.cfg.curve_every], "first_")
+        result["curve"] = [*curve, final_point(len(scores), {**learn, **first}, retain, learning.memory())]
+    return result
 
 
 def run_in_context(ctx: WorkerContext, base: dict[str, Any]) -> dict[str, Any]:
@@ -281,7 +263,9 @@ def worker_main(request_json: str) -> str:
     elif request["role"] == IN_CONTEXT:
         result = run_in_context(ctx, request["base"])
     else:
-        result = run_method(ctx, MethodSpec.from_json(request["spec"]), request["known_correct"])
+        result = run_method(
+            ctx, MethodSpec.from_json(request["spec"]), request["known_correct"], request.get("curve_reference")
+        )
     return json.dumps(result)
 
 
@@ -318,6 +302,7 @@ def machine_info(cfg: BenchConfig, base: dict[str, Any]) -> dict[str, Any]:
 
 def run_benchmark(cfg: BenchConfig, argv: Sequence[str]) -> dict[str, Any]:
     inputs = load_inputs(cfg)  # fail on bad files before any model is loaded
+    check_curve_every(cfg.curve_every, len(inputs.documents))
     specs = parse_method_specs(cfg.methods)
     resolve_model_source(cfg.model)
     out = Path(cfg.out)
@@ -344,14 +329,21 @@ def run_benchmark(cfg: BenchConfig, argv: Sequence[str]) -> dict[str, Any]:
             if spec.name == IN_CONTEXT:
                 request = {"role": IN_CONTEXT, "base": {"retain": base["retain"]}}
             else:
-                request = {"role": "method", "spec": spec.to_json(), "known_correct": base["known_correct"]}
+                request = {
+                    "role": "method",
+                    "spec": spec.to_json(),
+                    "known_correct": base["known_correct"],
+                    "curve_reference": base["curve_reference"],
+                }
             method = call_worker(cfg, request, spec.label)
             method["relative"] = report.relative_metrics(results["base"], method)
+            if "curve" in method:  # the last point is the final evaluation: the same forgetting figures
+                method["curve"][-1]["relative"] = method["relative"]
             results["methods"][spec.label] = method
             report.write_reports(out, results)
     finally:
         if not cfg.keep_logprobs:
-            _logprobs_path(cfg).unlink(missing_ok=True)
+            logprobs_path(cfg).unlink(missing_ok=True)
     return results
 
 
