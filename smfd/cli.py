@@ -190,10 +190,8 @@ def status_report(cfg) -> dict:
             report["documents"] = journal.counts()
             report["pending_chunks"] = journal.pending_chunk_count()
             report["pending_tokens"] = journal.pending_token_count()
-            recent = journal.updates(limit=cfg.guard.warn_window)
-            verdicts = [(u.accepted, u.measures.get("reason")) for u in reversed(recent)]
-            report["guard"] = VerdictTally.of(verdicts, cfg.guard).as_dict()
-            last = recent[0] if recent else None
+            report["guard"] = VerdictTally.of(journal.recent_verdicts(cfg.guard.warn_window), cfg.guard).as_dict()
+            last = journal.last_update()
             report["last_update"] = (
                 None
                 if last is None

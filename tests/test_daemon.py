@@ -461,6 +461,43 @@ def test_prometheus_server_scrapes_a_running_daemon_and_loads_the_alert_rules(tm
                 process.wait(timeout=30)
 
 
+def test_files_dropped_while_the_model_prepares_are_journaled_at_once_and_learned_once_ready(tmp_path, tiny_model_dir):
+    # Healing for many steps keeps the tiny model preparing for a while, as a real model's first start does.
+    config = write_config(tmp_path, tiny_model_dir, heal={"steps": 4000}, sources={"rescan_seconds": 600})
+    port = yaml.safe_load(config.read_text())["metrics"]["port"]
+    process = start_daemon(config)
+    journal_path = tmp_path / "state" / "journal.sqlite"
+
+    def metrics_up() -> bool:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 503
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(metrics_up, 60, "the metrics endpoint, not ready yet")
+        (tmp_path / "inbox" / "early.txt").write_text(NEW_TEXT)
+        dropped = time.monotonic()
+
+        def journaled() -> bool:
+            journal = Journal(journal_path, readonly=True)
+            try:
+                return sum(journal.counts().values()) == 1
+            finally:
+                journal.close()
+
+        wait_for(journaled, 5, "the file to be journaled while the model prepares")
+        assert time.monotonic() - dropped < 5 and not _ready(port), "journaled before the daemon was ready"
+        wait_for(lambda: _ready(port), 180, "/readyz")
+        journal = Journal(journal_path, readonly=True)
+        wait_for(lambda: journal.counts()["done"] == 1, 60, "the early file to be learned")
+        journal.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def _ready(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200

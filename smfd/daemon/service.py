@@ -3,8 +3,8 @@
 Threads:
 - the main thread waits for signals, pets the systemd watchdog while workers are healthy,
   and reloads the config on SIGHUP;
-- the APScheduler "default" executor polls sources (watch folders, feeds) and never touches
-  the model;
+- the APScheduler "default" executor polls sources (watch folders, feeds), from before the model
+  is loaded, and never touches the model;
 - the APScheduler "learner" executor is the model's one thread (smfd.learn.gate): start-up,
   updates, probes and the API's generations all run there, so they never race, and PyTorch keeps
   one OpenMP team (a second one on a small machine slows every op).
@@ -12,11 +12,12 @@ Threads:
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor as ThreadPool
+from datetime import datetime
 from pathlib import Path
 
 import structlog
@@ -48,8 +49,7 @@ EX_TEMPFAIL = 75  # sysexits: `--once` could not write its checkpoint (disk full
 
 
 def _skip_expected_overlap(record: logging.LogRecord) -> bool:
-    """Drop APScheduler's warning that a tick found its job still running: the learner drains the
-    queue inside one run, so an update tick during a long update is normal, not a warning."""
+    """Drop APScheduler's "still running" warning: the learner drains the queue in one long run."""
     return "maximum number of running instances reached" not in record.getMessage()
 
 
@@ -82,6 +82,12 @@ class Daemon:
 
     # ---- start-up ----------------------------------------------------------------------
     def start(self) -> None:
+        """Intake, then the model (`run_forever` polls the sources in between, so nothing waits for the model)."""
+        self.open_intake()
+        self.open_learner()
+
+    def open_intake(self) -> None:
+        """Journal, recovery, metrics endpoint and sources: what takes files in, with no model needed."""
         configure_logging(self.cfg.logging.level, self.cfg.logging.json_format)
         logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per 1 s poll is noise
         logging.getLogger("apscheduler.scheduler").addFilter(_skip_expected_overlap)
@@ -100,10 +106,13 @@ class Daemon:
                 alive=lambda: self.heartbeats.healthy(HEARTBEAT_STALE_SECONDS),
             )
             self.server.start()
-        systemd_notify.status("loading model")
-        self.gate.run(self._start_learner)  # all model work on one thread: smfd.learn.gate
         self.sources = Sources(self.cfg, self.intake, self.journal, self.metrics, self.heartbeats, self.paths)
         self.sources.build(self.cfg)
+
+    def open_learner(self) -> None:
+        """Load the model and memory on the model's thread (minutes when the state is new)."""
+        systemd_notify.status("loading model")
+        self.gate.run(self._start_learner)  # all model work on one thread: smfd.learn.gate
         last = self.journal.last_update()
         if last is not None:
             self.metrics.restore_last_update(last.timestamp)
@@ -128,8 +137,7 @@ class Daemon:
             self.gate,
         )
         self.learner.plan_batch_size()
-        recent = self.journal.updates(limit=self.cfg.guard.warn_window)
-        self.probing.start(runtime.model, [(u.accepted, u.measures.get("reason")) for u in reversed(recent)])
+        self.probing.start(runtime.model, self.journal.recent_verdicts(self.cfg.guard.warn_window))
         self.metrics.set_checkpoint(runtime.version, time.time())
         self.metrics.set_memory_fill(self.learner.fill())
 
@@ -207,9 +215,8 @@ class Daemon:
             systemd_notify.status("idle" if not self.stop_event.is_set() else "stopping")
 
     def _commit_failed(self, exc: CommitFailed) -> None:
-        """A checkpoint write failed (disk full...): not the documents' fault. They go back to the queue
-        untouched (no attempt counted) and updates pause, 5 s doubling up to 5 minutes, so a full disk
-        is not retrained in a loop; the failure is logged and counted as a failed update."""
+        """A checkpoint write failed (disk full...): the documents go back to the queue (no attempt counted)
+        and updates pause, 5 s doubling up to 5 minutes, so a full disk is not retrained in a loop."""
         self.commit_failures += 1
         delay = min(5.0 * 2 ** (self.commit_failures - 1), 300.0)
         self.retry_updates_at = time.monotonic() + delay
@@ -260,15 +267,17 @@ class Daemon:
         # While starting (model load, background statistics) SIGTERM keeps its default action: nothing is
         # in flight that could be lost, and the handler's stop flag would only be seen once start-up ends.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        self.start()
+        self.open_intake()
+        assert self.sources is not None
+        self.sources.start_watchers()
+        self.scheduler = self._build_scheduler()
+        self.scheduler.start()  # dropped files are journaled while the model loads
+        self.open_learner()
         if self.cfg.serve.enabled:  # not in --once: a batch run answers no one
             self.api = ApiServer(self.learner, self.cfg.serve, self.metrics.api)
             self.api.start()
         self._install_signals()
-        assert self.sources is not None
-        self.sources.start_watchers()
-        self.scheduler = self._build_scheduler()
-        self.scheduler.start()
+        self._schedule_learning(self.scheduler)
         systemd_notify.ready()
         systemd_notify.status("serving")
         log.info("daemon_ready", config=str(self.config_path), watch=[str(w.path) for w in self.cfg.sources.watch])
@@ -290,6 +299,10 @@ class Daemon:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         scheduler.add_job(self.poll_sources, "interval", seconds=1.0, id="sources", executor="default")
+        return scheduler
+
+    def _schedule_learning(self, scheduler: BackgroundScheduler) -> None:
+        """Updates and probe runs, once the learner is ready."""
         scheduler.add_job(
             self.run_update,
             "interval",
@@ -305,7 +318,6 @@ class Daemon:
             id="probes",
             executor="learner",
         )
-        return scheduler
 
     def _install_signals(self) -> None:
         def stop(*_: object) -> None:
@@ -380,11 +392,9 @@ class Daemon:
 class _ModelThreadExecutor(BasePoolExecutor):
     """APScheduler's "learner" executor: its jobs (updates, probes, reloads) run on the model's one thread."""
 
-    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    def __init__(self, pool: ThreadPool) -> None:  # the base class leaves __init__ abstract
         super().__init__(pool)
 
 
-def _now(scheduler: BackgroundScheduler):
-    from datetime import datetime
-
+def _now(scheduler: BackgroundScheduler) -> datetime:
     return datetime.now(scheduler.timezone)

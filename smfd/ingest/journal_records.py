@@ -61,6 +61,10 @@ class JournalRecords(JournalConnection):
         with self._read() as conn:
             return [_update(row) for row in conn.execute(sql, params)]
 
+    def recent_verdicts(self, limit: int) -> list[tuple[bool, str | None]]:
+        """(accepted, rollback reason) of the last `limit` updates, oldest first: the guard's recent tally."""
+        return [(u.accepted, u.measures.get("reason")) for u in reversed(self.updates(limit=limit))]
+
     # ------------------------------------------------------------ seen files
     def record_seen_file(self, path: str | Path, size_bytes: int, mtime_ns: int, doc_id: int | None) -> None:
         """Remember that this exact file version was taken (for inboxes we may not delete from)."""
