@@ -220,6 +220,8 @@ def status_report(cfg) -> dict:
     store = CheckpointStore(StatePaths(cfg.state_dir).memory, keep=cfg.checkpoint.keep)
     report["checkpoint_version"] = store.version if store.exists() else None
     report["memory_fill"] = store.memory_fill() if store.exists() else None
+    startup_file = StatePaths(cfg.state_dir).startup  # the stage the daemon last reported while starting
+    report["startup"] = json.loads(startup_file.read_text()) if startup_file.exists() else None
     probes_file = StatePaths(cfg.state_dir).probe_last
     report["last_probes"] = json.loads(probes_file.read_text()) if probes_file.exists() else None
     return report
@@ -232,6 +234,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
+    startup = report["startup"]
+    if startup and startup["stage"] != "ready":
+        since = time.strftime("%H:%M:%S", time.localtime(startup["updated_at"]))
+        print(f"starting: {startup['stage']} ({startup['percent']}%, since {since})")
     docs = report["documents"]
     print("documents: " + ", ".join(f"{k} {v}" for k, v in docs.items()))
     print(f"pending chunks: {report['pending_chunks']} ({report['pending_tokens']} tokens)")

@@ -59,6 +59,11 @@ class StatePaths:
         return self.root / "model-cache"
 
     @property
+    def startup(self) -> Path:
+        """The stage a starting daemon is in (smfd.observe.startup), for `smfd status`."""
+        return self.root / "startup.json"
+
+    @property
     def probe_base(self) -> Path:
         return self.probes / "base.json"
 

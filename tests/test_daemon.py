@@ -22,6 +22,7 @@ from conftest import CORPUS
 from smfd.cli import main
 from smfd.errors import SmfdError
 from smfd.ingest.journal import Journal
+from smfd.observe.startup import STAGES
 from smfd.store.checkpoint import CheckpointStore
 
 NEW_TEXT = (
@@ -461,7 +462,9 @@ def test_prometheus_server_scrapes_a_running_daemon_and_loads_the_alert_rules(tm
                 process.wait(timeout=30)
 
 
-def test_files_dropped_while_the_model_prepares_are_journaled_at_once_and_learned_once_ready(tmp_path, tiny_model_dir):
+def test_files_dropped_while_the_model_prepares_are_journaled_at_once_and_learned_once_ready(
+    tmp_path, tiny_model_dir, capsys
+):
     # Healing for many steps keeps the tiny model preparing for a while, as a real model's first start does.
     config = write_config(tmp_path, tiny_model_dir, heal={"steps": 4000}, sources={"rescan_seconds": 600})
     port = yaml.safe_load(config.read_text())["metrics"]["port"]
@@ -489,13 +492,19 @@ def test_files_dropped_while_the_model_prepares_are_journaled_at_once_and_learne
 
         wait_for(journaled, 5, "the file to be journaled while the model prepares")
         assert time.monotonic() - dropped < 5 and not _ready(port), "journaled before the daemon was ready"
+        code, out, _ = run_cli(["status", "--config", str(config)], capsys)
+        assert code == 0 and "starting: healing the memory and counting background reads (" in out
         wait_for(lambda: _ready(port), 180, "/readyz")
+        status = json.loads(run_cli(["status", "--config", str(config), "--json"], capsys)[1])
+        assert (status["startup"]["stage"], status["startup"]["percent"]) == ("ready", 100)
         journal = Journal(journal_path, readonly=True)
         wait_for(lambda: journal.counts()["done"] == 1, 60, "the early file to be learned")
         journal.close()
     finally:
         process.terminate()
         process.wait(timeout=30)
+    stages = [json.loads(line)["stage"] for line in process.stdout.read().splitlines() if "startup_progress" in line]
+    assert stages == [name for name, _ in STAGES] + ["ready"], "each stage of a first start is logged in order"
 
 
 def _ready(port: int) -> bool:

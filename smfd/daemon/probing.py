@@ -13,7 +13,6 @@ from smfd.daemon.health import Heartbeats
 from smfd.guard.retention import RetentionProbes
 from smfd.guard.verdict import Guard, Verdict, VerdictWindow
 from smfd.model.memory_model import MemoryModel
-from smfd.observe import systemd_notify
 from smfd.observe.metrics import Metrics
 
 log = structlog.get_logger("smfd.daemon.probing")
@@ -40,7 +39,6 @@ class Probing:
         self.metrics.set_guard_tally(self.verdicts.tally())
         if not (self.cfg.probes.builtin or self.cfg.probes.suites):
             return
-        systemd_notify.status("measuring base probes")
         self.probes = RetentionProbes(
             model, self.cfg.probes, self.cfg.state_dir, include_builtin=self.cfg.probes.builtin
         )

@@ -10,13 +10,18 @@ import torch
 
 from smfd.config import SmfdConfig
 from smfd.errors import SmfdError
+from smfd.ingest.journal import Journal
+from smfd.learn.budget import MemoryBudget
+from smfd.learn.gate import ModelGate
 from smfd.learn.heal import prepare_memory, sample_general_text
 from smfd.learn.interference import RetainSet, retain_text, sample_self_facts
+from smfd.learn.learner import Learner
 from smfd.learn.lesson import LearnSettings
 from smfd.model.batch import encode
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import decoder_layers, memory_bypassed
 from smfd.model.slot_stats import BackgroundStats
+from smfd.observe.startup import StartupProgress
 from smfd.paths import StatePaths, builtin_file, read_prompts
 from smfd.store.checkpoint import CheckpointStore
 
@@ -86,9 +91,18 @@ class Runtime:
         with memory_bypassed(self.model.memories):
             return RetainSet.collect(self.model.model, self.model.memories, text, update.retain_tokens)
 
+    def learner(self, cfg: SmfdConfig, journal: Journal, gate: ModelGate | None = None) -> Learner:
+        """The learner that owns this runtime's model, with the config's settings and memory budget."""
+        settings = LearnSettings.from_config(cfg)
+        budget = MemoryBudget(self.model.device, cfg.budget.ram_mb, cfg.budget.vram_mb)
+        retain = self.retain_set(settings, cfg)
+        return Learner(self.model, self.background, self.store, journal, settings, budget, retain, gate)
 
-def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
+
+def open_runtime(cfg: SmfdConfig, create: bool = True, progress: StartupProgress | None = None) -> Runtime:
     """Load the base model, attach memory and restore the latest checkpoint (creating version 0 if allowed)."""
+    progress = progress or StartupProgress()
+    progress.stage("loading the model")
     torch.set_num_threads(cfg.model.threads)
     model = MemoryModel.load(cfg.model.path, cfg.memory, cfg.model.cache_dir, cfg.model.device)
     store = CheckpointStore(StatePaths(cfg.state_dir).memory, keep=cfg.checkpoint.keep)
@@ -99,10 +113,13 @@ def open_runtime(cfg: SmfdConfig, create: bool = True) -> Runtime:
         return Runtime(model, store, background, version, store.load_text("general_text"), store.load_text("fact_text"))
     if not create:
         raise SmfdError(f"no checkpoint in {store.folder}: start the daemon once (or run `smfd --once`) to create it")
+    progress.stage("collecting general text (sampled from the model unless memory.background_text is set)")
     sequences, source = background_sequences(cfg, model)
+    progress.stage("sampling statements of fact from the model")
     facts = sample_self_facts(model.model, model.tokenizer, model.memories, cfg.memory.fact_sequences)
     log.info("background_statistics", sequences=len(sequences), source=source, fact_sequences=len(facts))
     meta = {"background": source, "background_sequences": len(sequences), "fact_sequences": len(facts)}
+    progress.stage("healing the memory and counting background reads")
     healed, background = prepare_memory(model.model, model.memories, sequences + facts, cfg.heal)
     if healed is not None:
         log.info("memory_healed", **asdict(healed))

@@ -33,13 +33,13 @@ from smfd.daemon.sources import Sources
 from smfd.errors import ConfigError, SmfdError
 from smfd.ingest.intake import Intake
 from smfd.ingest.journal import DocState, Journal, JournalDamaged
-from smfd.learn.budget import MemoryBudget
 from smfd.learn.gate import ModelGate
 from smfd.learn.learner import CommitFailed, Learner, LearnSettings, UpdateOutcome
 from smfd.observe import systemd_notify
 from smfd.observe.http_server import MetricsServer
 from smfd.observe.logs import configure_logging
 from smfd.observe.metrics import Metrics
+from smfd.observe.startup import StartupProgress
 from smfd.paths import StatePaths
 from smfd.serve.server import ApiServer
 from smfd.store.checkpoint import CheckpointStore
@@ -74,6 +74,7 @@ class Daemon:
         self.probing = Probing(self.cfg, self.metrics, self.heartbeats)
         self.gate = ModelGate(yield_to_requests=self.cfg.serve.during_update == "pause_learner")
         self.sources: Sources | None = None
+        self.startup = StartupProgress(self.paths.startup)
 
     def _load(self) -> SmfdConfig:
         cfg = load_config(self.config_path, self.environ)
@@ -111,7 +112,6 @@ class Daemon:
 
     def open_learner(self) -> None:
         """Load the model and memory on the model's thread (minutes when the state is new)."""
-        systemd_notify.status("loading model")
         self.gate.run(self._start_learner)  # all model work on one thread: smfd.learn.gate
         last = self.journal.last_update()
         if last is not None:
@@ -119,24 +119,16 @@ class Daemon:
         self.metrics.set_learner_up(True)
         self._report_memory()
         self.ready = True
+        self.startup.ready()
 
     def _start_learner(self) -> None:
         """Load the model and memory, plan the batch, record the base probes (on the model's thread)."""
-        runtime = open_runtime(self.cfg)
+        runtime = open_runtime(self.cfg, progress=self.startup)
         settle_rolled_back(self.journal, runtime.version)
-        budget = MemoryBudget(runtime.model.device, self.cfg.budget.ram_mb, self.cfg.budget.vram_mb)
-        settings = LearnSettings.from_config(self.cfg)
-        self.learner = Learner(
-            runtime.model,
-            runtime.background,
-            runtime.store,
-            self.journal,
-            settings,
-            budget,
-            runtime.retain_set(settings, self.cfg),
-            self.gate,
-        )
+        self.startup.stage("collecting the retain set")
+        self.learner = runtime.learner(self.cfg, self.journal, self.gate)
         self.learner.plan_batch_size()
+        self.startup.stage("measuring base probes")
         self.probing.start(runtime.model, self.journal.recent_verdicts(self.cfg.guard.warn_window))
         self.metrics.set_checkpoint(runtime.version, time.time())
         self.metrics.set_memory_fill(self.learner.fill())
