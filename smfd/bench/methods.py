@@ -198,17 +198,13 @@ class SmfLearning:
 
     def memory(self) -> dict[str, Any]:
         """How full the memory is (smfd.model.slot_stats.MemoryFill) and how often rows were trained again."""
-        fill = memory_fill({m.layer_index: m.values for m in self.memory_model.memories}, self.background)
+        fill = memory_fill(self.memory_model.values(), self.background, self.row_retrainings)
         counts = torch.cat(list(self.times_trained.values()))
-        return {
-            **fill.as_dict(),
-            "rows_trained_more_than_once": int((counts > 1).sum()),
-            "row_retrainings": self.row_retrainings,
-        }
+        return {**fill.as_dict(), "rows_trained_more_than_once": int((counts > 1).sum())}
 
     def rows_changed(self) -> int:
         """Value rows that differ from their zero initialisation now: the memory this run actually used."""
-        return sum(int((m.values.detach() != 0).any(dim=1).sum()) for m in self.memory_model.memories)
+        return memory_fill(self.memory_model.values(), self.background).rows_trained
 
     def describe(self) -> dict[str, Any]:
         info = self.memory_model.describe()

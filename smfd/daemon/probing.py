@@ -65,8 +65,7 @@ class Probing:
                 self.metrics.set_drift_kl(after["drift"]["kl"])
         elif verdict.reason is not None:
             self.metrics.rollback(verdict.reason.value)
-        reason = verdict.reason.value if verdict.reason is not None and not verdict.accepted else None
-        self.metrics.set_guard_tally(self.verdicts.add(verdict.accepted, reason))
+        self.metrics.set_guard_tally(self.verdicts.add(verdict.accepted, verdict.rollback_reason))
         return verdict
 
     def run_full(self, version: int) -> None:

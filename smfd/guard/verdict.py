@@ -38,6 +38,13 @@ class Verdict:
     reason: RollbackReason | None = None  # the threshold crossed; also set when guard.action "alert" accepted anyway
     measures: dict[str, Any] = field(default_factory=dict)  # before / after / probe_seconds
 
+    @property
+    def rollback_reason(self) -> str | None:
+        """Why the update was rolled back ("rejected" when no threshold is named); None when accepted."""
+        if self.accepted:
+            return None
+        return self.reason.value if self.reason is not None else "rejected"
+
     @classmethod
     def unguarded(cls) -> Verdict:
         """No guard configured: every update is accepted."""

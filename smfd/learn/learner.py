@@ -334,7 +334,7 @@ class Learner:
         if not verdict.accepted:
             apply_patches(self.model.memories, patches, revert=True)
             self.journal.set_chunk_state(chunk_ids, ChunkState.REJECTED)
-            reason = verdict.reason.value if verdict.reason is not None else "rejected"
+            reason = verdict.rollback_reason
             outcome.version, outcome.accepted, outcome.reason = self.store.version, False, reason
             measures = {**measures, "reason": reason}  # the guard's verdicts along the stream (`smfd status`)
             self.journal.record_update(
