@@ -155,8 +155,13 @@ def text_batches(tokenizer) -> Callable[[list[str], int], list[TokenBatch]]:
 
 
 def clone_values(model: MemoryModel) -> dict[int, torch.Tensor]:
-    """A detached copy of every memory's value table, keyed by layer."""
-    return {layer: values.clone() for layer, values in model.values().items()}
+    """A dense copy of every memory's value table, keyed by layer (tiny tables: tests only)."""
+    return {layer: values.dense() for layer, values in model.values().items()}
+
+
+def write_all_rows(memory, table: torch.Tensor) -> None:
+    """Set every row of a memory's value table from a dense (n_slots, width) tensor."""
+    memory.values.write(torch.arange(memory.values.n_slots), table)
 
 
 def clone_memory_state(model: MemoryModel) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from smfd.store.checkpoint import CheckpointStore
 
 
 def test_disk_full_at_commit_requeues_pauses_and_commits_once_space_returns(
-    tmp_path, tiny_model_dir, make_memory_model, monkeypatch
+    tmp_path, tiny_model_dir, make_memory_model, monkeypatch, snapshot_values
 ):
     config = write_config(tmp_path, tiny_model_dir, metrics={"enabled": False})
     daemon = Daemon(config)
@@ -26,7 +26,7 @@ def test_disk_full_at_commit_requeues_pauses_and_commits_once_space_returns(
         (tmp_path / "inbox" / "lighthouse.txt").write_text(NEW_TEXT)
         os.utime(tmp_path / "inbox" / "lighthouse.txt", (time.time() - 60,) * 2)
         daemon.poll_sources(settle=False)
-        before = {layer: values.clone() for layer, values in daemon.learner.model.values().items()}
+        before = snapshot_values(daemon.learner.model)
         real_write = checkpoint.atomic_write
 
         def disk_full(path, write):
@@ -36,7 +36,7 @@ def test_disk_full_at_commit_requeues_pauses_and_commits_once_space_returns(
         assert daemon.run_update() is None
         [document] = daemon.journal.documents()
         assert (document.state, document.attempts) == ("queued", 0), "a full disk is not the document's fault"
-        values = daemon.learner.model.values()
+        values = snapshot_values(daemon.learner.model)
         assert all(values[layer].equal(before[layer]) for layer in before), "the update was undone in memory"
 
         trained = []
@@ -49,7 +49,7 @@ def test_disk_full_at_commit_requeues_pauses_and_commits_once_space_returns(
         outcome = daemon.run_update()
         assert outcome is not None and outcome.version == 1 and trained == [1]
         assert daemon.journal.documents()[0].state == "done"
-        running = {layer: values.clone() for layer, values in daemon.learner.model.values().items()}
+        running = snapshot_values(daemon.learner.model)
     finally:
         daemon.shutdown()
 
@@ -57,5 +57,5 @@ def test_disk_full_at_commit_requeues_pauses_and_commits_once_space_returns(
     (store.folder / "current.safetensors").unlink()  # load from base + patches alone
     reloaded = make_memory_model()
     assert store.load_into(reloaded)[0] == 1
-    replayed = reloaded.values()
+    replayed = snapshot_values(reloaded)
     assert all(replayed[layer].equal(running[layer]) for layer in running), "base + patches = the running memory"

@@ -81,8 +81,7 @@ def test_zero_steps_is_no_healing(tiny_memory_model, background_sequences, snaps
 
 def test_healing_after_an_update_is_refused(tiny_memory_model, background_sequences):
     inputs = memory_inputs(tiny_memory_model.model, tiny_memory_model.memories, background_sequences)
-    with torch.no_grad():
-        tiny_memory_model.memories[0].values[3] += 1.0
+    tiny_memory_model.memories[0].values.write(torch.tensor([3]), torch.ones(1, 32))
     with pytest.raises(SmfdError, match="before any update"):
         heal_addressing(tiny_memory_model.memories, inputs, HealSection(steps=1))
 

@@ -321,7 +321,7 @@ def test_memory_fill_counts_the_rows_updates_trained_and_the_background_reads_on
     submit_all(journal, tmp_path)
     outcome = learner.update(guard=lambda: Verdict(True, None, {}))
 
-    trained = {layer: (values != 0).any(dim=1) for layer, values in tiny_memory_model.values().items()}
+    trained = {layer: (values.dense() != 0).any(dim=1) for layer, values in tiny_memory_model.values().items()}
     expected_share = sum(float(background[k].counts[t].sum()) for k, t in trained.items()) / sum(
         float(background[k].counts.sum()) for k in trained
     )
@@ -338,14 +338,14 @@ def test_rows_an_update_trains_again_are_counted_and_kept_with_the_checkpoint(
     submit(journal, tmp_path / "spool", "harbour.txt", DOCUMENTS["harbour.txt"])
     first = learner.update(guard=lambda: Verdict(True, None, {}))
     assert first.rows_reused == 0 and first.fill.row_retrainings == 0, "a fresh memory has nothing to overwrite"
-    between = {layer: values.detach().clone() for layer, values in tiny_memory_model.values().items()}
+    between = {layer: values.dense() for layer, values in tiny_memory_model.values().items()}
 
     submit(journal, tmp_path / "spool", "observatory.txt", DOCUMENTS["observatory.txt"])
     second = learner.update(guard=lambda: Verdict(True, None, {}))
 
     expected = 0
     for layer, values in tiny_memory_model.values().items():
-        changed = (values.detach() != between[layer]).any(dim=1)
+        changed = (values.dense() != between[layer]).any(dim=1)
         expected += int((changed & (between[layer] != 0).any(dim=1)).sum())
     assert second.rows_reused == expected > 0, "the tiny memory's 16 selected rows overlap between documents"
     assert second.fill.row_retrainings == expected
@@ -359,9 +359,8 @@ def test_a_full_memory_keeps_learning_and_reports_that_it_is_full(
 ):
     import torch
 
-    with torch.no_grad():  # every row holds something, as after a long stream: no fresh row is left
-        for memory in tiny_memory_model.memories:
-            memory.values.fill_(1e-4)
+    for memory in tiny_memory_model.memories:  # every row holds something, as after a long stream
+        memory.values.write(torch.arange(memory.values.n_slots), torch.full(memory.values.shape, 1e-4))
     learner = make_learner(tiny_memory_model, background, store, journal)
     submit_all(journal, tmp_path)
 

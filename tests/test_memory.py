@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from conftest import write_all_rows
 from engine_settings import changed
 from pydantic import ValidationError
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -50,8 +51,9 @@ def test_attach_on_several_layers_also_leaves_logits_bit_identical(make_base_mod
 def test_attached_memory_is_frozen_and_only_values_start_at_zero(tiny_memory_model):
     memory = tiny_memory_model.memories[0]
     assert not any(p.requires_grad for p in tiny_memory_model.model.parameters())
-    assert torch.count_nonzero(memory.values) == 0
+    assert torch.count_nonzero(memory.values.dense()) == 0
     assert memory.values.shape == (16 * 16, 32)
+    assert memory.values.n_rows == 0, "a fresh memory holds no value rows"
     assert torch.count_nonzero(memory.keys) > 0
 
 
@@ -124,8 +126,7 @@ def test_attaching_twice_to_the_same_layer_is_refused(tiny_memory_model, memory_
 def test_memory_bypassed_returns_base_logits_after_values_changed(make_base_model, tokenizer, memory_config, input_ids):
     base = logits(make_base_model(), input_ids)
     model = MemoryModel.attach(make_base_model(), tokenizer, memory_config)
-    with torch.no_grad():
-        model.memories[0].values.normal_(generator=torch.Generator().manual_seed(1))
+    write_all_rows(model.memories[0], torch.randn(256, 32, generator=torch.Generator().manual_seed(1)))
 
     changed = logits(model.model, input_ids)
     with model.base():
@@ -148,13 +149,13 @@ def test_memory_state_round_trips_and_refuses_a_state_from_other_layers(
     make_memory_model, memory_config, bit_identical
 ):
     source = make_memory_model()
-    with torch.no_grad():
-        source.memories[0].values.uniform_(-1, 1)
+    write_all_rows(source.memories[0], torch.rand(256, 32) * 2 - 1)
     state = source.memory_state()
     assert set(state) == {
         "1.query.weight",
         "1.keys",
-        "1.values",
+        "1.values.slot_ids",
+        "1.values.rows",
         "1.gate.weight",
         "1.out.weight",
         "1.query_shift",
@@ -248,15 +249,13 @@ def test_reads_at_or_below_min_read_weight_count_for_nothing():
     slot = int(next(s for s in dense.indices[weak].tolist() if s not in set(dense.indices[strong].tolist())))
     readers = (dense.indices == slot).any(-1).any(-1)[0]  # tokens that have the slot among their candidates
     before = memory(hidden).detach()
-    with torch.no_grad():
-        memory.values[slot] = torch.randn(32, generator=torch.Generator().manual_seed(2)) * 10
+    memory.values.write(torch.tensor([slot]), torch.randn(1, 32, generator=torch.Generator().manual_seed(2)) * 10)
 
     after = memory(hidden).detach()
     assert bool(readers.any())
     assert torch.equal(after, before)  # every reader of the slot read it weakly: nothing moved
 
-    with torch.no_grad():
-        memory.values[int(dense.indices[strong][0])] = 10.0
+    memory.values.write(dense.indices[strong][:1], torch.full((1, 32), 10.0))
     assert not torch.equal(memory(hidden).detach(), before)
 
 

@@ -25,7 +25,7 @@ def _update(model, background, batches: list[TokenBatch], config: TrainSection) 
     updater.plan_update(batches)
     losses = [updater.step(batch).loss for batch in batches]
     updater.finish_update()
-    return losses, {layer: values.clone() for layer, values in model.values().items()}
+    return losses, {layer: values.dense() for layer, values in model.values().items()}
 
 
 class BlockCalls:

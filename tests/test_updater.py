@@ -33,7 +33,7 @@ def everything_but_values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of the model except memory value tables, cloned."""
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
-    return {name: t.detach().clone() for name, t in tensors.items() if not name.endswith("memory.values")}
+    return {name: t.detach().clone() for name, t in tensors.items() if ".memory.values." not in name}
 
 
 def random_batch(generator: torch.Generator, lengths: list[int], with_surprise: bool) -> TokenBatch:
@@ -79,7 +79,7 @@ def test_steps_change_only_selected_value_rows(
     background = compute_background(mm.model, mm.memories, background_sequences[:3])
     retain = RetainSet.collect(mm.model, mm.memories, background_sequences[3:], 64) if retain_weight else None
     untouched = everything_but_values(mm.model)
-    values_before = {m.layer_index: m.values.detach().clone() for m in mm.memories}
+    values_before = {m.layer_index: m.values.dense() for m in mm.memories}
     config = train_section(selection=rule, top_t=top_t, lr=lr, normalize=normalize, retain_weight=retain_weight)
     updater = SparseUpdater(mm.model, mm.memories, background, config, retain)
     spy = SelectionSpy(background)
@@ -104,7 +104,7 @@ def test_steps_change_only_selected_value_rows(
     assert after.keys() == untouched.keys()
     assert all(torch.equal(after[name], untouched[name]) for name in untouched)
     for memory in mm.memories:
-        changed = (memory.values.detach() != values_before[memory.layer_index]).any(dim=1).nonzero().flatten()
+        changed = (memory.values.dense() != values_before[memory.layer_index]).any(dim=1).nonzero().flatten()
         assert set(changed.tolist()) <= selected[memory.layer_index], (
             f"layer {memory.layer_index} changed unselected rows"
         )
@@ -149,7 +149,7 @@ def test_step_reports_loss_before_the_step_and_tokens(tiny_memory_model, backgro
 
 
 def test_finish_update_patches_cover_exactly_the_changed_rows(tiny_memory_model, background, text_batches):
-    before = tiny_memory_model.memories[0].values.detach().clone()
+    before = tiny_memory_model.memories[0].values.dense()
     updater = SparseUpdater(
         tiny_memory_model.model,
         tiny_memory_model.memories,
@@ -160,7 +160,7 @@ def test_finish_update_patches_cover_exactly_the_changed_rows(tiny_memory_model,
         updater.step(batch)
 
     (patch_,) = updater.finish_update()
-    after = tiny_memory_model.memories[0].values.detach()
+    after = tiny_memory_model.memories[0].values.dense()
     changed = (after != before).any(dim=1).nonzero().flatten()
     assert patch_.layer == 1
     assert set(changed.tolist()) <= set(patch_.slot_ids.tolist())
@@ -281,10 +281,10 @@ def test_normalize_once_makes_the_first_step_lr_sized_and_later_steps_shrink(
     updater.plan_update([batch])
     step_rms = []
     for _ in range(12):
-        before = memory.values.detach().clone()
+        before = memory.values.dense()
         updater.step(batch)
-        changed = (memory.values.detach() != before).any(dim=1)
-        step_rms.append(float((memory.values.detach() - before)[changed].pow(2).mean().sqrt()))
+        changed = (memory.values.dense() != before).any(dim=1)
+        step_rms.append(float((memory.values.dense() - before)[changed].pow(2).mean().sqrt()))
     updater.finish_update()
     assert step_rms[0] == pytest.approx(0.5, rel=1e-4)
     assert step_rms[-1] < 0.5 * step_rms[0], step_rms

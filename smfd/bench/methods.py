@@ -154,7 +154,7 @@ class SmfLearning:
         self.sequences_trained = 0
         self.row_retrainings = 0  # rows an update trained that an earlier update had trained
         self.times_trained = {
-            m.layer_index: torch.zeros(m.values.shape[0], dtype=torch.int32) for m in memory_model.memories
+            m.layer_index: torch.zeros(m.values.n_slots, dtype=torch.int32) for m in memory_model.memories
         }
 
     def document_batches(

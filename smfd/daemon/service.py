@@ -43,6 +43,7 @@ from smfd.observe.startup import StartupProgress
 from smfd.paths import StatePaths
 from smfd.serve.server import ApiServer
 from smfd.store.checkpoint import CheckpointStore
+from smfd.store.upgrade import upgrade_dense_state
 
 log = structlog.get_logger("smfd.daemon.service")
 EX_TEMPFAIL = 75  # sysexits: `--once` could not write its checkpoint (disk full...); run it again later
@@ -95,6 +96,7 @@ class Daemon:
         self.paths.create()
         self.journal = Journal(self.paths.journal, max_attempts=self.cfg.sources.max_attempts)
         store = CheckpointStore(self.paths.memory)
+        upgrade_dense_state(self.paths.memory)  # a state of an earlier smfd, before anything reads it
         remove_leftovers(self.paths.root, store)
         recover_interrupted_documents(self.journal, store)
         self.intake = Intake(self.journal, self.paths.spool, self.paths.quarantine, self.cfg.sources.max_file_bytes)

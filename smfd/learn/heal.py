@@ -108,7 +108,7 @@ def heal_addressing(
     """
     if config.steps == 0:
         return None
-    if any(bool(m.values.detach().any()) for m in memories):
+    if any(m.values.any_trained() for m in memories):
         raise SmfdError("healing must run before any update: a memory already has trained value rows")
     pools = {layer: torch.cat(parts) for layer, parts in inputs.items()}
     params = [p for m in memories for p in (m.query.weight, m.keys)]

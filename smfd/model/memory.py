@@ -5,9 +5,10 @@ against two sub-key tables of `n_keys` entries; the top-k of each half are combi
 best k of the k*k sums name slots `i1 * n_keys + i2`. The output is the softmax-weighted sum of
 those slots' value rows, gated: `out(silu(gate(x)) * y)`.
 
-Only `values` is ever trained by sparse updates. During an update a `RowSelection` is installed:
-a small trainable tensor holding just the selected rows. Reads of those slots see the trainable
-rows; everything else reads the frozen table, so gradients cannot reach any other row.
+Only `values` is ever trained by sparse updates. It is a `SparseRows` table: rows never written
+take no memory and read as zero. During an update a `RowSelection` is installed: a small
+trainable tensor holding just the selected rows. Reads of those slots see the trainable rows;
+everything else reads the frozen table, so gradients cannot reach any other row.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smfd.config import MemorySection
+from smfd.model.sparse_rows import SparseRows
 
 
 @dataclass
@@ -39,11 +41,11 @@ class RowSelection:
     position: torch.Tensor = field(repr=False)
 
     @classmethod
-    def from_table(cls, values: torch.Tensor, slot_ids: torch.Tensor) -> RowSelection:
+    def from_table(cls, values: SparseRows, slot_ids: torch.Tensor) -> RowSelection:
         slot_ids = torch.unique(slot_ids.to(values.device))
-        position = torch.full((values.shape[0],), -1, dtype=torch.long, device=values.device)
+        position = torch.full((values.n_slots,), -1, dtype=torch.long, device=values.device)
         position[slot_ids] = torch.arange(slot_ids.numel(), device=values.device)
-        rows = values.detach()[slot_ids].clone().requires_grad_(True)
+        rows = values.gather(slot_ids).requires_grad_(True)
         return cls(slot_ids=slot_ids, rows=rows, position=position)
 
 
@@ -63,7 +65,7 @@ class ProductKeyMemory(nn.Module):
         nn.init.normal_(self.query.weight, std=hidden_size**-0.5, generator=generator)
         keys = torch.randn(config.heads, 2, config.n_keys, half, generator=generator) * half**-0.5
         self.keys = nn.Parameter(keys)
-        self.values = nn.Parameter(torch.zeros(config.n_slots, hidden_size))
+        self.values = SparseRows(config.n_slots, hidden_size)
         # Identity until calibrated on general text; saved with the memory like any parameter.
         self.register_buffer("query_shift", torch.zeros(config.heads * config.key_dim))
         self.register_buffer("query_scale", torch.ones(config.heads * config.key_dim))
@@ -104,12 +106,12 @@ class ProductKeyMemory(nn.Module):
         batch, seq, heads, k = lookup.indices.shape
         flat_idx = lookup.indices.reshape(-1, heads * k)
         flat_w = lookup.weights.reshape(-1, heads * k).to(self.values.dtype)
-        out = F.embedding_bag(flat_idx, self.values.detach(), per_sample_weights=flat_w, mode="sum")
+        out = self.values.read(flat_idx, flat_w)
         if self.selection is not None:
             position = self.selection.position[flat_idx]
             hit = position >= 0
             if bool(hit.any()):
-                delta = self.selection.rows - self.values.detach()[self.selection.slot_ids]
+                delta = self.selection.rows - self.values.gather(self.selection.slot_ids)
                 out = out + F.embedding_bag(position.clamp(min=0), delta, per_sample_weights=flat_w * hit, mode="sum")
         return out.view(batch, seq, -1)
 
@@ -128,8 +130,7 @@ class ProductKeyMemory(nn.Module):
         """Write the trained rows back into the table; returns how many rows were written."""
         if self.selection is None:
             return 0
-        with torch.no_grad():
-            self.values.index_copy_(0, self.selection.slot_ids, self.selection.rows.detach().to(self.values.dtype))
+        self.values.write(self.selection.slot_ids, self.selection.rows.detach())
         written = int(self.selection.slot_ids.numel())
         self.selection = None
         return written

@@ -18,6 +18,9 @@ from smfd.errors import SmfdError
 from smfd.model.loading import ModelSource, load_base_model
 from smfd.model.memory import ProductKeyMemory
 from smfd.model.retrofit import attach_memory, memory_bypassed
+from smfd.model.sparse_rows import SparseRows
+
+VALUE_KEYS = ("values.slot_ids", "values.rows")
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -68,42 +71,50 @@ class MemoryModel:
         return memory_bypassed(self.memories)
 
     def memory_state(self) -> dict[str, torch.Tensor]:
-        """Every memory parameter, keyed `<layer>.<name>` (safetensors-ready, on CPU)."""
-        return {
-            f"{m.layer_index}.{name}": tensor.detach().cpu().contiguous()
-            for m in self.memories
-            for name, tensor in m.state_dict().items()
-        }
+        """Every memory tensor, keyed `<layer>.<name>` (safetensors-ready, on CPU): the addressing
+        parameters and buffers, and the value table's written rows as `values.slot_ids` / `values.rows`."""
+        state = {}
+        for m in self.memories:
+            state.update(
+                {f"{m.layer_index}.{name}": t.detach().cpu().contiguous() for name, t in m.state_dict().items()}
+            )
+            state.update({f"{m.layer_index}.values.{name}": t for name, t in m.values.to_tensors().items()})
+        return state
 
-    def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Strict load: every key present, no extra key, same shapes."""
-        expected = {f"{m.layer_index}.{name}" for m in self.memories for name in m.state_dict()}
+    def load_memory_state(self, state: dict[str, torch.Tensor], source: str = "memory state") -> None:
+        """Strict load: every key present, no extra key, same shapes; `source` names the file in errors."""
+        expected = {f"{m.layer_index}.{name}" for m in self.memories for name in (*m.state_dict(), *VALUE_KEYS)}
         missing, extra = expected - set(state), set(state) - expected
         if missing or extra:
             raise SmfdError(
-                f"memory state does not match the configured memory (missing {sorted(missing)[:4]}, "
+                f"{source} does not match the configured memory (missing {sorted(missing)[:4]}, "
                 f"unexpected {sorted(extra)[:4]}): {_mismatch_hint(missing, extra)}"
             )
         for memory in self.memories:
             prefix = f"{memory.layer_index}."
             own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            values = {name: own.pop(f"values.{name}") for name in ("slot_ids", "rows")}
             for name, tensor in memory.state_dict().items():
                 if own[name].shape != tensor.shape:
                     raise SmfdError(
-                        f"memory tensor {prefix}{name} has shape {tuple(own[name].shape)}, expected {tuple(tensor.shape)}"
+                        f"memory tensor {prefix}{name} has shape {tuple(own[name].shape)}, "
+                        f"expected {tuple(tensor.shape)} (in {source})"
                     )
             memory.load_state_dict(own, strict=True)
+            memory.values.load_tensors(values, source)
 
-    def values(self) -> dict[int, torch.Tensor]:
-        return {m.layer_index: m.values.detach() for m in self.memories}
+    def values(self) -> dict[int, SparseRows]:
+        """Each memory layer's value table."""
+        return {m.layer_index: m.values for m in self.memories}
 
     def describe(self) -> dict[str, object]:
         n_memory = sum(p.numel() for m in self.memories for p in m.parameters())
         n_base = sum(p.numel() for p in self.model.parameters()) - n_memory
+        n_value_params = sum(m.values.n_slots * m.values.width for m in self.memories)  # all rows, held or not
         return {
             "model": self.source.display_name if self.source else type(self.model).__name__,
             "base_parameters": n_base,
-            "memory_parameters": n_memory,
+            "memory_parameters": n_memory + n_value_params,
             "memory": self.memory_config.shape(),
         }
 

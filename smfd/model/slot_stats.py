@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from smfd.model.sparse_rows import SparseRows
+
 
 @dataclass
 class BackgroundStats:
@@ -77,24 +79,17 @@ class MemoryFill:
 
 
 def memory_fill(
-    values: dict[int, torch.Tensor], background: dict[int, BackgroundStats], row_retrainings: int = 0
+    values: dict[int, SparseRows], background: dict[int, BackgroundStats], row_retrainings: int = 0
 ) -> MemoryFill:
     """The fill over all memory layers (`values`: layer -> value table; rows start at zero when attached);
     `row_retrainings` is counted by the caller from the updates' patches (it is not visible in the values)."""
     trained_rows, total_rows, trained_reads, all_reads = 0, 0, 0.0, 0.0
     for layer, table in values.items():
-        trained = _nonzero_rows(table.detach())
-        trained_rows += int(trained.sum())
-        total_rows += int(trained.numel())
+        trained = table.trained_slots().cpu()
+        trained_rows += int(trained.numel())
+        total_rows += table.n_slots
         stats = background.get(layer)
         if stats is not None:
             trained_reads += float(stats.counts[trained].sum())
             all_reads += float(stats.counts.sum())
     return MemoryFill(trained_rows, total_rows, trained_reads / all_reads if all_reads else 0.0, row_retrainings)
-
-
-def _nonzero_rows(table: torch.Tensor, rows_per_block: int = 16384) -> torch.Tensor:
-    """Which rows hold any non-zero value, a block of rows at a time: a whole-table comparison would
-    allocate a boolean copy of the table (150 MB for the default memory) on every update."""
-    blocks = [(block != 0).any(dim=1) for block in torch.split(table, rows_per_block)]
-    return torch.cat(blocks).cpu() if blocks else torch.zeros(0, dtype=torch.bool)

@@ -3,11 +3,15 @@
 Layout of the checkpoint folder:
     manifest.json            current version, base version, the settings the state was created
                              with (memory shape, healing, background text, model), update history
-    base.safetensors         every memory parameter at `base_version`, plus background statistics
+    base.safetensors         the memory at `base_version`: addressing parameters, the value rows
+                             written so far (`<layer>.values.slot_ids` / `.rows`), background statistics
     general_text.safetensors the general-text token ids behind the statistics
     fact_text.safetensors    the model's own statements of fact (the retain penalty's text)
-    current.safetensors      value tables at `version` (a fast-load cache of base + patches)
+    current.safetensors      value rows at `version` (a fast-load cache of base + patches)
     patches/NNNNNNNN.safetensors   the update that produced version NNNNNNNN
+
+Value rows are stored sparsely (smfd.model.sparse_rows): only rows an update wrote, so every file
+grows with what was learned, not with the memory's slot count.
 
 Any version from `base_version` to `version` is reproducible exactly (base + patches), so
 rollback is exact. Only the last `keep` patches are kept: older ones are folded into the base.
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -34,7 +37,9 @@ from smfd.durable import atomic_write, atomic_write_json
 from smfd.errors import SmfdError
 from smfd.model.memory_model import MemoryModel
 from smfd.model.slot_stats import BACKGROUND_PREFIX, BackgroundStats, background_from_tensors, background_to_tensors
+from smfd.model.sparse_rows import merged_rows, table_problem
 from smfd.store.created_settings import changed_settings
+from smfd.store.history import CommittedDocument, committed_in, last_fill
 from smfd.store.integrity import DamagedState, file_digest, is_intact
 from smfd.store.patches import LayerPatch, apply_patches, load_patches, save_patches
 
@@ -42,20 +47,14 @@ log = structlog.get_logger("smfd.store.checkpoint")
 BASE, CURRENT = "base.safetensors", "current.safetensors"
 
 # The state format. 2: settings recorded as the config schema's sections (memory shape incl. seed,
-# healing incl. seed), no fallbacks for states that did not record them. Older formats are refused.
-FORMAT = 2
+# healing incl. seed). 3: value rows stored sparsely (format 2 states are converted once by their
+# owner: smfd.store.upgrade). Older formats are refused.
+FORMAT = 3
+DENSE_FORMAT = 2
 
 
-def _values_key(layer: int) -> str:
-    return f"{layer}.values"
-
-
-@dataclass(frozen=True)
-class CommittedDocument:
-    """A document whose chunks an accepted update learned: the version that holds it and those chunks."""
-
-    version: int
-    chunk_ids: tuple[int, ...]
+def _values_keys(layer: int) -> tuple[str, str]:
+    return f"{layer}.values.slot_ids", f"{layer}.values.rows"
 
 
 class CheckpointStore:
@@ -78,6 +77,11 @@ class CheckpointStore:
             raise SmfdError(f"no checkpoint in {self.folder}") from None
         except json.JSONDecodeError as exc:
             raise SmfdError(f"checkpoint manifest {self.manifest_path} is corrupt: {exc}") from exc
+        if manifest.get("format") == DENSE_FORMAT:
+            raise SmfdError(
+                f"checkpoint {self.folder} was written by an earlier smfd with dense value tables (format 2): "
+                "start the daemon (or `smfd --config ... --once`) once and it converts the state, exactly"
+            )
         if manifest.get("format") != FORMAT:
             raise SmfdError(
                 f"checkpoint {self.folder} has state format {manifest.get('format')}, this smfd reads format {FORMAT}: "
@@ -199,7 +203,11 @@ class CheckpointStore:
 
     def _write_current(self, model: MemoryModel, version: int) -> str:
         """Write the value cache for `version`; returns its digest for the manifest's `files`."""
-        tensors = {_values_key(layer): v.cpu().contiguous() for layer, v in model.values().items()}
+        tensors = {
+            f"{layer}.values.{name}": tensor
+            for layer, v in model.values().items()
+            for name, tensor in v.to_tensors().items()
+        }
         atomic_write(
             self.folder / CURRENT,
             lambda tmp: save_file(tensors, str(tmp), metadata={"version": str(version)}),
@@ -217,9 +225,8 @@ class CheckpointStore:
         for v in range(base_version + 1, new_base_version + 1):
             patches, _ = self._load_patch(v, manifest)
             for patch in patches:
-                base[_values_key(patch.layer)].index_copy_(
-                    0, patch.slot_ids, patch.after.to(base[_values_key(patch.layer)])
-                )
+                ids_key, rows_key = _values_keys(patch.layer)
+                base[ids_key], base[rows_key] = merged_rows(base[ids_key], base[rows_key], patch.slot_ids, patch.after)
         atomic_write(self.folder / BASE, lambda tmp: save_file(base, str(tmp)))
         manifest["base_version"] = new_base_version
         files = manifest.setdefault("files", {})
@@ -242,8 +249,7 @@ class CheckpointStore:
     # ---- reading --------------------------------------------------------------
     def memory_fill(self) -> dict | None:
         """How full the memory was after the current version's update (recorded at commit), or None."""
-        lineage = _lineage(self.manifest()["history"])
-        return next((entry["fill"] for entry in reversed(lineage) if "fill" in entry), None)
+        return last_fill(self.manifest()["history"])
 
     def row_retrainings(self) -> int:
         """Rows trained again by the updates the current version descends from (0 for a state without the count)."""
@@ -252,11 +258,7 @@ class CheckpointStore:
 
     def committed_documents(self) -> dict[int, CommittedDocument]:
         """Every document learned by a version the current one descends from (rolled-back versions excluded)."""
-        committed: dict[int, CommittedDocument] = {}
-        for entry in _lineage(self.manifest()["history"]):
-            for doc_id, chunk_ids in (entry.get("documents") or {}).items():
-                committed[int(doc_id)] = CommittedDocument(int(entry["version"]), tuple(int(i) for i in chunk_ids))
-        return committed
+        return committed_in(self.manifest()["history"])
 
     def load_into(self, model: MemoryModel, repair: bool = True) -> tuple[int, dict[int, BackgroundStats]]:
         """Restore the memory at the manifest's version (or the last intact one); returns (version, background).
@@ -270,11 +272,12 @@ class CheckpointStore:
         manifest = self.manifest()
         background = background_from_tensors(self._load_base_into(model, manifest))
         version = self._last_intact_version(manifest, repair)
-        cached = self._cached_values(manifest, version)
+        cached = self._cached_values(model, manifest, version)
         if cached is not None:
             for memory in model.memories:
-                with torch.no_grad():
-                    memory.values.copy_(cached[_values_key(memory.layer_index)])
+                ids_key, rows_key = _values_keys(memory.layer_index)
+                tensors = {"slot_ids": cached[ids_key], "rows": cached[rows_key]}
+                memory.values.load_tensors(tensors, str(self.folder / CURRENT))
         else:
             self._replay(model, int(manifest["base_version"]), version, manifest)
             if not repair:
@@ -320,8 +323,8 @@ class CheckpointStore:
         for v in range(target + 1, version + 1):
             self._patch_path(v).unlink(missing_ok=True)
 
-    def _cached_values(self, manifest: dict, version: int) -> dict[str, torch.Tensor] | None:
-        """The value cache if it is intact and holds `version`; None means: rebuild from base + patches."""
+    def _cached_values(self, model: MemoryModel, manifest: dict, version: int) -> dict[str, torch.Tensor] | None:
+        """The value cache if it is intact, holds `version` and fits the memory; None: rebuild from base + patches."""
         current = self.folder / CURRENT
         if not current.is_file():
             return None
@@ -332,10 +335,20 @@ class CheckpointStore:
             with safe_open(str(current), framework="pt") as handle:
                 if int((handle.metadata() or {}).get("version", -1)) != version:
                     return None
-            return load_file(str(current))
+            cached = load_file(str(current))
         except (SafetensorError, OSError, ValueError):
             log.warning("state_file_damaged", file=str(current), action="rebuilt from base + patches")
             return None
+        for memory in model.memories:
+            ids_key, rows_key = _values_keys(memory.layer_index)
+            tensors = {"slot_ids": cached.get(ids_key), "rows": cached.get(rows_key)}
+            problem = table_problem(tensors, memory.values.n_slots, memory.values.width)
+            if problem:
+                log.warning(
+                    "state_file_damaged", file=str(current), problem=problem, action="rebuilt from base + patches"
+                )
+                return None
+        return cached
 
     def _load_verified(self, name: str, manifest: dict) -> dict[str, torch.Tensor]:
         """Load a file that cannot be rebuilt, refusing it (one line naming it) when missing or damaged."""
@@ -352,7 +365,8 @@ class CheckpointStore:
     def _load_base_into(self, model: MemoryModel, manifest: dict) -> dict[str, torch.Tensor]:
         """Set `model`'s memory to the verified base snapshot; returns the snapshot (with its background statistics)."""
         base = self._load_verified(BASE, manifest)
-        model.load_memory_state({k: v for k, v in base.items() if not k.startswith(BACKGROUND_PREFIX)})
+        state = {k: v for k, v in base.items() if not k.startswith(BACKGROUND_PREFIX)}
+        model.load_memory_state(state, source=str(self.folder / BASE))
         return base
 
     def _load_patch(self, version: int, manifest: dict) -> tuple[list[LayerPatch], dict[str, object]]:
@@ -384,16 +398,3 @@ class CheckpointStore:
         manifest.setdefault("files", {})[CURRENT] = self._write_current(model, target)
         self._drop_versions_above(manifest, target)
         return target
-
-
-def _lineage(history: list[dict]) -> list[dict]:
-    """The history entries the current version is built from: a rollback drops the versions above its target,
-    and a version number written again after a rollback replaces the one it reuses."""
-    alive: list[dict] = []
-    for entry in history:
-        version = int(entry["version"])
-        if "rollback_from" in entry:
-            alive = [e for e in alive if int(e["version"]) <= version]
-        else:
-            alive = [e for e in alive if int(e["version"]) < version] + [entry]
-    return alive

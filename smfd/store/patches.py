@@ -40,7 +40,7 @@ class PatchRecorder:
         seen = self._before.setdefault(memory.layer_index, {})
         fresh = [int(s) for s in slot_ids.tolist() if int(s) not in seen]
         if fresh:
-            rows = memory.values.detach()[torch.tensor(fresh, device=memory.values.device)].cpu().clone()
+            rows = memory.values.gather(torch.tensor(fresh)).cpu()
             seen.update(zip(fresh, rows))
 
     def finish(self, memories: list[ProductKeyMemory]) -> list[LayerPatch]:
@@ -58,7 +58,7 @@ class PatchRecorder:
                 continue
             ids = torch.tensor(sorted(seen), dtype=torch.long)
             before = torch.stack([seen[int(i)] for i in ids])
-            after = memory.values.detach()[ids.to(memory.values.device)].cpu().clone()
+            after = memory.values.gather(ids).cpu()
             patches.append(LayerPatch(memory.layer_index, ids, before, after))
         return patches
 
@@ -76,9 +76,7 @@ def apply_patches(memories: list[ProductKeyMemory], patches: list[LayerPatch], *
         memory = by_layer.get(patch.layer)
         if memory is None:
             raise SmfdError(f"patch for layer {patch.layer} but the model has memory at layers {sorted(by_layer)}")
-        rows = patch.before if revert else patch.after
-        with torch.no_grad():
-            memory.values.index_copy_(0, patch.slot_ids.to(memory.values.device), rows.to(memory.values))
+        memory.values.write(patch.slot_ids, patch.before if revert else patch.after)
 
 
 def save_patches(path: Path, patches: list[LayerPatch], metadata: dict[str, object]) -> None:
