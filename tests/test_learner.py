@@ -221,7 +221,7 @@ def test_surprise_weighted_update_scores_each_sequence_under_the_frozen_base_onc
         if not any(memory.enabled for memory in tiny_memory_model.memories):
             frozen_rows.append(kwargs["input_ids"].shape[0])
 
-    hook = tiny_memory_model.model.register_forward_pre_hook(count_frozen_rows, with_kwargs=True)
+    hook = tiny_memory_model.model.get_decoder().register_forward_pre_hook(count_frozen_rows, with_kwargs=True)
     try:
         outcome = learner.update()
     finally:

