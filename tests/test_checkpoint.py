@@ -43,7 +43,7 @@ def learn_and_commit(store: CheckpointStore, model, updater: SparseUpdater, text
         updater.step(batch)
     patches = updater.finish_update()
     assert patches and sum(p.n_rows for p in patches) > 0
-    return store.commit(model, patches, {"chunks": len(texts)})
+    return store.commit(patches, {"chunks": len(texts)})
 
 
 def commit_versions(store, model, updater, text_batches, snapshot_values, count: int) -> dict[int, dict]:
@@ -123,20 +123,19 @@ def test_base_plus_patches_replay_gives_the_same_values(
 ):
     store.initialise(tiny_memory_model, background)
     saved = commit_versions(store, tiny_memory_model, updater, text_batches, snapshot_values, 3)
-    (store.folder / "current.safetensors").unlink()
+    assert sorted(p.name for p in store.folder.glob("*.safetensors")) == ["base.safetensors"], "no value cache"
 
     fresh = make_memory_model()
     assert store.load_into(fresh)[0] == 3
     assert bit_identical(snapshot_values(fresh), saved[3])
 
 
-def test_replay_is_used_when_the_value_cache_is_from_another_version(
+def test_a_patch_written_without_its_manifest_is_not_part_of_the_state(
     store, tiny_memory_model, background, updater, make_memory_model, text_batches, snapshot_values, bit_identical
 ):
     store.initialise(tiny_memory_model, background)
     saved = commit_versions(store, tiny_memory_model, updater, text_batches, snapshot_values, 3)
-    # A crash after the value cache of a later version was written but before the manifest: the
-    # cache's version does not match the manifest, so base + patches are replayed instead.
+    # A crash after patch 3 was written but before the manifest: the manifest's version is what loads.
     manifest = store.manifest()
     manifest["version"] = 2
     store.manifest_path.write_text(json.dumps(manifest))
@@ -187,12 +186,13 @@ def test_patch_files_are_safetensors_and_revert_an_update_exactly(
     learn_and_commit(store, tiny_memory_model, updater, UPDATE_TEXTS[0], text_batches)
     after = snapshot_values(tiny_memory_model)
 
-    files = [store.folder / "base.safetensors", store.folder / "current.safetensors", *store.patch_dir.iterdir()]
+    files = [store.folder / "base.safetensors", *store.patch_dir.iterdir()]
     assert all(is_safetensors(path) for path in files)
     patches, metadata = load_patches(store.patch_dir / "00000001.safetensors")
     assert metadata == {"version": 1, "chunks": 1, "documents": {}}  # no journal documents in this update
     with safe_open(str(store.patch_dir / "00000001.safetensors"), framework="pt") as handle:
-        assert set(handle.keys()) == {"1.slot_ids", "1.before", "1.after"}
+        assert set(handle.keys()) == {"1.slot_ids", "1.before", "1.before_at", "1.after"}
+        assert handle.get_tensor("1.before").shape[0] == 0, "rows trained for the first time: nothing before"
 
     apply_patches(tiny_memory_model.memories, patches, revert=True)
     assert bit_identical(snapshot_values(tiny_memory_model), before)

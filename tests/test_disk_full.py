@@ -54,7 +54,6 @@ def test_disk_full_at_commit_requeues_pauses_and_commits_once_space_returns(
         daemon.shutdown()
 
     store = CheckpointStore(tmp_path / "state" / "memory")
-    (store.folder / "current.safetensors").unlink()  # load from base + patches alone
     reloaded = make_memory_model()
     assert store.load_into(reloaded)[0] == 1
     replayed = snapshot_values(reloaded)

@@ -47,10 +47,7 @@ def _die_before(target, name: str):
 
 # Each moment at which the state on disk changes during one update, in order.
 CRASH_POINTS = {
-    "patch written, value cache not": lambda mp, store, journal: mp.setattr(
-        store, "_write_current", lambda *a: (_ for _ in ()).throw(Killed("write_current"))
-    ),
-    "value cache written, manifest not": lambda mp, store, journal: mp.setattr(
+    "patch written, manifest not": lambda mp, store, journal: mp.setattr(
         checkpoint_module, "atomic_write_json", lambda *a: (_ for _ in ()).throw(Killed("manifest"))
     ),
     "manifest written (the commit), patches not folded": lambda mp, store, journal: _die_before(
@@ -116,7 +113,7 @@ def test_leftovers_of_interrupted_writes_are_removed_at_start_and_nothing_else(
     Learner(tiny_memory_model, background, store, journal, SETTINGS).update(guard=accept)
     kept = sorted(p for p in tmp_path.rglob("*") if p.is_file())
     leftovers = [
-        store.folder / ".current.safetensors.k2j4x9.tmp",  # a value cache write cut short
+        store.folder / ".base.safetensors.k2j4x9.tmp",  # a fold of old patches into the base cut short
         store.folder / "patches" / ".00000002.safetensors.q8v1.tmp",
         store.folder / "patches" / "00000002.safetensors",  # a commit that never reached the manifest
         tmp_path / "spool" / ".manifest.json.77ab.tmp",

@@ -33,14 +33,15 @@ def logits_of(model, tokenizer) -> torch.Tensor:
 
 @pytest.fixture
 def learned_state(tmp_path, tiny_memory_model, background, text_batches, snapshot_values):
-    """A state with three committed updates (two patches kept, one folded into the base)."""
+    """A state with three committed updates (two patches kept, one folded into the base), and the values
+    at each version."""
     store = CheckpointStore(tmp_path / "checkpoint", keep=2)
     store.initialise(tiny_memory_model, background)
     updater = SparseUpdater(
         tiny_memory_model.model, tiny_memory_model.memories, background, train_section(selection="kl", top_t=12)
     )
-    commit_versions(store, tiny_memory_model, updater, text_batches, snapshot_values, 3)
-    return store
+    saved = commit_versions(store, tiny_memory_model, updater, text_batches, snapshot_values, 3)
+    return store, saved
 
 
 def test_state_size_follows_rows_trained_not_the_slot_count(
@@ -68,18 +69,17 @@ def test_state_size_follows_rows_trained_not_the_slot_count(
     assert sizes[64] - sizes[16] < (dense_table[64] - dense_table[16]) / 4, "more slots cost only their statistics"
 
 
-def densify(store: CheckpointStore) -> None:
-    """Rewrite a state as the dense format 2 wrote it: every value row of every slot, zero or not."""
-    n_slots = 16 * 16
-    for name in ("base.safetensors", "current.safetensors"):
-        tensors = load_file(str(store.folder / name))
-        for key in [k for k in tensors if k.endswith(".values.slot_ids")]:
-            layer = key.split(".")[0]
-            ids, rows = tensors.pop(key), tensors.pop(f"{layer}.values.rows")
-            dense = torch.zeros(n_slots, rows.shape[1])
-            dense[ids] = rows
-            tensors[f"{layer}.values"] = dense
-        save_file(tensors, str(store.folder / name), metadata={"version": str(store.version)})
+def densify(store: CheckpointStore, model) -> None:
+    """Rewrite a state as the dense format 2 wrote it: every value row of every slot, zero or not, in the
+    base and in a value cache of the current version (`model`'s values)."""
+    base = load_file(str(store.folder / "base.safetensors"))
+    for key in [k for k in base if k.endswith(".values.slot_ids")]:
+        layer = key.split(".")[0]
+        ids, rows = base.pop(key), base.pop(f"{layer}.values.rows")
+        base[f"{layer}.values"] = torch.zeros(16 * 16, rows.shape[1]).index_copy_(0, ids, rows)
+    save_file(base, str(store.folder / "base.safetensors"))
+    cache = {f"{layer}.values": table.dense() for layer, table in model.values().items()}
+    save_file(cache, str(store.folder / "current.safetensors"), metadata={"version": str(store.version)})
     manifest = json.loads(store.manifest_path.read_text())
     manifest["format"] = 2
     for name in ("base.safetensors", "current.safetensors"):
@@ -90,11 +90,11 @@ def densify(store: CheckpointStore) -> None:
 def test_a_dense_state_is_refused_by_readers_and_converted_once_exactly_by_its_owner(
     learned_state, make_memory_model, tokenizer, monkeypatch
 ):
-    store = learned_state
+    store, _ = learned_state
     reference = make_memory_model()
     store.load_into(reference)
     expected = logits_of(reference, tokenizer)
-    densify(store)
+    densify(store, reference)
     with pytest.raises(SmfdError, match="dense value tables .* converts the state"):
         store.load_into(make_memory_model(), repair=False)
 
@@ -116,29 +116,29 @@ def test_a_dense_state_is_refused_by_readers_and_converted_once_exactly_by_its_o
     assert store.load_into(converted)[0] == 3
     assert torch.equal(logits_of(converted, tokenizer), expected)
     assert not (store.folder / upgrade.PENDING).exists()
+    assert not (store.folder / "current.safetensors").exists(), "the dense value cache is gone"
 
 
-def test_a_value_cache_whose_rows_disagree_with_its_index_is_rebuilt_from_base_and_patches(
+def test_a_patch_whose_rows_disagree_with_its_slot_ids_is_not_used_and_the_version_before_it_loads(
     learned_state, make_memory_model, snapshot_values, bit_identical
 ):
-    store = learned_state
-    reference = make_memory_model()
-    store.load_into(reference)
-    current = store.folder / "current.safetensors"
-    tensors = load_file(str(current))
-    tensors["1.values.rows"] = tensors["1.values.rows"][:-1].contiguous()  # one row short of its index
-    save_file(tensors, str(current), metadata={"version": str(store.version)})
+    store, saved = learned_state
+    patch = store.patch_dir / "00000003.safetensors"
+    tensors = load_file(str(patch))
+    tensors["1.after"] = tensors["1.after"][:-1].contiguous()  # one row short of its slot ids
+    save_file(tensors, str(patch), metadata={"smfd": json.dumps({"version": 3})})
     manifest = store.manifest()
-    manifest["files"]["current.safetensors"] = file_digest(current)  # consistent digest: only the content is wrong
+    manifest["files"]["patches/00000003.safetensors"] = file_digest(patch)  # the digest agrees: only the rows are wrong
     store.manifest_path.write_text(json.dumps(manifest))
 
     fresh = make_memory_model()
-    assert store.load_into(fresh)[0] == 3
-    assert bit_identical(snapshot_values(fresh), snapshot_values(reference))
+    assert store.load_into(fresh)[0] == 2
+    assert bit_identical(snapshot_values(fresh), saved[2])
+    assert store.version == 2, "the owner's manifest falls back with it"
 
 
 def test_a_base_whose_rows_disagree_with_its_index_is_refused_naming_the_file(learned_state, make_memory_model):
-    store = learned_state
+    store, _ = learned_state
     base = store.folder / "base.safetensors"
     tensors = load_file(str(base))
     tensors["1.values.slot_ids"] = tensors["1.values.slot_ids"] + 10_000  # slots the memory does not have

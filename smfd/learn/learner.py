@@ -360,7 +360,7 @@ class Learner:
         for chunk in chunks:
             documents.setdefault(chunk.doc_id, []).append(chunk.id)
         try:
-            outcome.version = self.store.commit(self.model, patches, meta, documents)
+            outcome.version = self.store.commit(patches, meta, documents)
         except (OSError, SmfdError) as exc:
             apply_patches(self.model.memories, patches, revert=True)  # the memory stays what the disk holds
             raise CommitFailed(f"the checkpoint could not be written ({exc}); the update was undone") from exc

@@ -7,11 +7,11 @@ Layout of the checkpoint folder:
                              written so far (`<layer>.values.slot_ids` / `.rows`), background statistics
     general_text.safetensors the general-text token ids behind the statistics
     fact_text.safetensors    the model's own statements of fact (the retain penalty's text)
-    current.safetensors      value rows at `version` (a fast-load cache of base + patches)
     patches/NNNNNNNN.safetensors   the update that produced version NNNNNNNN
 
-Value rows are stored sparsely (smfd.model.sparse_rows): only rows an update wrote, so every file
-grows with what was learned, not with the memory's slot count.
+A version is the base plus the patches up to it: nothing else is stored. Value rows are stored
+sparsely (smfd.model.sparse_rows): only rows an update wrote, so every file grows with what was
+learned, not with the memory's slot count, and replaying `keep` patches on load takes milliseconds.
 
 Any version from `base_version` to `version` is reproducible exactly (base + patches), so
 rollback is exact. Only the last `keep` patches are kept: older ones are folded into the base.
@@ -30,21 +30,21 @@ from pathlib import Path
 
 import structlog
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from smfd.durable import atomic_write, atomic_write_json
 from smfd.errors import SmfdError
 from smfd.model.memory_model import MemoryModel
 from smfd.model.slot_stats import BACKGROUND_PREFIX, BackgroundStats, background_from_tensors, background_to_tensors
-from smfd.model.sparse_rows import merged_rows, table_problem
+from smfd.model.sparse_rows import merged_rows
 from smfd.store.created_settings import changed_settings
 from smfd.store.history import CommittedDocument, committed_in, last_fill
 from smfd.store.integrity import DamagedState, file_digest, is_intact
-from smfd.store.patches import LayerPatch, apply_patches, load_patches, save_patches
+from smfd.store.patches import LayerPatch, apply_patches, load_patches, patch_problem, save_patches
 
 log = structlog.get_logger("smfd.store.checkpoint")
-BASE, CURRENT = "base.safetensors", "current.safetensors"
+BASE = "base.safetensors"
 
 # The state format. 2: settings recorded as the config schema's sections (memory shape incl. seed,
 # healing incl. seed). 3: value rows stored sparsely (format 2 states are converted once by their
@@ -134,7 +134,6 @@ class CheckpointStore:
         """
         self.patch_dir.mkdir(parents=True, exist_ok=True)
         self._write_base(model.memory_state(), background)
-        self._write_current(model, 0)
         manifest = {
             "format": FORMAT,
             "version": 0,
@@ -145,14 +144,12 @@ class CheckpointStore:
             "settings": settings or {},
             "history": [{"version": 0, "timestamp": time.time(), **(meta or {})}],
         }
-        names = [BASE, CURRENT, *(f"{text}.safetensors" for text in ("general_text", "fact_text"))]
+        names = [BASE, *(f"{text}.safetensors" for text in ("general_text", "fact_text"))]
         manifest["files"] = {name: file_digest(self.folder / name) for name in names if (self.folder / name).is_file()}
         atomic_write_json(self.manifest_path, manifest)
 
-    def commit(
-        self, model: MemoryModel, patches: list[LayerPatch], meta: dict, documents: dict[int, list[int]] | None = None
-    ) -> int:
-        """Record an update that has been applied to `model`; returns the new version.
+    def commit(self, patches: list[LayerPatch], meta: dict, documents: dict[int, list[int]] | None = None) -> int:
+        """Record an update (already applied to the model in memory); returns the new version.
 
         `documents` maps each journal document id in the update to the chunk ids it learned. They
         are written into the patch and the manifest in the same durable step as the update, so a
@@ -163,10 +160,8 @@ class CheckpointStore:
         manifest = self.manifest()
         version = int(manifest["version"]) + 1
         atomic_write(self._patch_path(version), lambda tmp: save_patches(tmp, patches, {"version": version, **meta}))
-        current_digest = self._write_current(model, version)
         files = manifest.setdefault("files", {})
         files[self._patch_name(version)] = file_digest(self._patch_path(version))
-        files[CURRENT] = current_digest
         manifest["version"] = version
         manifest["history"] = (manifest["history"] + [{"version": version, "timestamp": time.time(), **meta}])[-1000:]
         atomic_write_json(self.manifest_path, manifest)  # the commit point: from here on, version is on disk
@@ -200,19 +195,6 @@ class CheckpointStore:
     def _write_base(self, state: dict[str, torch.Tensor], background: dict[int, BackgroundStats]) -> None:
         tensors = {**state, **background_to_tensors(background)}
         atomic_write(self.folder / BASE, lambda tmp: save_file(tensors, str(tmp)))
-
-    def _write_current(self, model: MemoryModel, version: int) -> str:
-        """Write the value cache for `version`; returns its digest for the manifest's `files`."""
-        tensors = {
-            f"{layer}.values.{name}": tensor
-            for layer, v in model.values().items()
-            for name, tensor in v.to_tensors().items()
-        }
-        atomic_write(
-            self.folder / CURRENT,
-            lambda tmp: save_file(tensors, str(tmp), metadata={"version": str(version)}),
-        )
-        return file_digest(self.folder / CURRENT)
 
     def _fold_old_patches(self) -> None:
         """Keep at most `keep` patches: apply the oldest ones to the base snapshot and delete them."""
@@ -263,43 +245,26 @@ class CheckpointStore:
     def load_into(self, model: MemoryModel, repair: bool = True) -> tuple[int, dict[int, BackgroundStats]]:
         """Restore the memory at the manifest's version (or the last intact one); returns (version, background).
 
-        Every file is checked against its recorded digest first. The value cache is used only when
-        intact and of this version, else the values are replayed from base + patches. A damaged patch
-        drops the memory back to the version before it, with a warning. With `repair` (only for the
-        state's owner, under the state lock) the disk follows: the manifest falls back and the cache is
-        rewritten; a reader (`smfd ask`, `smfd probe` beside a running daemon) never writes.
+        The base and every patch are checked against their recorded digests, and a patch's rows against
+        its slot ids and the memory's shape, before use. A damaged patch drops the memory back to the
+        version before it, with a warning. With `repair` (only for the state's owner, under the state
+        lock) the manifest falls back too; a reader (`smfd ask`, `smfd probe` beside a running daemon)
+        never writes.
         """
         manifest = self.manifest()
         background = background_from_tensors(self._load_base_into(model, manifest))
-        version = self._last_intact_version(manifest, repair)
-        cached = self._cached_values(model, manifest, version)
-        if cached is not None:
-            for memory in model.memories:
-                ids_key, rows_key = _values_keys(memory.layer_index)
-                tensors = {"slot_ids": cached[ids_key], "rows": cached[rows_key]}
-                memory.values.load_tensors(tensors, str(self.folder / CURRENT))
-        else:
-            self._replay(model, int(manifest["base_version"]), version, manifest)
-            if not repair:
-                return version, background
-            current_digest = self._write_current(model, version)
-            manifest = self.manifest()
-            manifest.setdefault("files", {})[CURRENT] = current_digest
-            atomic_write_json(self.manifest_path, manifest)
-        return version, background
-
-    def _last_intact_version(self, manifest: dict, repair: bool) -> int:
-        """The manifest's version, or the one before its first damaged patch (with `repair`, the manifest too)."""
         base_version, version = int(manifest["base_version"]), int(manifest["version"])
-        files = manifest.get("files", {})
         for v in range(base_version + 1, version + 1):
-            if not is_intact(self.folder, self._patch_name(v), files):
+            try:
+                patches, _ = self._load_patch(v, manifest, model)
+            except DamagedState:
                 if repair:
                     self._fall_back(manifest, v - 1, damaged=v)
                 else:
                     log.warning("checkpoint_patch_damaged", damaged=str(self._patch_path(v)), using_version=v - 1)
-                return v - 1
-        return version
+                return v - 1, background
+            apply_patches(model.memories, patches)
+        return version, background
 
     def _fall_back(self, manifest: dict, target: int, damaged: int) -> None:
         version = int(manifest["version"])
@@ -323,33 +288,6 @@ class CheckpointStore:
         for v in range(target + 1, version + 1):
             self._patch_path(v).unlink(missing_ok=True)
 
-    def _cached_values(self, model: MemoryModel, manifest: dict, version: int) -> dict[str, torch.Tensor] | None:
-        """The value cache if it is intact, holds `version` and fits the memory; None: rebuild from base + patches."""
-        current = self.folder / CURRENT
-        if not current.is_file():
-            return None
-        if not is_intact(self.folder, CURRENT, manifest.get("files", {})):
-            log.warning("state_file_damaged", file=str(current), action="rebuilt from base + patches")
-            return None
-        try:
-            with safe_open(str(current), framework="pt") as handle:
-                if int((handle.metadata() or {}).get("version", -1)) != version:
-                    return None
-            cached = load_file(str(current))
-        except (SafetensorError, OSError, ValueError):
-            log.warning("state_file_damaged", file=str(current), action="rebuilt from base + patches")
-            return None
-        for memory in model.memories:
-            ids_key, rows_key = _values_keys(memory.layer_index)
-            tensors = {"slot_ids": cached.get(ids_key), "rows": cached.get(rows_key)}
-            problem = table_problem(tensors, memory.values.n_slots, memory.values.width)
-            if problem:
-                log.warning(
-                    "state_file_damaged", file=str(current), problem=problem, action="rebuilt from base + patches"
-                )
-                return None
-        return cached
-
     def _load_verified(self, name: str, manifest: dict) -> dict[str, torch.Tensor]:
         """Load a file that cannot be rebuilt, refusing it (one line naming it) when missing or damaged."""
         path = self.folder / name
@@ -369,18 +307,25 @@ class CheckpointStore:
         model.load_memory_state(state, source=str(self.folder / BASE))
         return base
 
-    def _load_patch(self, version: int, manifest: dict) -> tuple[list[LayerPatch], dict[str, object]]:
+    def _load_patch(
+        self, version: int, manifest: dict, model: MemoryModel | None = None
+    ) -> tuple[list[LayerPatch], dict[str, object]]:
+        """A verified patch; with `model`, also checked to fit its memory (rows agree with slot ids and shape)."""
         name = self._patch_name(version)
         if not is_intact(self.folder, name, manifest.get("files", {})):
             raise DamagedState(self.folder / name, "missing or checksum mismatch")
         try:
-            return load_patches(self.folder / name)
-        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            patches, meta = load_patches(self.folder / name)
+        except (SafetensorError, OSError, KeyError, ValueError, IndexError, RuntimeError) as exc:
             raise DamagedState(self.folder / name, f"unreadable: {exc}") from exc
+        problem = patch_problem(model.memories, patches) if model is not None else ""
+        if problem:
+            raise DamagedState(self.folder / name, problem)
+        return patches, meta
 
     def _replay(self, model: MemoryModel, from_version: int, to_version: int, manifest: dict) -> None:
         for v in range(from_version + 1, to_version + 1):
-            patches, _ = self._load_patch(v, manifest)
+            patches, _ = self._load_patch(v, manifest, model)
             apply_patches(model.memories, patches)
 
     def rollback(self, model: MemoryModel, target: int) -> int:
@@ -395,6 +340,5 @@ class CheckpointStore:
             raise SmfdError(f"cannot roll back to version {target}: versions {base_version}..{version} are available")
         self._load_base_into(model, manifest)
         self._replay(model, base_version, target, manifest)
-        manifest.setdefault("files", {})[CURRENT] = self._write_current(model, target)
         self._drop_versions_above(manifest, target)
         return target

@@ -1,7 +1,8 @@
 """Patches: every update recorded as (layer, slot ids, rows before, rows after).
 
 A patch reverts an update exactly (write `before` back) or replays it (write `after`), so any
-memory version is reproducible from a base snapshot plus patches. Stored with safetensors.
+memory version is reproducible from a base snapshot plus patches. Stored with safetensors; rows
+before are stored only where they held something (a row trained for the first time was zero).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from smfd.errors import SmfdError
 from smfd.model.memory import ProductKeyMemory
+from smfd.model.sparse_rows import table_problem
 
 
 @dataclass
@@ -79,24 +81,48 @@ def apply_patches(memories: list[ProductKeyMemory], patches: list[LayerPatch], *
         memory.values.write(patch.slot_ids, patch.before if revert else patch.after)
 
 
+def patch_problem(memories: list[ProductKeyMemory], patches: list[LayerPatch]) -> str:
+    """Why these patches cannot be applied to these memories (rows that disagree with their slot ids
+    or the memory's shape, a layer the model has no memory at), or "" when they can."""
+    by_layer = {m.layer_index: m for m in memories}
+    for patch in patches:
+        memory = by_layer.get(patch.layer)
+        if memory is None:
+            return f"patch for layer {patch.layer} but the model has memory at layers {sorted(by_layer)}"
+        for name, rows in (("before", patch.before), ("after", patch.after)):
+            problem = table_problem(
+                {"slot_ids": patch.slot_ids, "rows": rows}, memory.values.n_slots, memory.values.width
+            )
+            if problem:
+                return f"layer {patch.layer} rows {name}: {problem}"
+    return ""
+
+
 def save_patches(path: Path, patches: list[LayerPatch], metadata: dict[str, object]) -> None:
+    """Each layer's slot ids and rows after; rows before only where they held something (`before_at`:
+    their positions), since a row trained for the first time was zero before."""
     tensors = {}
     for p in patches:
+        held = (p.before != 0).any(dim=1).nonzero().flatten()
         tensors[f"{p.layer}.slot_ids"] = p.slot_ids.contiguous()
-        tensors[f"{p.layer}.before"] = p.before.contiguous()
         tensors[f"{p.layer}.after"] = p.after.contiguous()
+        tensors[f"{p.layer}.before_at"] = held.contiguous()
+        tensors[f"{p.layer}.before"] = p.before[held].contiguous()
     save_file(tensors, str(path), metadata={"smfd": json.dumps(metadata)})
 
 
 def load_patches(path: Path) -> tuple[list[LayerPatch], dict[str, object]]:
+    """The patches in `path` (rows before filled back with zeros where none was stored) and their metadata."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = json.loads((handle.metadata() or {}).get("smfd", "{}"))
     tensors = load_file(str(path))
     layers = sorted({int(name.split(".")[0]) for name in tensors})
-    patches = [
-        LayerPatch(layer, tensors[f"{layer}.slot_ids"], tensors[f"{layer}.before"], tensors[f"{layer}.after"])
-        for layer in layers
-    ]
+    patches = []
+    for layer in layers:
+        after, before, held = tensors[f"{layer}.after"], tensors[f"{layer}.before"], tensors.get(f"{layer}.before_at")
+        if held is not None:  # format 2 (converted states) stored every row before
+            before = torch.zeros_like(after).index_copy_(0, held, before)
+        patches.append(LayerPatch(layer, tensors[f"{layer}.slot_ids"], before, after))
     return patches, metadata

@@ -3,8 +3,8 @@
 Format 2 kept every value row of every memory in `base.safetensors` and `current.safetensors`,
 zero or not (about 600 MB each at the default shape). The conversion keeps the non-zero rows of
 the base with their slot ids, so every row reads as before; the patches are stored by slot id in
-both formats and stay as they are; the value cache is dropped and rebuilt from base + patches on
-load. It runs once, by the state's owner (under the state lock), before anything reads the state.
+both formats and stay as they are; the dense value cache is deleted (format 3 keeps none: a version
+is its base plus its patches). It runs once, by the state's owner (under the state lock), before anything reads the state.
 
 Crash safety: the sparse base is written beside the old one, its digest recorded in
 `upgrade-pending.json`, then renamed over it; the manifest (format 3, the new digest) is written
@@ -23,12 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smfd.durable import atomic_write, atomic_write_json, fsync_directory
-from smfd.store.checkpoint import BASE, CURRENT, DENSE_FORMAT, FORMAT
+from smfd.store.checkpoint import BASE, DENSE_FORMAT, FORMAT
 from smfd.store.integrity import DamagedState, file_digest, is_intact
 
 log = structlog.get_logger("smfd.store.upgrade")
 PENDING = "upgrade-pending.json"
 SPARSE_BASE = "base.sparse.safetensors"
+DENSE_CACHE = "current.safetensors"  # format 2's value cache; format 3 replays base + patches instead
 
 
 def upgrade_dense_state(folder: Path) -> bool:
@@ -48,8 +49,8 @@ def upgrade_dense_state(folder: Path) -> bool:
         os.replace(folder / SPARSE_BASE, folder / BASE)
         fsync_directory(folder)
     files[BASE] = pending[BASE]
-    files.pop(CURRENT, None)
-    (folder / CURRENT).unlink(missing_ok=True)
+    files.pop(DENSE_CACHE, None)
+    (folder / DENSE_CACHE).unlink(missing_ok=True)
     manifest["format"] = FORMAT
     atomic_write_json(manifest_path, manifest)
     pending_path.unlink(missing_ok=True)
