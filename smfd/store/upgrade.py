@@ -37,7 +37,10 @@ def upgrade_dense_state(folder: Path) -> bool:
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         return False
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        return False  # the store refuses a corrupt manifest itself, with its own message
     if manifest.get("format") != DENSE_FORMAT:
         return False
     files = manifest.setdefault("files", {})
