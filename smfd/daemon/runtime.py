@@ -24,7 +24,6 @@ from smfd.model.slot_stats import BackgroundStats
 from smfd.observe.startup import StartupProgress
 from smfd.paths import StatePaths, builtin_file, read_prompts
 from smfd.store.checkpoint import CheckpointStore
-from smfd.store.upgrade import upgrade_dense_state
 
 log = structlog.get_logger("smfd.daemon.runtime")
 
@@ -107,8 +106,6 @@ def open_runtime(cfg: SmfdConfig, create: bool = True, progress: StartupProgress
     torch.set_num_threads(cfg.model.threads)
     model = MemoryModel.load(cfg.model.path, cfg.memory, cfg.model.cache_dir, cfg.model.device)
     store = CheckpointStore(StatePaths(cfg.state_dir).memory, keep=cfg.checkpoint.keep)
-    if create:  # only the state's owner converts a state of an earlier smfd
-        upgrade_dense_state(store.folder)
     if store.exists():
         store.check_settings(state_settings(cfg, model), n_layers=len(decoder_layers(model.model)))
         version, background = store.load_into(model, repair=create)  # only the state's owner repairs it

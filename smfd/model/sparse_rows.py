@@ -130,8 +130,9 @@ class SparseRows(nn.Module):
         return f"n_slots={self.n_slots}, width={self.width}, rows_held={self.n_rows}"
 
 
-def _disagreement(slot_ids: torch.Tensor | None, rows: torch.Tensor | None, n_slots: int, width: int) -> str:
-    """Why a stored (slot_ids, rows) pair cannot be a table of this shape, or "" when it can."""
+def table_problem(tensors: dict[str, torch.Tensor], n_slots: int, width: int) -> str:
+    """Why stored `slot_ids` / `rows` cannot be loaded into a table of this shape, or "" when they can."""
+    slot_ids, rows = tensors.get("slot_ids"), tensors.get("rows")
     if slot_ids is None or rows is None:
         return "slot_ids or rows missing"
     if slot_ids.dim() != 1 or slot_ids.dtype != torch.long:
@@ -160,8 +161,3 @@ def merged_rows(
     kept = stacked[last]
     nonzero = (kept != 0).any(dim=1)
     return unique[nonzero].contiguous(), kept[nonzero].contiguous()
-
-
-def table_problem(tensors: dict[str, torch.Tensor], n_slots: int, width: int) -> str:
-    """Why stored `slot_ids` / `rows` cannot be loaded into a table of this shape, or "" when they can."""
-    return _disagreement(tensors.get("slot_ids"), tensors.get("rows"), n_slots, width)

@@ -30,6 +30,10 @@ class LayerPatch:
     def n_rows(self) -> int:
         return int(self.slot_ids.numel())
 
+    def held_before(self) -> torch.Tensor:
+        """Positions of the rows that held something before the update (value rows start at zero)."""
+        return (self.before != 0).any(dim=1).nonzero().flatten()
+
 
 class PatchRecorder:
     """Remembers each touched row's value from before its first change during one update."""
@@ -68,7 +72,7 @@ class PatchRecorder:
 def reused_rows(patches: list[LayerPatch]) -> int:
     """Rows of these patches that held something before the update (value rows start at zero): rows an
     earlier update had trained and this one trained again, overwriting part of what they held."""
-    return sum(int((patch.before != 0).any(dim=1).sum()) for patch in patches)
+    return sum(patch.held_before().numel() for patch in patches)
 
 
 def apply_patches(memories: list[ProductKeyMemory], patches: list[LayerPatch], *, revert: bool = False) -> None:
@@ -103,7 +107,7 @@ def save_patches(path: Path, patches: list[LayerPatch], metadata: dict[str, obje
     their positions), since a row trained for the first time was zero before."""
     tensors = {}
     for p in patches:
-        held = (p.before != 0).any(dim=1).nonzero().flatten()
+        held = p.held_before()
         tensors[f"{p.layer}.slot_ids"] = p.slot_ids.contiguous()
         tensors[f"{p.layer}.after"] = p.after.contiguous()
         tensors[f"{p.layer}.before_at"] = held.contiguous()
@@ -122,7 +126,7 @@ def load_patches(path: Path) -> tuple[list[LayerPatch], dict[str, object]]:
     patches = []
     for layer in layers:
         after, before, held = tensors[f"{layer}.after"], tensors[f"{layer}.before"], tensors.get(f"{layer}.before_at")
-        if held is not None:  # format 2 (converted states) stored every row before
+        if held is not None:  # rows before stored only where they held something (format 2 stored them all)
             before = torch.zeros_like(after).index_copy_(0, held, before)
         patches.append(LayerPatch(layer, tensors[f"{layer}.slot_ids"], before, after))
     return patches, metadata
