@@ -38,7 +38,7 @@ def updater(tiny_memory_model, background) -> SparseUpdater:
     )
 
 
-def learn_and_commit(store: CheckpointStore, model, updater: SparseUpdater, texts: list[str], text_batches) -> int:
+def learn_and_commit(store: CheckpointStore, updater: SparseUpdater, texts: list[str], text_batches) -> int:
     for batch in text_batches(texts, batch_size=1) * 2:
         updater.step(batch)
     patches = updater.finish_update()
@@ -50,7 +50,7 @@ def commit_versions(store, model, updater, text_batches, snapshot_values, count:
     """Initialise and commit `count` updates; returns a copy of the values at every version."""
     saved = {0: snapshot_values(model)}
     for texts in UPDATE_TEXTS[:count]:
-        version = learn_and_commit(store, model, updater, texts, text_batches)
+        version = learn_and_commit(store, updater, texts, text_batches)
         saved[version] = snapshot_values(model)
     return saved
 
@@ -103,7 +103,7 @@ def test_rollback_restores_exactly_the_values_of_the_target_version(
     assert bit_identical(snapshot_values(tiny_memory_model), saved[0])
 
     # Learning goes on from the rolled-back version.
-    assert learn_and_commit(store, tiny_memory_model, updater, UPDATE_TEXTS[5], text_batches) == 1
+    assert learn_and_commit(store, updater, UPDATE_TEXTS[5], text_batches) == 1
     fresh = make_memory_model()
     store.load_into(fresh)
     assert bit_identical(snapshot_values(fresh), snapshot_values(tiny_memory_model))
@@ -183,7 +183,7 @@ def test_patch_files_are_safetensors_and_revert_an_update_exactly(
 ):
     store.initialise(tiny_memory_model, background)
     before = snapshot_values(tiny_memory_model)
-    learn_and_commit(store, tiny_memory_model, updater, UPDATE_TEXTS[0], text_batches)
+    learn_and_commit(store, updater, UPDATE_TEXTS[0], text_batches)
     after = snapshot_values(tiny_memory_model)
 
     files = [store.folder / "base.safetensors", *store.patch_dir.iterdir()]
@@ -202,7 +202,7 @@ def test_patch_files_are_safetensors_and_revert_an_update_exactly(
 
 def test_patch_for_a_layer_without_memory_is_refused(store, tiny_memory_model, background, updater, text_batches):
     store.initialise(tiny_memory_model, background)
-    learn_and_commit(store, tiny_memory_model, updater, UPDATE_TEXTS[0], text_batches)
+    learn_and_commit(store, updater, UPDATE_TEXTS[0], text_batches)
     patches, _ = load_patches(store.patch_dir / "00000001.safetensors")
     patches[0].layer = 2
     with pytest.raises(SmfdError, match=r"patch for layer 2 but the model has memory at layers \[1\]"):
