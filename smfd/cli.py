@@ -13,6 +13,7 @@ from pathlib import Path
 
 from smfd import __version__
 from smfd.errors import ConfigError, SmfdError
+from smfd.heap import release_freed_memory_promptly
 from smfd.paths import StatePaths
 
 SUBCOMMANDS = ("bench", "probe", "ask", "status", "rollback")
@@ -295,6 +296,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    release_freed_memory_promptly()  # before any model work: see smfd.heap
     try:
         if argv and argv[0] == "bench":
             from smfd.bench.runner import main as bench_main

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "smfd"
 MAX_MODULE_LINES = 400
 # Lowest first. A module may import its own layer and the layers below it, never a layer above.
 LAYERS = [
-    ("__init__", "errors", "durable", "config", "paths"),  # shared ground: no stage knowledge
+    ("__init__", "errors", "durable", "heap", "config", "paths"),  # shared ground: no stage knowledge
     ("text",),  # chunking and restatement
     ("model",),  # loading, memory layers, batch types, slot statistics, scoring
     ("store",),  # checkpoints and patches

@@ -45,7 +45,7 @@ def self_facts(memory_model: MemoryModel, n_sequences: int, background: Backgrou
     cache = background.cache_dir / f"facts-{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    facts = sample_self_facts(memory_model.model, memory_model.tokenizer, memory_model.memories, n_sequences)
+    facts = sample_self_facts(memory_model.model, memory_model.tokenizer, memory_model.memories, n_sequences).sequences
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cache, lambda tmp: tmp.write_text(json.dumps(facts)))
     return facts

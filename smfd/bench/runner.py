@@ -62,6 +62,7 @@ from smfd.bench.specs import (
 )
 from smfd.durable import atomic_write
 from smfd.errors import SmfdError
+from smfd.heap import release_freed_memory_promptly
 from smfd.model.batch import encode
 from smfd.model.loading import resolve_model_source
 
@@ -255,6 +256,7 @@ def run_in_context(ctx: WorkerContext, base: dict[str, Any]) -> dict[str, Any]:
 
 def worker_main(request_json: str) -> str:
     """Entry point of a worker process: JSON request in, JSON result out."""
+    release_freed_memory_promptly()  # as the daemon does, so peaks compare like with like
     request = json.loads(request_json)
     cfg = BenchConfig.from_json(request["config"])
     ctx = open_context(cfg)

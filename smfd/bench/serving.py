@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = Metrics()
     probing = Probing(cfg, metrics, Heartbeats())
     gate.run(probing.start, runtime.model)
+    gate.run(probing.establish)
     settings = LearnSettings.from_config(cfg)
     budget = MemoryBudget(runtime.model.device, cfg.budget.ram_mb, cfg.budget.vram_mb)
     work = Path(cfg.state_dir) / "serving-bench"

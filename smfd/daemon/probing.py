@@ -10,6 +10,7 @@ import structlog
 
 from smfd.config import SmfdConfig
 from smfd.daemon.health import Heartbeats
+from smfd.errors import SmfdError
 from smfd.guard.retention import RetentionProbes
 from smfd.guard.verdict import Guard, Verdict, VerdictWindow
 from smfd.model.memory_model import MemoryModel
@@ -30,7 +31,7 @@ class Probing:
         self.verdicts = VerdictWindow(cfg.guard)
 
     def start(self, model: MemoryModel, earlier_verdicts: Iterable[tuple[bool, str | None]] = ()) -> None:
-        """Record the base model's probe results (once) and take the current state as the accepted one.
+        """Take the probe suites and the verdicts so far; the base results are measured later (`establish`).
 
         `earlier_verdicts`: (accepted, rollback reason) of the journal's last updates, oldest first, so
         a restart does not forget that most recent updates were rolled back.
@@ -42,9 +43,25 @@ class Probing:
         self.probes = RetentionProbes(
             model, self.cfg.probes, self.cfg.state_dir, include_builtin=self.cfg.probes.builtin
         )
-        for suite, values in self.probes.establish_baseline().items():
-            self.metrics.set_probe_base(suite, values.get("accuracy"), values["nll"])
-        self.guard = Guard(self.probes, self.cfg.guard)
+
+    def establish(self) -> None:
+        """Measure the base model's probe results (once per state, cached) and the current state as the accepted one.
+
+        Not on the way to readiness: a new state's base results take about a minute, and nothing
+        needs them before the first update or probe run, which call this first (idempotent).
+        """
+        if self.probes is None or self.guard is not None:
+            return
+        self.heartbeats.busy.add("learner")
+        try:
+            started = time.perf_counter()
+            for suite, values in self.probes.establish_baseline().items():
+                self.metrics.set_probe_base(suite, values.get("accuracy"), values["nll"])
+            self.guard = Guard(self.probes, self.cfg.guard)
+            log.info("base_probes_measured", seconds=round(time.perf_counter() - started, 1))
+        finally:
+            self.heartbeats.busy.discard("learner")
+            self.heartbeats.beat("learner")
 
     def reconfigure(self, cfg: SmfdConfig) -> None:
         """New thresholds from a reload (the suites stay: they are measured against the base)."""
@@ -55,6 +72,8 @@ class Probing:
 
     def check(self) -> Verdict:
         """The guard's verdict on the update just made, with its probe time, drift and rollback counted."""
+        if self.probes is not None and self.guard is None:
+            raise SmfdError("an update was checked before the base probe results were measured (Probing.establish)")
         if self.guard is None or not self.cfg.guard.enabled:
             return Verdict.unguarded()
         verdict = self.guard.check()
@@ -72,6 +91,7 @@ class Probing:
         """The full probe set and the recall of learned documents, on a schedule."""
         if self.probes is None:
             return
+        self.establish()
         self.heartbeats.busy.add("learner")
         try:
             started = time.perf_counter()

@@ -13,10 +13,11 @@ from smfd.errors import SmfdError
 from smfd.ingest.journal import Journal
 from smfd.learn.budget import MemoryBudget
 from smfd.learn.gate import ModelGate
-from smfd.learn.heal import prepare_memory, sample_general_text
+from smfd.learn.heal import memory_inputs, prepare_memory
 from smfd.learn.interference import RetainSet, retain_text, sample_self_facts
 from smfd.learn.learner import Learner
 from smfd.learn.lesson import LearnSettings
+from smfd.learn.sampling import SampledText, sample_text
 from smfd.model.batch import encode
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import decoder_layers, memory_bypassed
@@ -32,8 +33,9 @@ def shipped_prompts() -> list[str]:
     return read_prompts(builtin_file("drift_prompts.txt"))
 
 
-def background_sequences(cfg: SmfdConfig, model: MemoryModel) -> tuple[list[list[int]], str]:
-    """General text for background statistics: the configured corpus, or text sampled from the frozen model."""
+def general_text(cfg: SmfdConfig, model: MemoryModel) -> tuple[SampledText, str]:
+    """General text for background statistics, with the memories' inputs on it: the configured corpus, or text
+    sampled from the frozen model (whose sampling yields the inputs as it goes)."""
     n = cfg.memory.background_sequences
     path = cfg.memory.background_text
     if path is not None:
@@ -46,9 +48,10 @@ def background_sequences(cfg: SmfdConfig, model: MemoryModel) -> tuple[list[list
             raise SmfdError(
                 f"memory.background_text {path} is too short: {len(sequences)} sequences of 128 tokens, need >= 8"
             )
-        return sequences, f"file:{Path(path).name}"
-    with memory_bypassed(model.memories):
-        return sample_general_text(model.model, model.tokenizer, shipped_prompts(), n), "sampled-from-base"
+        with model.base():
+            inputs = memory_inputs(model.model, model.memories, sequences)
+        return SampledText(sequences, inputs), f"file:{Path(path).name}"
+    return sample_text(model.model, model.tokenizer, model.memories, shipped_prompts(), n), "sampled-from-base"
 
 
 def state_settings(cfg: SmfdConfig, model: MemoryModel) -> dict[str, dict]:
@@ -74,6 +77,9 @@ class Runtime:
     version: int
     general_text: list[list[int]] | None = None  # general-text sequences behind the background statistics
     fact_text: list[list[int]] | None = None  # the model's own statements of fact (also in the statistics)
+    # A new state's retain text as its sampling already ran it (memory inputs, statements of fact first):
+    # the first retain set is built from these instead of running the text again, then they are dropped.
+    retain_inputs: dict[int, list[torch.Tensor]] | None = None
 
     def retain_set(self, settings: LearnSettings, cfg: SmfdConfig) -> RetainSet | None:
         """The interference penalty's tokens: the model's statements of fact first, then the general text."""
@@ -88,7 +94,10 @@ class Runtime:
             weight=update.retain_weight,
             tokens=update.retain_tokens,
         )
+        inputs, self.retain_inputs = self.retain_inputs, None
         with memory_bypassed(self.model.memories):
+            if inputs is not None:
+                return RetainSet.from_inputs(self.model.model, self.model.memories, inputs, update.retain_tokens)
             return RetainSet.collect(self.model.model, self.model.memories, text, update.retain_tokens)
 
     def learner(self, cfg: SmfdConfig, journal: Journal, gate: ModelGate | None = None) -> Learner:
@@ -114,17 +123,25 @@ def open_runtime(cfg: SmfdConfig, create: bool = True, progress: StartupProgress
     if not create:
         raise SmfdError(f"no checkpoint in {store.folder}: start the daemon once (or run `smfd --once`) to create it")
     progress.stage("collecting general text (sampled from the model unless memory.background_text is set)")
-    sequences, source = background_sequences(cfg, model)
+    general, source = general_text(cfg, model)
     progress.stage("sampling statements of fact from the model")
     facts = sample_self_facts(model.model, model.tokenizer, model.memories, cfg.memory.fact_sequences)
-    log.info("background_statistics", sequences=len(sequences), source=source, fact_sequences=len(facts))
-    meta = {"background": source, "background_sequences": len(sequences), "fact_sequences": len(facts)}
+    log.info(
+        "background_statistics", sequences=len(general.sequences), source=source, fact_sequences=len(facts.sequences)
+    )
+    meta = {
+        "background": source,
+        "background_sequences": len(general.sequences),
+        "fact_sequences": len(facts.sequences),
+    }
     progress.stage("healing the memory and counting background reads")
-    healed, background = prepare_memory(model.model, model.memories, sequences + facts, cfg.heal)
+    both = general + facts
+    healed, background = prepare_memory(model.model, model.memories, both.sequences, cfg.heal, inputs=both.inputs)
     if healed is not None:
         log.info("memory_healed", **asdict(healed))
         meta["heal"] = asdict(healed)
-    store.save_text("general_text", sequences)  # before the manifest: a state that exists has its texts
-    store.save_text("fact_text", facts)
+    store.save_text("general_text", general.sequences)  # before the manifest: a state that exists has its texts
+    store.save_text("fact_text", facts.sequences)
     store.initialise(model, background, meta, state_settings(cfg, model))
-    return Runtime(model, store, background, 0, sequences, facts)
+    retain_inputs = (facts + general).inputs  # the order of `retain_text`
+    return Runtime(model, store, background, 0, general.sequences, facts.sequences, retain_inputs)

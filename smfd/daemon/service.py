@@ -124,13 +124,12 @@ class Daemon:
         self.startup.ready()
 
     def _start_learner(self) -> None:
-        """Load the model and memory, plan the batch, record the base probes (on the model's thread)."""
+        """Load the model and memory, plan the batch, take the probe suites (on the model's thread)."""
         runtime = open_runtime(self.cfg, progress=self.startup)
         settle_rolled_back(self.journal, runtime.version)
         self.startup.stage("collecting the retain set")
         self.learner = runtime.learner(self.cfg, self.journal, self.gate)
         self.learner.plan_batch_size()
-        self.startup.stage("measuring base probes")
         self.probing.start(runtime.model, self.journal.recent_verdicts(self.cfg.guard.warn_window))
         self.metrics.set_checkpoint(runtime.version, time.time())
         self.metrics.set_memory_fill(self.learner.fill())
@@ -177,6 +176,7 @@ class Daemon:
         assert self.learner is not None
         if time.monotonic() < self.retry_updates_at:
             return None
+        self.probing.establish()  # the first run after a start: the guard's base results, before anything trains
         self.heartbeats.busy.add("learner")
         try:
             outcome = None

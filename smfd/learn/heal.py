@@ -14,12 +14,11 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from smfd.config import HealSection
 from smfd.errors import SmfdError
 from smfd.model.memory import Lookup, ProductKeyMemory
-from smfd.model.scoring import left_padded
 from smfd.model.slot_stats import BackgroundStats
 
 
@@ -161,9 +160,15 @@ def prepare_memory(
     sequences: list[list[int]],
     heal: HealSection,
     progress: bool = False,
+    inputs: dict[int, list[torch.Tensor]] | None = None,
 ) -> tuple[HealReport | None, dict[int, BackgroundStats]]:
-    """Query calibration, healing, then background statistics, all from one pass over the general text."""
-    inputs = memory_inputs(model, memories, sequences)
+    """Query calibration, healing, then background statistics, all from one pass over the general text.
+
+    `inputs`: the memories' inputs on `sequences` when sampling already produced them
+    (`SampledText.inputs`); otherwise the sequences are run once here.
+    """
+    if inputs is None:
+        inputs = memory_inputs(model, memories, sequences)
     calibrate_from_inputs(memories, inputs)
     report = heal_addressing(memories, inputs, heal)
     return report, background_from_inputs(memories, inputs, progress)
@@ -190,47 +195,3 @@ def background_from_inputs(
             found = memory.lookup(hidden[None])
             stats[memory.layer_index].add_batch(found.indices[found.weights > 0].cpu())
     return stats
-
-
-@torch.no_grad()
-def sample_general_text(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    n_sequences: int,
-    max_new_tokens: int = 96,
-    batch_size: int = 32,
-    seed: int = 0,
-) -> list[list[int]]:
-    """General text sampled from the frozen model itself, for background statistics without a corpus.
-
-    Each sequence starts from one of `prompts` (cycled) and continues by sampling (temperature 1,
-    top-p 0.95), so the statistics describe what the model reads on ordinary text of its own kind.
-    """
-    if not prompts:
-        raise SmfdError("sampling background text needs at least one prompt")
-    device = next(model.parameters()).device
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    sequences: list[list[int]] = []
-    try:
-        for start in range(0, n_sequences, batch_size):
-            chosen = [prompts[(start + i) % len(prompts)] for i in range(min(batch_size, n_sequences - start))]
-            encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in chosen]
-            ids, mask = left_padded(encoded, tokenizer.pad_token_id)
-            width = ids.shape[1]
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=True,
-                top_p=0.95,
-                temperature=1.0,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            for row, seq in enumerate(encoded):
-                tail = [t for t in out[row, width:].tolist() if t != tokenizer.pad_token_id]
-                sequences.append(seq + tail)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    return sequences

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from smfd.errors import SmfdError
-from smfd.learn.heal import sample_general_text
+from smfd.learn.heal import memory_inputs
+from smfd.learn.sampling import SampledText, sample_text
 from smfd.model.memory import Lookup, ProductKeyMemory
-from smfd.model.retrofit import memory_bypassed
 from smfd.paths import builtin_file, read_prompts
 
 FACT_PROMPTS = "fact_prompts.txt"  # shipped beside the default probes
@@ -59,37 +59,42 @@ class RetainSet:
         return next(iter(self.layers.values())).indices.shape[0] if self.layers else 0
 
     @classmethod
-    @torch.no_grad()
     def collect(
         cls, model: PreTrainedModel, memories: list[ProductKeyMemory], sequences: list[list[int]], max_tokens: int
     ) -> RetainSet:
         """Run the sequences once (up to `max_tokens` tokens) and keep each memory layer's view of them."""
         if not sequences or max_tokens < 1:
             raise SmfdError("the retain set needs general text: no sequences given")
-        device = next(model.parameters()).device
-        captured: dict[int, list[torch.Tensor]] = {m.layer_index: [] for m in memories}
-        handles = []
-        for memory in memories:
-            handles.append(memory.register_forward_hook(_capture_input(captured[memory.layer_index])))
-        mlp_out: dict[int, list[torch.Tensor]] = {m.layer_index: [] for m in memories}
-        for memory in memories:
-            handles.append(_mlp_of(model, memory).register_forward_hook(_capture_output(mlp_out[memory.layer_index])))
-        taken = 0
-        try:
-            for sequence in sequences:
-                if taken >= max_tokens:
-                    break
-                ids = torch.tensor([sequence[: max_tokens - taken]], device=device)
-                model.get_decoder()(input_ids=ids)
-                taken += ids.shape[1]
-        finally:
-            for handle in handles:
-                handle.remove()
+        taken: list[list[int]] = []
+        for sequence in sequences:
+            room = max_tokens - sum(len(s) for s in taken)
+            if room <= 0:
+                break
+            taken.append(sequence[:room])
+        return cls.from_inputs(model, memories, memory_inputs(model, memories, taken), max_tokens)
+
+    @classmethod
+    @torch.no_grad()
+    def from_inputs(
+        cls,
+        model: PreTrainedModel,
+        memories: list[ProductKeyMemory],
+        inputs: dict[int, list[torch.Tensor]],
+        max_tokens: int,
+    ) -> RetainSet:
+        """The retain set from the hidden states entering each memory layer, first `max_tokens` tokens in order.
+
+        `inputs` as `memory_inputs` (or sampling, `SampledText.inputs`) gives them; the MLP beside
+        the memory reads the same hidden state, so its output (the penalty's unit) is computed here.
+        """
         layers = {}
         for memory in memories:
-            hidden = torch.cat(captured[memory.layer_index])
+            parts = inputs.get(memory.layer_index)
+            if not parts:
+                raise SmfdError(f"the retain set needs the inputs of memory layer {memory.layer_index}: none given")
+            hidden = torch.cat(parts)[:max_tokens]
             found = memory.lookup(hidden[None])
-            mlp = torch.cat(mlp_out[memory.layer_index])
+            mlp = _mlp_of(model, memory)(hidden)
             layers[memory.layer_index] = RetainLayer(
                 indices=found.indices.reshape(hidden.shape[0], -1),
                 weights=found.weights.reshape(hidden.shape[0], -1),
@@ -154,27 +159,13 @@ def fact_prompts() -> list[str]:
 
 def sample_self_facts(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, memories: list[ProductKeyMemory], n_sequences: int
-) -> list[list[int]]:
+) -> SampledText:
     """The frozen model's own statements of fact: `n_sequences` sampled continuations of `fact_prompts()`.
 
-    The memory is bypassed, so the statements are the base model's. Deterministic (fixed seed).
+    The memory is bypassed, so the statements are the base model's; the memories' inputs come
+    with them. Deterministic (fixed seed).
     """
-    with memory_bypassed(memories):
-        return sample_general_text(model, tokenizer, fact_prompts(), n_sequences, max_new_tokens=FACT_TOKENS)
-
-
-def _capture_input(store: list):
-    def hook(module: ProductKeyMemory, args: tuple, output: torch.Tensor) -> None:
-        store.append(args[0].reshape(-1, args[0].shape[-1]))
-
-    return hook
-
-
-def _capture_output(store: list):
-    def hook(module, args: tuple, output: torch.Tensor) -> None:
-        store.append(output.reshape(-1, output.shape[-1]))
-
-    return hook
+    return sample_text(model, tokenizer, memories, fact_prompts(), n_sequences, max_new_tokens=FACT_TOKENS)
 
 
 def _mlp_of(model: PreTrainedModel, memory: ProductKeyMemory) -> torch.nn.Module:

@@ -1,7 +1,7 @@
 """Start-up progress: the stage a starting daemon is in, for the log, systemd's STATUS= and `smfd status`.
 
-A first start prepares a new state (sampling text from the model, healing, background statistics,
-base probes) and takes minutes on a small machine; without a word in between, a user cannot tell
+A first start prepares a new state (sampling text from the model, healing, background statistics)
+and takes minutes on a small machine; without a word in between, a user cannot tell
 a slow start from a stuck one. Each stage is logged (`startup_progress`, with a percentage), sent as
 systemd's one-line status and written to `<state_dir>/startup.json`, which `smfd status` reads.
 
@@ -23,12 +23,11 @@ log = structlog.get_logger("smfd.startup")
 
 # (stage, share of a first start's time); a restart of an existing state skips the middle ones.
 STAGES: tuple[tuple[str, float], ...] = (
-    ("loading the model", 0.05),
-    ("collecting general text (sampled from the model unless memory.background_text is set)", 0.20),
-    ("sampling statements of fact from the model", 0.15),
-    ("healing the memory and counting background reads", 0.35),
-    ("collecting the retain set", 0.10),
-    ("measuring base probes", 0.15),
+    ("loading the model", 0.10),
+    ("collecting general text (sampled from the model unless memory.background_text is set)", 0.55),
+    ("sampling statements of fact from the model", 0.25),
+    ("healing the memory and counting background reads", 0.07),
+    ("collecting the retain set", 0.03),
 )
 READY = "ready"
 
