@@ -63,9 +63,15 @@ def calibrate_from_inputs(memories: list[ProductKeyMemory], inputs: dict[int, li
     for memory in memories:
         if not memory.config.query_norm:
             continue
-        q = memory.query(torch.cat(inputs[memory.layer_index])).double()
-        memory.query_shift.copy_(q.mean(0).to(memory.query_shift.dtype))
-        memory.query_scale.copy_((1.0 / q.std(0).clamp_min(1e-6)).to(memory.query_scale.dtype))
+        total = squares = torch.zeros((), dtype=torch.float64)
+        count = 0
+        for hidden in inputs[memory.layer_index]:  # one sequence at a time: the queries of all would be ~100 MB
+            q = memory.query(hidden).double()
+            total, squares, count = total + q.sum(0), squares + q.pow(2).sum(0), count + q.shape[0]
+        mean = total / count
+        std = ((squares - count * mean.pow(2)) / max(count - 1, 1)).clamp_min(0).sqrt()
+        memory.query_shift.copy_(mean.to(memory.query_shift.dtype))
+        memory.query_scale.copy_((1.0 / std.clamp_min(1e-6)).to(memory.query_scale.dtype))
 
 
 @dataclass(frozen=True)

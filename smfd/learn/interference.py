@@ -92,16 +92,7 @@ class RetainSet:
             parts = inputs.get(memory.layer_index)
             if not parts:
                 raise SmfdError(f"the retain set needs the inputs of memory layer {memory.layer_index}: none given")
-            hidden = torch.cat(parts)[:max_tokens]
-            found = memory.lookup(hidden[None])
-            mlp = _mlp_of(model, memory)(hidden)
-            layers[memory.layer_index] = RetainLayer(
-                indices=found.indices.reshape(hidden.shape[0], -1),
-                weights=found.weights.reshape(hidden.shape[0], -1),
-                gate=F.silu(memory.gate(hidden)),
-                reference=torch.zeros_like(hidden),
-                scale=float(mlp.pow(2).sum(-1).mean().clamp_min(1e-12)),
-            )
+            layers[memory.layer_index] = _retain_layer(model, memory, _first_tokens(parts, max_tokens))
         retain = cls(layers)
         retain.rebase(memories)
         return retain
@@ -111,10 +102,10 @@ class RetainSet:
         """Make the memory's present output on the retain tokens the reference (start of an update)."""
         for memory in memories:
             layer = self.layers.get(memory.layer_index)
-            if layer is not None:
-                layer.reference = self._output(
-                    memory, layer, torch.ones(layer.indices.shape[0], dtype=torch.bool, device=layer.indices.device)
-                )
+            if layer is not None:  # in place and in chunks: no second copy of all the tokens' outputs at once
+                tokens = torch.arange(layer.indices.shape[0], device=layer.indices.device)
+                for chunk in tokens.split(RETAIN_CHUNK):
+                    layer.reference[chunk] = self._output(memory, layer, chunk)
 
     def penalty(self, memory: ProductKeyMemory) -> torch.Tensor | None:
         """Squared change of this layer's memory output on the retain tokens, per token, in MLP-output units.
@@ -133,7 +124,8 @@ class RetainSet:
 
     @staticmethod
     def _output(memory: ProductKeyMemory, layer: RetainLayer, rows: torch.Tensor) -> torch.Tensor:
-        """The memory's output for the chosen retain tokens (selected rows read from their trainable copy)."""
+        """The memory's output for the chosen retain tokens (a mask or indices; selected rows read from their
+        trainable copy)."""
         indices, weights = layer.indices[rows], layer.weights[rows]
         shape = (1, indices.shape[0], memory.config.heads, -1)
         read = memory.read(Lookup(indices=indices.view(shape), weights=weights.view(shape)))[0]
@@ -166,6 +158,40 @@ def sample_self_facts(
     with them. Deterministic (fixed seed).
     """
     return sample_text(model, tokenizer, memories, fact_prompts(), n_sequences, max_new_tokens=FACT_TOKENS)
+
+
+RETAIN_CHUNK = 1024  # tokens looked up at once: a lookup scores every key half, ~16 KB per token
+
+
+def _first_tokens(parts: list[torch.Tensor], max_tokens: int) -> torch.Tensor:
+    """The first `max_tokens` rows of the parts, in order, copied once (the rest is not touched)."""
+    taken, count = [], 0
+    for part in parts:
+        if count >= max_tokens:
+            break
+        taken.append(part[: max_tokens - count])
+        count += taken[-1].shape[0]
+    return torch.cat(taken)
+
+
+def _retain_layer(model: PreTrainedModel, memory: ProductKeyMemory, hidden: torch.Tensor) -> RetainLayer:
+    """One memory layer's view of the retain tokens, `RETAIN_CHUNK` tokens at a time (lookups and the MLP
+    on all 16k tokens at once would add about 500 MB to the process's peak)."""
+    mlp = _mlp_of(model, memory)
+    indices, weights, gates, squares = [], [], [], 0.0
+    for chunk in hidden.split(RETAIN_CHUNK):
+        found = memory.lookup(chunk[None])
+        indices.append(found.indices.reshape(chunk.shape[0], -1))
+        weights.append(found.weights.reshape(chunk.shape[0], -1))
+        gates.append(F.silu(memory.gate(chunk)))
+        squares += float(mlp(chunk).double().pow(2).sum())
+    return RetainLayer(
+        indices=torch.cat(indices),
+        weights=torch.cat(weights),
+        gate=torch.cat(gates),
+        reference=torch.zeros_like(hidden),
+        scale=max(squares / hidden.shape[0], 1e-12),
+    )
 
 
 def _mlp_of(model: PreTrainedModel, memory: ProductKeyMemory) -> torch.nn.Module:
