@@ -13,6 +13,7 @@ from smfd.daemon.health import Heartbeats
 from smfd.errors import SmfdError
 from smfd.guard.retention import RetentionProbes
 from smfd.guard.verdict import Guard, Verdict, VerdictWindow
+from smfd.heap import trim
 from smfd.model.memory_model import MemoryModel
 from smfd.observe.metrics import Metrics
 
@@ -59,6 +60,7 @@ class Probing:
                 self.metrics.set_probe_base(suite, values.get("accuracy"), values["nll"])
             self.guard = Guard(self.probes, self.cfg.guard)
             log.info("base_probes_measured", seconds=round(time.perf_counter() - started, 1))
+            trim()  # scoring every suite once freed tensors of every size
         finally:
             self.heartbeats.busy.discard("learner")
             self.heartbeats.beat("learner")

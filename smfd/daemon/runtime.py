@@ -10,6 +10,7 @@ import torch
 
 from smfd.config import SmfdConfig
 from smfd.errors import SmfdError
+from smfd.heap import trim
 from smfd.ingest.journal import Journal
 from smfd.learn.budget import MemoryBudget
 from smfd.learn.gate import ModelGate
@@ -97,8 +98,12 @@ class Runtime:
         inputs, self.retain_inputs = self.retain_inputs, None
         with memory_bypassed(self.model.memories):
             if inputs is not None:
-                return RetainSet.from_inputs(self.model.model, self.model.memories, inputs, update.retain_tokens)
-            return RetainSet.collect(self.model.model, self.model.memories, text, update.retain_tokens)
+                retain = RetainSet.from_inputs(self.model.model, self.model.memories, inputs, update.retain_tokens)
+            else:
+                retain = RetainSet.collect(self.model.model, self.model.memories, text, update.retain_tokens)
+        del inputs
+        trim()  # the sampled text's hidden states are gone: give their pages back
+        return retain
 
     def learner(self, cfg: SmfdConfig, journal: Journal, gate: ModelGate | None = None) -> Learner:
         """The learner that owns this runtime's model, with the config's settings and memory budget."""
@@ -144,4 +149,7 @@ def open_runtime(cfg: SmfdConfig, create: bool = True, progress: StartupProgress
     store.save_text("fact_text", facts.sequences)
     store.initialise(model, background, meta, state_settings(cfg, model))
     retain_inputs = (facts + general).inputs  # the order of `retain_text`
-    return Runtime(model, store, background, 0, general.sequences, facts.sequences, retain_inputs)
+    runtime = Runtime(model, store, background, 0, general.sequences, facts.sequences, retain_inputs)
+    del general, facts, both  # the runtime keeps the retain inputs only
+    trim()
+    return runtime

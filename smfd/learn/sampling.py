@@ -105,12 +105,14 @@ def _sample_batch(
             handle.remove()
     width = ids.shape[1]
     ends = _end_ids(model)
-    kept = [_kept_positions(out[row], width - len(seq), width, ends) for row, seq in enumerate(encoded)]
-    sequences = [out[row, positions].tolist() for row, positions in enumerate(kept)]
+    kept = [_kept_span(out[row], width - len(seq), width, ends) for row, seq in enumerate(encoded)]
+    sequences = [out[row, first:stop].tolist() for row, (first, stop) in enumerate(kept)]
     inputs = {}
     for layer, parts in calls.items():
-        hidden = torch.cat(parts, dim=1)  # (batch, positions fed, hidden): the prompt, then one per step
-        inputs[layer] = [hidden[row, positions[positions < hidden.shape[1]]] for row, positions in enumerate(kept)]
+        # (batch, positions fed, hidden): the prompt, then one position per step. Each sequence's rows are
+        # a view into it, so the batch is one block of memory, released as a whole (see smfd.heap).
+        hidden = torch.cat(parts, dim=1)
+        inputs[layer] = [hidden[row, first : min(stop, hidden.shape[1])] for row, (first, stop) in enumerate(kept)]
     return SampledText(sequences, inputs)
 
 
@@ -120,16 +122,15 @@ def _end_ids(model: PreTrainedModel) -> torch.Tensor:
     return torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
 
 
-def _kept_positions(row: torch.Tensor, first: int, width: int, ends: torch.Tensor) -> torch.Tensor:
-    """Positions of a row's prompt and of its sampled tokens up to and including the first end-of-sequence token.
+def _kept_span(row: torch.Tensor, first: int, width: int, ends: torch.Tensor) -> tuple[int, int]:
+    """(first, stop) positions of a row's prompt and sampled tokens, up to and including the first end-of-sequence.
 
     A padding id sampled as an ordinary token stays: dropping it would leave the text's later
     tokens with hidden states computed in a context the text no longer shows.
     """
     sampled = row[width:].cpu()
     finished = torch.isin(sampled, ends).nonzero()
-    stop = width + (int(finished[0]) + 1 if finished.numel() else sampled.shape[0])
-    return torch.arange(first, stop)
+    return first, width + (int(finished[0]) + 1 if finished.numel() else sampled.shape[0])
 
 
 def _keep_input(store: list[torch.Tensor]):
