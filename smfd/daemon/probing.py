@@ -48,8 +48,8 @@ class Probing:
     def establish(self) -> None:
         """Measure the base model's probe results (once per state, cached) and the current state as the accepted one.
 
-        Not on the way to readiness: a new state's base results take about a minute, and nothing
-        needs them before the first update or probe run, which call this first (idempotent).
+        Not on the way to readiness: a new state's base results take minutes on a small CPU, and
+        nothing needs them before the first update or probe run, which call this first (idempotent).
         """
         if self.probes is None or self.guard is not None:
             return
