@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 import structlog
 
@@ -23,7 +24,9 @@ MMAP_THRESHOLD_BYTES = 256 * 1024  # tensors of this size or more get their own 
 TRIM_THRESHOLD_BYTES = 1024 * 1024  # free memory beyond this at the heap's top is returned at once
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc, looked up once (`find_library` runs `ldconfig`)."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None

@@ -54,8 +54,8 @@ def sample_text(
 ) -> SampledText:
     """`n_sequences` continuations of `prompts` (cycled) sampled from the frozen model, with the memories' inputs.
 
-    Sampling: temperature 1, top-p 0.95, fixed seed (the global RNG is restored after), every
-    memory bypassed, so the text is the base model's. Pass `memories=[]` to keep no inputs.
+    Sampling: temperature 1, top-p 0.95, fixed seed (the global RNG is restored after), every one
+    of `memories` bypassed (pass all of the model's), so the text is the base model's whatever they hold.
     """
     if not prompts:
         raise SmfdError("sampling text from the model needs at least one prompt")
