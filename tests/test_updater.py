@@ -343,3 +343,36 @@ def test_rows_only_the_first_token_reads_are_never_trained(
         assert sink_only, "the test needs rows that only the first token reads"
         assert changed, "the update trained nothing"
         assert not changed & sink_only, f"layer {layer}: rows read only by the first token were trained"
+
+
+def _update_rows(mm, background, batches, **changes) -> set[int]:
+    """Rows an update over `batches` changes (all layers, as layer * 10**6 + slot)."""
+    before = {m.layer_index: m.values.dense() for m in mm.memories}
+    updater = SparseUpdater(mm.model, mm.memories, background, train_section(lr=0.5, **changes))
+    updater.plan_update(batches)
+    for batch in batches:
+        updater.step(batch)
+    updater.finish_update()
+    changed = set()
+    for m in mm.memories:
+        rows = (m.values.dense() != before[m.layer_index]).any(dim=1).nonzero().flatten()
+        changed |= {m.layer_index * 10**6 + int(r) for r in rows}
+    return changed
+
+
+def test_query_noise_trains_rows_around_the_reads_and_ends_with_the_update(
+    make_memory_model, background_sequences, text_batches
+):
+    batches = text_batches(FACTS, 2) * 3
+    clean_mm, noisy_mm = make_memory_model(), make_memory_model()
+    background = compute_background(clean_mm.model, clean_mm.memories, background_sequences)
+
+    clean = _update_rows(clean_mm, background, batches, top_t=256, retain_weight=0.0)
+    noisy = _update_rows(noisy_mm, background, batches, top_t=256, retain_weight=0.0, query_noise=1.0)
+
+    assert len(noisy) > len(clean), "noisy reads reach rows the clean reads do not"
+    assert all(m.query_noise is None for m in noisy_mm.memories)
+    ids = batches[0].input_ids
+    with torch.no_grad():
+        first, second = noisy_mm.model(input_ids=ids).logits, noisy_mm.model(input_ids=ids).logits
+    assert torch.equal(first, second), "reads after the update carry no noise"

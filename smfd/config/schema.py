@@ -161,6 +161,11 @@ class TrainSection(BaseModel):
     batch_size: int = Field(8, ge=1)  # upper bound; the memory budget may plan a smaller one
     seq_len: int = Field(128, ge=8)
     restate: bool = True  # also learn each sentence on its own (smfd.text.restate)
+    # Gaussian noise (standard deviation, in the memory's normalised query space) added to every
+    # read while an update ranks and trains rows, never when the model answers or is measured: the
+    # rows around a text's own reads are trained too, where a reworded prompt's read may land.
+    query_noise: float = Field(0.0, ge=0)
+    query_noise_draws: int = Field(4, ge=1)  # noisy reads of each sequence when an update ranks its rows
     max_documents: int = Field(1, ge=1)  # documents claimed per update
     distill: DistillSection = Field(default_factory=DistillSection)
 

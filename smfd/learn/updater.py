@@ -9,8 +9,9 @@ and every other parameter of the model is left bit-identical.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -127,16 +128,36 @@ class SparseUpdater:
         self.grad_scale: dict[int, torch.Tensor] = {}  # normalize_once: 1 / RMS of the update's first gradient
         first_memory = min(m.layer_index for m in memories)
         self.prefix = PrefixCache(decoder_layers(model), first_memory, config.prefix_cache_mb * 1024 * 1024)
+        self.noise_generator: torch.Generator | None = None  # seeded per update when query_noise > 0
+
+    @contextlib.contextmanager
+    def _noisy_reads(self) -> Iterator[None]:
+        """Inside, every memory read carries the update's query noise (none when `query_noise` is 0)."""
+        if self.noise_generator is None:
+            yield
+            return
+        for memory in self.memories:
+            memory.query_noise = (self.config.query_noise, self.noise_generator)
+        try:
+            yield
+        finally:
+            for memory in self.memories:
+                memory.query_noise = None
 
     @torch.no_grad()
-    def plan_update(self, batches: list[TokenBatch]) -> None:
+    def plan_update(self, batches: list[TokenBatch], noise_seed: int = 0) -> None:
         """Start an update: rebase the retain set; with scope "update", rank slots once over all its batches.
 
         The selection forward also fills the prefix cache, so every step of the update starts at
-        the lowest memory layer.
+        the lowest memory layer. With query noise, each sequence's reads are ranked once clean and
+        `query_noise_draws` times noisy (those forwards start at the memory layer, from the cache).
         """
         self.grad_scale = {}
         self.prefix.clear()
+        self.noise_generator = None
+        if self.config.query_noise > 0:
+            device = self.memories[0].keys.device
+            self.noise_generator = torch.Generator(device=device).manual_seed(noise_seed)
         if self.retain is not None:
             self.retain.rebase(self.memories)
         if self.config.scope != "update" or not batches:
@@ -151,16 +172,18 @@ class SparseUpdater:
                 if rows <= seen:
                     continue  # later passes repeat the same sequences: one forward per sequence is enough
                 seen |= rows
-                with self.prefix.forward_for(batch):
-                    self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                 mask, surprise = read_weights(batch)
                 weights = (
                     mask.double()
                     if surprise is None or self.config.selection != "surprise-kl"
                     else mask.double() * surprise.double().clamp_min(0)
                 )
-                for memory in self.memories:
-                    reads[memory.layer_index].append(batch_reads(memory.last_lookup, weights))
+                draws = 1 + (self.config.query_noise_draws if self.noise_generator is not None else 0)
+                for draw in range(draws):
+                    with self.prefix.forward_for(batch), self._noisy_reads() if draw else contextlib.nullcontext():
+                        self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                    for memory in self.memories:
+                        reads[memory.layer_index].append(batch_reads(memory.last_lookup, weights / draws))
         finally:
             for memory in self.memories:
                 memory.record_lookup = False
@@ -223,7 +246,7 @@ class SparseUpdater:
         for memory in self.memories:
             memory.select_rows = selector
         try:
-            with self.prefix.forward_for(batch):
+            with self.prefix.forward_for(batch), self._noisy_reads():
                 loss = lesson_loss(self.model, batch, self.config.distill.ce_weight)
             total = loss + self._interference(loss)
             if total.requires_grad:  # else no slot qualified (e.g. every sequence is one trained token long)
@@ -251,6 +274,7 @@ class SparseUpdater:
         """Close the current update: the patches that revert or replay everything since the last call."""
         self.planned = None
         self.grad_scale = {}
+        self.noise_generator = None
         self.prefix.clear()
         return self.recorder.finish(self.memories)
 

@@ -79,6 +79,8 @@ class ProductKeyMemory(nn.Module):
         self.select_rows: SelectRows | None = None
         self.last_lookup: Lookup | None = None
         self.record_lookup = False
+        # Set only while an update ranks or trains rows (smfd.learn.updater): (std, generator).
+        self.query_noise: tuple[float, torch.Generator] | None = None
 
     def lookup(self, hidden: torch.Tensor, dense: bool = False) -> Lookup:
         """Address the memory: top-k slots per head for every token.
@@ -90,6 +92,10 @@ class ProductKeyMemory(nn.Module):
         half = cfg.key_dim // 2
         query = ((self.query(hidden) - self.query_shift) * self.query_scale).view(batch, seq, cfg.heads, 2, half)
         query = F.layer_norm(query, (half,))
+        if self.query_noise is not None:
+            std, generator = self.query_noise
+            noise = torch.randn(query.shape, generator=generator, dtype=query.dtype, device=query.device)
+            query = F.layer_norm(query + std * noise, (half,))
         scores = torch.einsum("bthsd,hsnd->bthsn", query, self.keys)
         top_scores, top_idx = scores.topk(cfg.k, dim=-1)
         combined = top_scores[..., 0, :, None] + top_scores[..., 1, None, :]
