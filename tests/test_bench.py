@@ -212,6 +212,10 @@ def test_bench_runs_every_method_on_the_same_data(model_dir: Path, data: dict[st
     smf = [results["methods"][label] for label in SMF_VARIANTS]
     assert [entry["settings"]["rule"] for entry in smf] == ["kl", "tfidf", "surprise-kl"]
     assert all(entry["settings"]["rows_changed"] > 0 for entry in smf)
+    for entry in smf:  # only a memory has rows for a probe's read to reach
+        for key in ("mem_read_on_trained", "gen_read_on_trained", "gen_reaches_trained", "gen_read_on_mem_rows"):
+            _check_fraction(entry["reach"][key], key)
+    assert "reach" not in results["methods"]["lora"] and "### Reach" in (out / "results.md").read_text()
     # Same memory shape and background text: the statistics are computed once and reused.
     assert [entry["cost"]["background_cached"] for entry in smf] == [False, True, True]
     assert smf[2]["settings"]["update"]["lr"] == 0.5 and smf[0]["settings"]["update"]["lr"] == LearnSettings().train.lr

@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from smfd.bench.data import Document
+from smfd.bench.reach import probe_reach
 from smfd.bench.specs import MethodSpec, smf_configs
 from smfd.config import HealSection, MemorySection
 from smfd.durable import atomic_write
@@ -129,6 +131,8 @@ class Learning(Protocol):
 
     def memory(self) -> dict[str, Any]: ...
 
+    def reach(self, documents: list[Document]) -> dict[str, Any]: ...
+
     def describe(self) -> dict[str, Any]: ...
 
 
@@ -202,6 +206,10 @@ class SmfLearning:
         counts = torch.cat(list(self.times_trained.values()))
         return {**fill.as_dict(), "rows_trained_more_than_once": int((counts > 1).sum())}
 
+    def reach(self, documents: list[Document]) -> dict[str, Any]:
+        """How much of each probe's memory read lands on trained rows (smfd.bench.reach)."""
+        return probe_reach(self.memory_model, documents)
+
     def rows_changed(self) -> int:
         """Value rows that differ from their zero initialisation now: the memory this run actually used."""
         return memory_fill(self.memory_model.values(), self.background).rows_trained
@@ -262,6 +270,9 @@ class AdamWLearning:
 
     def memory(self) -> dict[str, Any]:
         return {}  # dense training has no memory table to fill
+
+    def reach(self, documents: list[Document]) -> dict[str, Any]:
+        return {}  # no memory rows to reach
 
     def describe(self) -> dict[str, Any]:
         return {**self.trainer.describe(), "optimizer": "AdamW"}

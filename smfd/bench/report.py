@@ -153,7 +153,37 @@ def markdown(results: dict[str, Any]) -> str:
             "- `in-context`: no training; each probe's prompt is preceded by its own document and a blank line "
             "(the ceiling); its retention columns are the base model's."
         )
-    return "\n".join(lines + _curve_tables(results)) + "\n"
+    return "\n".join(lines + _reach_table(results) + _curve_tables(results)) + "\n"
+
+
+def _reach_table(results: dict[str, Any]) -> list[str]:
+    """Where each memory method's probe reads land after learning (smfd.bench.reach)."""
+    reached = {label: entry["reach"] for label, entry in results["methods"].items() if "reach" in entry}
+    if not reached:
+        return []
+    lines = [
+        "",
+        "### Reach: the probes' last-token memory reads after learning",
+        "",
+        "| method | mem read on trained rows | gen read on trained rows | gen probes reaching any | "
+        "hard read on trained rows | gen read on its mem probe's rows |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, r in reached.items():
+        cells = [
+            _pct(r["mem_read_on_trained"]),
+            _pct(r["gen_read_on_trained"]),
+            _pct(r["gen_reaches_trained"]),
+            _pct(r["hard_read_on_trained"]),
+            _pct(r["gen_read_on_mem_rows"]),
+        ]
+        lines.append(f"| {label.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Share of the read weight (after the read cut) at the token that predicts the target, on rows some update "
+        "trained: a probe is answered from memory only through these rows, so this bounds recall of reworded prompts.",
+    ]
+    return lines
 
 
 CURVE_COLUMNS = (

@@ -208,6 +208,7 @@ def run_method(
     eval_started = time.perf_counter()
     scores = learning_scores(model, ctx.tokenizer, ctx.inputs.documents, spec.label)
     learn = summarise_learning(scores)
+    reach = learning.reach(ctx.inputs.documents)
     retain = evaluate_retention(ctx, model, known_correct, spec.label)
     cost = {
         **train_cost,
@@ -234,6 +235,8 @@ def run_method(
             "tokens_trained": train_cost["tokens_trained"],
         },
     }
+    if reach:
+        result["reach"] = reach
     if point is not None:
         first = summarise_learning(scores[: ctx.cfg.curve_every], "first_")
         result["curve"] = [*curve, final_point(len(scores), {**learn, **first}, retain, learning.memory())]
