@@ -376,3 +376,17 @@ def test_query_noise_trains_rows_around_the_reads_and_ends_with_the_update(
     with torch.no_grad():
         first, second = noisy_mm.model(input_ids=ids).logits, noisy_mm.model(input_ids=ids).logits
     assert torch.equal(first, second), "reads after the update carry no noise"
+
+
+def test_query_noise_is_seeded_per_update_so_a_replayed_update_trains_the_same_values(
+    make_memory_model, background_sequences, text_batches
+):
+    batches = text_batches(FACTS, 2) * 2
+    first_mm, replay_mm = make_memory_model(), make_memory_model()
+    background = compute_background(first_mm.model, first_mm.memories, background_sequences)
+
+    for mm in (first_mm, replay_mm):
+        _update_rows(mm, background, batches, top_t=256, retain_weight=0.0, query_noise=1.0)
+
+    for first, replay in zip(first_mm.memories, replay_mm.memories):
+        assert torch.equal(first.values.dense(), replay.values.dense()), f"layer {first.layer_index} differs"
