@@ -164,6 +164,8 @@ class TrainSection(BaseModel):
     # Gaussian noise (standard deviation, in the memory's normalised query space) added to every
     # read while an update ranks and trains rows, never when the model answers or is measured: the
     # rows around a text's own reads are trained too, where a reworded prompt's read may land.
+    # Off: on 20 dev documents σ 0.3 cost most of the memorisation and recalled no more paraphrases
+    # (docs/experiments/2026-12-06-reach-and-query-noise.md).
     query_noise: float = Field(0.0, ge=0)
     query_noise_draws: int = Field(4, ge=1)  # noisy reads of each sequence when an update ranks its rows
     max_documents: int = Field(1, ge=1)  # documents claimed per update
