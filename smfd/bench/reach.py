@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from smfd.bench.data import PROBE_KINDS, Document
-from smfd.model.memory import Lookup
+from smfd.model.memory import Lookup, recording_lookups
 from smfd.model.memory_model import MemoryModel
 
 
@@ -21,20 +21,13 @@ def last_token_reads(memory_model: MemoryModel, prompt: str) -> dict[int, Lookup
     """Each memory layer's read (slots and weights after the read cut) at the prompt's last token."""
     mm = memory_model
     ids = mm.tokenizer(prompt, return_tensors="pt").input_ids.to(mm.device)
-    for memory in mm.memories:
-        memory.record_lookup = True
-    try:
-        with torch.no_grad():
-            mm.model.get_decoder()(input_ids=ids)
+    with recording_lookups(mm.memories), torch.no_grad():
+        mm.model.get_decoder()(input_ids=ids)
         return {
             m.layer_index: Lookup(m.last_lookup.indices[0, -1].flatten(), m.last_lookup.weights[0, -1].flatten())
             for m in mm.memories
             if m.last_lookup is not None
         }
-    finally:
-        for memory in mm.memories:
-            memory.record_lookup = False
-            memory.last_lookup = None
 
 
 def _share_on(reads: dict[int, Lookup], rows: dict[int, torch.Tensor]) -> float:

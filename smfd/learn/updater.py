@@ -24,11 +24,14 @@ from smfd.learn.interference import RetainSet
 from smfd.learn.selection import batch_reads, select_slots, top_slots
 from smfd.model.batch import TokenBatch
 from smfd.model.head_loss import head_nll
-from smfd.model.memory import Lookup, ProductKeyMemory
+from smfd.model.memory import Lookup, ProductKeyMemory, recording_lookups
 from smfd.model.prefix import PrefixCache
 from smfd.model.retrofit import decoder_layers
 from smfd.model.slot_stats import BackgroundStats
 from smfd.store.patches import LayerPatch, PatchRecorder
+
+# Every update draws its query noise from a generator seeded alike, so a replayed update trains the same values.
+NOISE_SEED = 0
 
 
 @dataclass
@@ -145,7 +148,7 @@ class SparseUpdater:
                 memory.query_noise = None
 
     @torch.no_grad()
-    def plan_update(self, batches: list[TokenBatch], noise_seed: int = 0) -> None:
+    def plan_update(self, batches: list[TokenBatch]) -> None:
         """Start an update: rebase the retain set; with scope "update", rank slots once over all its batches.
 
         The selection forward also fills the prefix cache, so every step of the update starts at
@@ -157,16 +160,15 @@ class SparseUpdater:
         self.noise_generator = None
         if self.config.query_noise > 0:
             device = self.memories[0].keys.device
-            self.noise_generator = torch.Generator(device=device).manual_seed(noise_seed)
+            self.noise_generator = torch.Generator(device=device).manual_seed(NOISE_SEED)
         if self.retain is not None:
             self.retain.rebase(self.memories)
         if self.config.scope != "update" or not batches:
             return
         reads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {m.layer_index: [] for m in self.memories}
         seen: set[tuple[int, ...]] = set()
-        for memory in self.memories:
-            memory.record_lookup = True
-        try:
+        draws = 1 + (self.config.query_noise_draws if self.noise_generator is not None else 0)
+        with recording_lookups(self.memories):
             for batch in batches:
                 rows = set(batch.sequences())
                 if rows <= seen:
@@ -178,16 +180,11 @@ class SparseUpdater:
                     if surprise is None or self.config.selection != "surprise-kl"
                     else mask.double() * surprise.double().clamp_min(0)
                 )
-                draws = 1 + (self.config.query_noise_draws if self.noise_generator is not None else 0)
                 for draw in range(draws):
                     with self.prefix.forward_for(batch), self._noisy_reads() if draw else contextlib.nullcontext():
                         self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                     for memory in self.memories:
                         reads[memory.layer_index].append(batch_reads(memory.last_lookup, weights / draws))
-        finally:
-            for memory in self.memories:
-                memory.record_lookup = False
-                memory.last_lookup = None
         self.planned = {
             layer: top_slots(
                 self.config.selection,

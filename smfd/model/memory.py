@@ -13,7 +13,8 @@ everything else reads the frozen table, so gradients cannot reach any other row.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -140,6 +141,21 @@ class ProductKeyMemory(nn.Module):
         written = int(self.selection.slot_ids.numel())
         self.selection = None
         return written
+
+
+@contextlib.contextmanager
+def recording_lookups(memories: Iterable[ProductKeyMemory]) -> Iterator[None]:
+    """Inside, each memory keeps its latest lookup in `last_lookup`; on the way out recording stops and
+    the lookup is dropped (it holds a whole batch's slot indices and weights)."""
+    memories = list(memories)
+    for memory in memories:
+        memory.record_lookup = True
+    try:
+        yield
+    finally:
+        for memory in memories:
+            memory.record_lookup = False
+            memory.last_lookup = None
 
 
 class MemoryAugmentedMLP(nn.Module):
