@@ -102,3 +102,22 @@ def test_bad_heal_settings_are_named_by_the_schema(changes, message):
 def test_healing_without_text_is_an_error(tiny_memory_model):
     with pytest.raises(SmfdError, match="general text"):
         prepare_memory(tiny_memory_model.model, tiny_memory_model.memories, [], HealSection())
+
+
+def test_memory_inputs_match_one_sequence_at_a_time_and_skip_the_blocks_above(tiny_memory_model, background_sequences):
+    """Batching with right padding must give each sequence the hidden states it has alone; nothing above runs."""
+    model = tiny_memory_model
+    sequences = [seq[:n] for seq, n in zip(background_sequences, (5, 17, 9, 30, 2, 12), strict=False)]
+    top_block = model.model.get_decoder().layers[-1]
+    assert all(m.layer_index < len(model.model.get_decoder().layers) - 1 for m in model.memories)
+    ran_above = []
+    handle = top_block.register_forward_hook(lambda *args: ran_above.append(True))
+    try:
+        batched = memory_inputs(model.model, model.memories, sequences)
+    finally:
+        handle.remove()
+    assert not ran_above
+    for seq, got in zip(sequences, batched[model.memories[0].layer_index], strict=True):
+        alone = memory_inputs(model.model, model.memories, [seq])[model.memories[0].layer_index][0]
+        assert got.shape == (len(seq), alone.shape[1])
+        torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)

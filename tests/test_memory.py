@@ -210,12 +210,12 @@ def test_query_calibration_standardises_queries_and_keeps_logits_bit_identical(
     base = logits(make_base_model(), input_ids)
     model = MemoryModel.attach(make_base_model(), tokenizer, memory_config)
     memory = model.memories[0]
+    calibrate_from_inputs(model.memories, memory_inputs(model.model, model.memories, background_sequences))
+
     hidden = []
     handle = memory.register_forward_hook(
         lambda module, args, output: hidden.append(args[0].reshape(-1, args[0].shape[-1]))
     )
-
-    calibrate_from_inputs(model.memories, memory_inputs(model.model, model.memories, background_sequences))
     with torch.no_grad():
         for seq in background_sequences:
             model.model.get_decoder()(input_ids=torch.tensor([seq]))

@@ -21,6 +21,12 @@ from smfd.errors import SmfdError
 from smfd.model.memory import Lookup, ProductKeyMemory
 from smfd.model.slot_stats import BackgroundStats
 
+INPUT_BATCH_TOKENS = 4096  # padded tokens per forward while collecting memory inputs
+
+
+class _AboveTheMemories(Exception):
+    """Raised by the top memory layer's hook: nothing the model computes above it is needed."""
+
 
 @torch.no_grad()
 def memory_inputs(
@@ -30,25 +36,53 @@ def memory_inputs(
 
     Tuning the addressing does not change them (value rows are zero before any update, and a
     memory's own addressing never affects its input), so one pass serves calibration, every
-    healing step and the background read counts.
+    healing step and the background read counts. Consecutive sequences run together, right-padded
+    (a causal model's real tokens never see the padding after them), and each forward stops at the
+    top memory layer: the blocks above it and the output head would be computed for nothing.
     """
     if not sequences:
         raise SmfdError("query calibration, healing and background statistics need general text: the corpus is empty")
     device = next(model.parameters()).device
+    top = max(m.layer_index for m in memories)
     captured: dict[int, list[torch.Tensor]] = {m.layer_index: [] for m in memories}
-    handles = [m.register_forward_hook(_collect_inputs(captured[m.layer_index])) for m in memories]
-    try:
-        for seq in sequences:
-            model.get_decoder()(input_ids=torch.tensor([seq], device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    for group in _padded_groups(sequences, INPUT_BATCH_TOKENS):
+        blocks: dict[int, torch.Tensor] = {}
+        handles = [m.register_forward_hook(_keep_block(blocks, m.layer_index, m.layer_index == top)) for m in memories]
+        ids = torch.zeros((len(group), max(len(seq) for seq in group)), dtype=torch.long)
+        for row, seq in enumerate(group):
+            ids[row, : len(seq)] = torch.tensor(seq)
+        try:
+            model.get_decoder()(input_ids=ids.to(device), use_cache=False)
+        except _AboveTheMemories:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        for layer, block in blocks.items():
+            # Each sequence's rows are a view into the group's block (released as a whole, see smfd.heap).
+            captured[layer].extend(block[row, : len(seq)] for row, seq in enumerate(group))
     return captured
 
 
-def _collect_inputs(store: list[torch.Tensor]):
+def _padded_groups(sequences: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
+    """Consecutive sequences in groups whose padded size (rows x longest) stays within `max_tokens` (at least one each)."""
+    groups: list[list[list[int]]] = []
+    width = 0
+    for seq in sequences:
+        if groups and (len(groups[-1]) + 1) * max(width, len(seq)) <= max_tokens:
+            groups[-1].append(seq)
+            width = max(width, len(seq))
+        else:
+            groups.append([seq])
+            width = len(seq)
+    return groups
+
+
+def _keep_block(blocks: dict[int, torch.Tensor], layer: int, stop: bool):
     def hook(memory: ProductKeyMemory, args: tuple, output: torch.Tensor) -> None:
-        store.append(args[0].reshape(-1, args[0].shape[-1]))
+        blocks[layer] = args[0].detach()
+        if stop:
+            raise _AboveTheMemories
 
     return hook
 
