@@ -9,6 +9,7 @@ paths, an exit status and stderr.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -21,8 +22,22 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from smfd.errors import SmfdError
 
 
+def _cache_tensor_name_maps() -> None:
+    """Build gguf's tensor-name table once per (architecture, depth) instead of once per module.
+
+    transformers asks `gguf.get_tensor_name_map` afresh for every submodule it walks (397 times for
+    the embedded model), and each call rebuilds the same read-only table: 40% of the conversion's
+    time on a 2-core CPU. Caching it changes no weight.
+    """
+    import gguf
+
+    if hasattr(gguf, "get_tensor_name_map") and not hasattr(gguf.get_tensor_name_map, "cache_info"):
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
+
+
 def load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Dequantize a GGUF file into a transformers model (about 15 s for 135M parameters)."""
+    _cache_tensor_name_maps()
     folder, name = str(path.parent), path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
