@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from smfd.config import HealSection
 from smfd.errors import SmfdError
 from smfd.model.memory import Lookup, ProductKeyMemory
+from smfd.model.scoring import right_padded
 from smfd.model.slot_stats import BackgroundStats
 
 INPUT_BATCH_TOKENS = 4096  # padded tokens per forward while collecting memory inputs
@@ -48,9 +49,7 @@ def memory_inputs(
     for group in _padded_groups(sequences, INPUT_BATCH_TOKENS):
         blocks: dict[int, torch.Tensor] = {}
         handles = [m.register_forward_hook(_keep_block(blocks, m.layer_index, m.layer_index == top)) for m in memories]
-        ids = torch.zeros((len(group), max(len(seq) for seq in group)), dtype=torch.long)
-        for row, seq in enumerate(group):
-            ids[row, : len(seq)] = torch.tensor(seq)
+        ids, _ = right_padded(group, 0)  # no mask needed: causal attention never reaches the padding after a row
         try:
             model.get_decoder()(input_ids=ids.to(device), use_cache=False)
         except _AboveTheMemories:

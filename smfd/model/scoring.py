@@ -31,7 +31,8 @@ class ChoiceResult:
     predicted: int
 
 
-def _right_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def right_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask: every row's real tokens start at position 0."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -78,7 +79,7 @@ def continuation_scores(
             cont_ids = tokenizer(continuation, add_special_tokens=False).input_ids
             sequences.append(ctx_ids + cont_ids)
             spans.append((len(ctx_ids), len(ctx_ids) + len(cont_ids)))
-        ids, mask = _right_padded(sequences, tokenizer.pad_token_id)
+        ids, mask = right_padded(sequences, tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         # The vocabulary projection is most of the cost: apply it only where a continuation token is predicted.
@@ -177,7 +178,7 @@ def heldout_nll(model: PreTrainedModel, windows: list[list[int]], batch_size: in
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
-        ids, mask = _right_padded(windows[start : start + batch_size], 0)
+        ids, mask = right_padded(windows[start : start + batch_size], 0)
         ids, mask = ids.to(device), mask.to(device)
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         scored = mask[:, 1:].bool()
@@ -194,7 +195,7 @@ def next_token_logprobs(model: PreTrainedModel, windows: list[list[int]], batch_
     out = []
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
-        ids, mask = _right_padded(batch, 0)
+        ids, mask = right_padded(batch, 0)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logprobs = F.log_softmax(logits, dim=-1).cpu()
         out.extend(logprobs[row, : len(seq)] for row, seq in enumerate(batch))
