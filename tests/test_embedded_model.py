@@ -7,7 +7,11 @@ import torch
 from engine_settings import train_section
 
 from smfd.config import MemorySection
+from smfd.daemon.runtime import shipped_prompts
 from smfd.learn.heal import compute_background
+from smfd.learn.interference import fact_recipe
+from smfd.learn.kept_text import SampleRecipe, shipped_samples, store_for
+from smfd.learn.sampling import GENERAL_TOKENS
 from smfd.learn.updater import SparseUpdater
 from smfd.model.batch import encode, epoch_batches
 from smfd.model.memory_model import MemoryModel
@@ -60,3 +64,18 @@ def test_attached_memory_leaves_the_real_model_unchanged_then_learns_a_fact_spar
     changed = (embedded.memories[0].values.dense() != values_before).any(dim=1).nonzero().flatten()
     assert set(changed.tolist()) <= set(patches[0].slot_ids.tolist())
     assert 0 < changed.numel() <= patches[0].n_rows
+
+
+def test_the_embedded_models_default_text_is_shipped(embedded):
+    """A fresh state of the embedded model with the default settings reads its text instead of sampling it
+    (most of a first start): the shipped files must match the model, the prompts and the default counts."""
+    defaults = MemorySection()
+    general = SampleRecipe(tuple(shipped_prompts()), defaults.background_sequences, GENERAL_TOKENS)
+    store = store_for(embedded, None)
+    for recipe in (general, fact_recipe(defaults.fact_sequences)):
+        missing = f"no shipped text of {recipe.n_sequences} x {recipe.max_new_tokens} tokens (see smfd/data/README.md)"
+        assert store.path(recipe, shipped_samples()).is_file(), missing
+        kept = store.sequences(recipe, len(embedded.tokenizer))
+        assert kept is not None and len(kept) == recipe.n_sequences
+        first = embedded.tokenizer.decode(kept[0])
+        assert first.startswith(recipe.prompts[0]), "each sequence continues its prompt"

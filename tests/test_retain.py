@@ -7,7 +7,8 @@ import torch
 
 from smfd.errors import SmfdError
 from smfd.learn.heal import memory_inputs
-from smfd.learn.interference import RetainSet, fact_prompts, retain_text, sample_self_facts
+from smfd.learn.interference import RetainSet, fact_prompts, fact_recipe, retain_text
+from smfd.learn.kept_text import model_text
 
 
 def test_shipped_fact_prompts_are_distinct_lines():
@@ -18,7 +19,7 @@ def test_shipped_fact_prompts_are_distinct_lines():
 
 def test_self_facts_continue_the_prompts_deterministically(tiny_memory_model):
     mm = tiny_memory_model
-    facts = sample_self_facts(mm.model, mm.tokenizer, mm.memories, 5).sequences
+    facts = model_text(mm, fact_recipe(5), None).sequences
     prompts = fact_prompts()
 
     assert len(facts) == 5
@@ -26,27 +27,27 @@ def test_self_facts_continue_the_prompts_deterministically(tiny_memory_model):
         prompt_ids = mm.tokenizer(prompts[i], add_special_tokens=False).input_ids
         assert sequence[: len(prompt_ids)] == prompt_ids
         assert len(sequence) > len(prompt_ids), "the model must have continued the prompt"
-    assert sample_self_facts(mm.model, mm.tokenizer, mm.memories, 5).sequences == facts
+    assert model_text(mm, fact_recipe(5), None).sequences == facts
 
 
 def test_self_facts_are_the_base_models_whatever_the_memory_holds(tiny_memory_model):
     """Statements sampled after updates must still be the base model's: the memory is bypassed."""
     mm = tiny_memory_model
-    before = sample_self_facts(mm.model, mm.tokenizer, mm.memories, 3).sequences
+    before = model_text(mm, fact_recipe(3), None).sequences
     for memory in mm.memories:
         rows = torch.randn(memory.values.shape, generator=torch.Generator().manual_seed(1)) * 10.0
         memory.values.write(torch.arange(memory.values.n_slots), rows)
-    assert sample_self_facts(mm.model, mm.tokenizer, mm.memories, 3).sequences == before
+    assert model_text(mm, fact_recipe(3), None).sequences == before
 
 
 def test_no_statements_asked_none_sampled(tiny_memory_model):
     mm = tiny_memory_model
-    assert sample_self_facts(mm.model, mm.tokenizer, mm.memories, 0).sequences == []
+    assert model_text(mm, fact_recipe(0), None).sequences == []
 
 
 def test_retain_set_watches_at_most_the_asked_tokens(tiny_memory_model):
     mm = tiny_memory_model
-    facts = sample_self_facts(mm.model, mm.tokenizer, mm.memories, 4).sequences
+    facts = model_text(mm, fact_recipe(4), None).sequences
     retain = RetainSet.collect(mm.model, mm.memories, facts, 20)
     assert retain.n_tokens == min(20, sum(len(s) for s in facts))
 
@@ -65,7 +66,7 @@ def test_retain_text_without_any_text_is_an_error():
 def test_sampling_keeps_the_inputs_a_second_pass_over_the_text_would_give(tiny_memory_model):
     """A new state heals and counts from what sampling fed the memory: it must be what the finished text feeds it."""
     mm = tiny_memory_model
-    sampled = sample_self_facts(mm.model, mm.tokenizer, mm.memories, 6)
+    sampled = model_text(mm, fact_recipe(6), None)
     again = memory_inputs(mm.model, mm.memories, sampled.sequences)
     for memory in mm.memories:
         kept, rerun = sampled.inputs[memory.layer_index], again[memory.layer_index]
@@ -79,7 +80,7 @@ def test_sampling_keeps_the_inputs_a_second_pass_over_the_text_would_give(tiny_m
 
 def test_retain_set_from_sampled_inputs_matches_running_the_text(tiny_memory_model):
     mm = tiny_memory_model
-    sampled = sample_self_facts(mm.model, mm.tokenizer, mm.memories, 4)
+    sampled = model_text(mm, fact_recipe(4), None)
     n = sum(len(h) for h in sampled.inputs[mm.memories[0].layer_index]) - 3
     kept = RetainSet.from_inputs(mm.model, mm.memories, sampled.inputs, n)
     again = memory_inputs(mm.model, mm.memories, sampled.sequences)

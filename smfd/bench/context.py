@@ -16,7 +16,7 @@ from smfd.bench.data import HeldoutSplit, document_chunks, document_training_tex
 from smfd.bench.measure import evaluate_heldout, evaluate_hellaswag, known_facts_correct, logprobs
 from smfd.bench.options import BASE_LOGPROBS_FILE, BenchConfig, Inputs, load_inputs
 from smfd.learn.lesson import LearnSettings
-from smfd.model.loading import load_base_model
+from smfd.model.loading import ModelSource, load_base_model
 from smfd.model.memory_model import pick_device
 from smfd.model.scoring import drift_kl
 
@@ -27,11 +27,14 @@ class WorkerContext:
     inputs: Inputs
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    model_name: str
-    model_id: str
+    source: ModelSource
     device: torch.device
     split: HeldoutSplit
     chunks: list[list[str]]
+
+    @property
+    def model_name(self) -> str:
+        return self.source.display_name
 
     def texts(self, restate: bool) -> list[list[str]]:
         return [document_training_texts(c, restate) for c in self.chunks]
@@ -55,7 +58,7 @@ def open_context(cfg: BenchConfig) -> WorkerContext:
         document_chunks(d, tokenizer, cfg.chunk_tokens, cfg.title_context, cfg.with_paraphrases, overlap)
         for d in tqdm(inputs.documents, desc="chunking", unit="doc", leave=False)
     ]
-    return WorkerContext(cfg, inputs, model, tokenizer, source.display_name, str(source.path), device, split, chunks)
+    return WorkerContext(cfg, inputs, model, tokenizer, source, device, split, chunks)
 
 
 def logprobs_path(cfg: BenchConfig) -> Path:

@@ -22,11 +22,13 @@ from smfd.bench.specs import MethodSpec, smf_configs
 from smfd.config import HealSection, MemorySection
 from smfd.durable import atomic_write
 from smfd.learn.heal import prepare_memory
-from smfd.learn.interference import FACT_TOKENS, RetainSet, fact_prompts, retain_text, sample_self_facts
+from smfd.learn.interference import RetainSet, fact_recipe, retain_text
+from smfd.learn.kept_text import model_sequences, store_for
 from smfd.learn.lesson import LearnSettings, build_lesson, lesson_batches
 from smfd.learn.surprise import sequence_surprise
 from smfd.learn.updater import SparseUpdater, StepResult
 from smfd.model.batch import TokenBatch, encode, epoch_batches
+from smfd.model.loading import ModelSource
 from smfd.model.memory_model import MemoryModel
 from smfd.model.slot_stats import BackgroundStats, memory_fill
 from smfd.store.patches import reused_rows
@@ -39,18 +41,11 @@ if TYPE_CHECKING:  # peft is imported only by workers that train LoRA or full fi
 
 
 def self_facts(memory_model: MemoryModel, n_sequences: int, background: BackgroundSource) -> list[list[int]]:
-    """The base model's own statements of fact (`smfd.learn.interference.sample_self_facts`), cached as JSON token ids."""
+    """The base model's own statements of fact (`smfd.learn.interference.fact_recipe`), as the daemon gets them:
+    kept per model (here in the benchmark's cache, or shipped for the embedded model), else sampled."""
     if n_sequences == 0:
         return []
-    identity = {"model": background.model_id, "n": n_sequences, "tokens": FACT_TOKENS, "prompts": fact_prompts()}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
-    cache = background.cache_dir / f"facts-{key}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    facts = sample_self_facts(memory_model.model, memory_model.tokenizer, memory_model.memories, n_sequences).sequences
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cache, lambda tmp: tmp.write_text(json.dumps(facts)))
-    return facts
+    return model_sequences(memory_model, fact_recipe(n_sequences), store_for(memory_model, background.cache_dir))
 
 
 ADDRESSING = ("query_shift", "query_scale", "query.weight", "keys")  # set from the same general text
@@ -284,8 +279,12 @@ class BackgroundSource:
 
     sequences: list[list[int]]
     cache_dir: Path
-    model_id: str
+    model: ModelSource
     progress: bool = True
+
+    @property
+    def model_id(self) -> str:
+        return str(self.model.path)
 
 
 def build_learning(
@@ -300,7 +299,7 @@ def build_learning(
     if spec.family == "smf":
         settings, memory_config, heal = smf_configs(spec, defaults)
         update = settings.train
-        memory_model = MemoryModel.attach(model, tokenizer, memory_config)
+        memory_model = MemoryModel.attach(model, tokenizer, memory_config, background.model)
         facts = self_facts(memory_model, memory_config.fact_sequences, background)
         stats, cached = background_stats(
             memory_model,

@@ -15,10 +15,11 @@ from smfd.ingest.journal import Journal
 from smfd.learn.budget import MemoryBudget
 from smfd.learn.gate import ModelGate
 from smfd.learn.heal import memory_inputs, prepare_memory
-from smfd.learn.interference import RetainSet, retain_text, sample_self_facts
+from smfd.learn.interference import RetainSet, fact_recipe, retain_text
+from smfd.learn.kept_text import SampleRecipe, SampleStore, model_text, store_for
 from smfd.learn.learner import Learner
 from smfd.learn.lesson import LearnSettings
-from smfd.learn.sampling import SampledText, sample_text
+from smfd.learn.sampling import GENERAL_TOKENS, SampledText
 from smfd.model.batch import encode
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import decoder_layers, memory_bypassed
@@ -34,9 +35,9 @@ def shipped_prompts() -> list[str]:
     return read_prompts(builtin_file("drift_prompts.txt"))
 
 
-def general_text(cfg: SmfdConfig, model: MemoryModel) -> tuple[SampledText, str]:
+def general_text(cfg: SmfdConfig, model: MemoryModel, samples: SampleStore | None) -> tuple[SampledText, str]:
     """General text for background statistics, with the memories' inputs on it: the configured corpus, or text
-    sampled from the frozen model (whose sampling yields the inputs as it goes)."""
+    sampled from the frozen model (kept per model in `samples`)."""
     n = cfg.memory.background_sequences
     path = cfg.memory.background_text
     if path is not None:
@@ -52,7 +53,8 @@ def general_text(cfg: SmfdConfig, model: MemoryModel) -> tuple[SampledText, str]
         with model.base():
             inputs = memory_inputs(model.model, model.memories, sequences)
         return SampledText(sequences, inputs), f"file:{Path(path).name}"
-    return sample_text(model.model, model.tokenizer, model.memories, shipped_prompts(), n), "sampled-from-base"
+    recipe = SampleRecipe(tuple(shipped_prompts()), n, GENERAL_TOKENS)
+    return model_text(model, recipe, samples), "sampled-from-base"
 
 
 def state_settings(cfg: SmfdConfig, model: MemoryModel) -> dict[str, dict]:
@@ -127,10 +129,11 @@ def open_runtime(cfg: SmfdConfig, create: bool = True, progress: StartupProgress
         return Runtime(model, store, background, version, store.load_text("general_text"), store.load_text("fact_text"))
     if not create:
         raise SmfdError(f"no checkpoint in {store.folder}: start the daemon once (or run `smfd --once`) to create it")
-    progress.stage("collecting general text (sampled from the model unless memory.background_text is set)")
-    general, source = general_text(cfg, model)
-    progress.stage("sampling statements of fact from the model")
-    facts = sample_self_facts(model.model, model.tokenizer, model.memories, cfg.memory.fact_sequences)
+    samples = store_for(model, cfg.model.cache_dir)
+    progress.stage("collecting general text (memory.background_text, or text of the model's own: kept or sampled)")
+    general, source = general_text(cfg, model, samples)
+    progress.stage("collecting the model's statements of fact (kept or sampled)")
+    facts = model_text(model, fact_recipe(cfg.memory.fact_sequences), samples)
     log.info(
         "background_statistics", sequences=len(general.sequences), source=source, fact_sequences=len(facts.sequences)
     )

@@ -14,7 +14,7 @@ back what earlier accepted updates wrote. Gradient still reaches only the select
 
 Which tokens to watch matters most. Known facts are lost where a document's fact sentences
 train rows that the *relation* addresses ("… is affiliated with the religion of"), so the
-default retain text is the frozen model's own statements of fact (`sample_self_facts`):
+default retain text is the frozen model's own statements of fact (`fact_recipe`):
 continuations of shipped, generic fact-style prompts, i.e. what the model already believes, in
 the contexts where it states it.
 """
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from smfd.errors import SmfdError
 from smfd.learn.heal import memory_inputs
-from smfd.learn.sampling import SampledText, sample_text
+from smfd.learn.kept_text import SampleRecipe
 from smfd.model.memory import Lookup, ProductKeyMemory
 from smfd.paths import builtin_file, read_prompts
 
@@ -149,15 +149,13 @@ def fact_prompts() -> list[str]:
     return read_prompts(builtin_file(FACT_PROMPTS))
 
 
-def sample_self_facts(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, memories: list[ProductKeyMemory], n_sequences: int
-) -> SampledText:
+def fact_recipe(n_sequences: int) -> SampleRecipe:
     """The frozen model's own statements of fact: `n_sequences` sampled continuations of `fact_prompts()`.
 
-    The memory is bypassed, so the statements are the base model's; the memories' inputs come
-    with them. Deterministic (fixed seed).
+    Sampled with the memory bypassed, so the statements are the base model's (see
+    `smfd.learn.kept_text.model_text`, which also gives the memories' inputs on them).
     """
-    return sample_text(model, tokenizer, memories, fact_prompts(), n_sequences, max_new_tokens=FACT_TOKENS)
+    return SampleRecipe(tuple(fact_prompts()), n_sequences, FACT_TOKENS)
 
 
 RETAIN_CHUNK = 1024  # tokens looked up at once: a lookup scores every key half, ~16 KB per token

@@ -20,6 +20,12 @@ from smfd.model.memory import ProductKeyMemory
 from smfd.model.retrofit import memory_bypassed
 from smfd.model.scoring import left_padded
 
+SAMPLE_BATCH = 32  # sequences sampled together (the RNG stream, so the text, depends on it)
+SAMPLE_SEED = 0
+SAMPLE_TOP_P = 0.95
+SAMPLE_TEMPERATURE = 1.0
+GENERAL_TOKENS = 96  # sampled tokens per sequence of general text
+
 
 @dataclass
 class SampledText:
@@ -48,9 +54,9 @@ def sample_text(
     memories: list[ProductKeyMemory],
     prompts: list[str],
     n_sequences: int,
-    max_new_tokens: int = 96,
-    batch_size: int = 32,
-    seed: int = 0,
+    max_new_tokens: int = GENERAL_TOKENS,
+    batch_size: int = SAMPLE_BATCH,
+    seed: int = SAMPLE_SEED,
 ) -> SampledText:
     """`n_sequences` continuations of `prompts` (cycled) sampled from the frozen model, with the memories' inputs.
 
@@ -95,8 +101,8 @@ def _sample_batch(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             do_sample=True,
-            top_p=0.95,
-            temperature=1.0,
+            top_p=SAMPLE_TOP_P,
+            temperature=SAMPLE_TEMPERATURE,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -33,6 +34,23 @@ class ModelSource:
     @property
     def display_name(self) -> str:
         return self.path.name
+
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 of the weights and tokenizer as stored: the GGUF file, or every file of the model folder.
+
+        Names the model by content, so what is kept per model (sampled text) follows the model
+        when it moves and is never reused for another one that has the same name.
+        """
+        folder = self.path.is_dir()
+        files = sorted(p for p in self.path.iterdir() if p.is_file()) if folder else [self.path]
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(f"{file.name if folder else ''}\0{file.stat().st_size}\0".encode())
+            with file.open("rb") as handle:
+                while block := handle.read(1 << 20):
+                    digest.update(block)
+        return digest.hexdigest()
 
 
 def embedded_model_path() -> Path:

@@ -1,12 +1,13 @@
 """Start-up progress: the stage a starting daemon is in, for the log, systemd's STATUS= and `smfd status`.
 
-A first start prepares a new state (sampling text from the model, healing, background statistics)
+A first start prepares a new state (text of the model's own, healing, background statistics)
 and takes minutes on a small machine; without a word in between, a user cannot tell
 a slow start from a stuck one. Each stage is logged (`startup_progress`, with a percentage), sent as
 systemd's one-line status and written to `<state_dir>/startup.json`, which `smfd status` reads.
 
 The percentage is where the stage starts in a first start's time, from the shares measured on a
-2-core CPU with the embedded model (an approximation: a restart skips the preparing stages).
+2-core CPU with the embedded model and its shipped text (an approximation: a restart skips the
+preparing stages, and a model whose text must be sampled spends far longer collecting it).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ log = structlog.get_logger("smfd.startup")
 
 # (stage, share of a first start's time); a restart of an existing state skips the middle ones.
 STAGES: tuple[tuple[str, float], ...] = (
-    ("loading the model", 0.10),
-    ("collecting general text (sampled from the model unless memory.background_text is set)", 0.55),
-    ("sampling statements of fact from the model", 0.25),
-    ("healing the memory and counting background reads", 0.07),
+    ("loading the model", 0.14),
+    ("collecting general text (memory.background_text, or text of the model's own: kept or sampled)", 0.45),
+    ("collecting the model's statements of fact (kept or sampled)", 0.22),
+    ("healing the memory and counting background reads", 0.16),
     ("collecting the retain set", 0.03),
 )
 READY = "ready"
