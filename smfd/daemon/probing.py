@@ -3,10 +3,12 @@ scheduled full probe run, each reported to the metrics. Runs on the learner thre
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import structlog
+import torch
 
 from smfd.config import SmfdConfig
 from smfd.daemon.health import Heartbeats
@@ -20,13 +22,43 @@ from smfd.observe.metrics import Metrics
 log = structlog.get_logger("smfd.daemon.probing")
 
 
-class Probing:
-    """Probe runs and the guard, for one daemon; absent suites make every update accepted."""
+class _Stopping(Exception):
+    """Raised at a probe run's next forward once the daemon is stopping."""
 
-    def __init__(self, cfg: SmfdConfig, metrics: Metrics, heartbeats: Heartbeats) -> None:
+
+@contextlib.contextmanager
+def _stoppable(model: torch.nn.Module, stop: Callable[[], bool]) -> Iterator[None]:
+    """Let `stop` end the model work inside at its next forward pass.
+
+    A base measurement or a full probe run takes minutes on a small CPU; without this, a stop
+    waits for it (and systemd kills the daemon after TimeoutStopSec). Every probe writes its
+    results only at the end, so a run given up leaves nothing half-written.
+    """
+
+    def check(module: torch.nn.Module, args: tuple) -> None:
+        if stop():
+            raise _Stopping
+
+    handle = model.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class Probing:
+    """Probe runs and the guard, for one daemon; absent suites make every update accepted.
+
+    `stop` (the daemon's stop flag) gives up a probe run at its next forward pass.
+    """
+
+    def __init__(
+        self, cfg: SmfdConfig, metrics: Metrics, heartbeats: Heartbeats, stop: Callable[[], bool] | None = None
+    ) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.heartbeats = heartbeats
+        self.stop = stop or (lambda: False)
         self.probes: RetentionProbes | None = None
         self.guard: Guard | None = None
         self.verdicts = VerdictWindow(cfg.guard)
@@ -56,11 +88,15 @@ class Probing:
         self.heartbeats.busy.add("learner")
         try:
             started = time.perf_counter()
-            for suite, values in self.probes.establish_baseline().items():
+            with _stoppable(self.probes.model.model, self.stop):
+                base = self.probes.establish_baseline()
+            for suite, values in base.items():
                 self.metrics.set_probe_base(suite, values.get("accuracy"), values["nll"])
             self.guard = Guard(self.probes, self.cfg.guard)
             log.info("base_probes_measured", seconds=round(time.perf_counter() - started, 1))
             trim()  # scoring every suite once freed tensors of every size
+        except _Stopping:
+            log.info("base_probes_abandoned", reason="stopping", seconds=round(time.perf_counter() - started, 1))
         finally:
             self.heartbeats.busy.discard("learner")
             self.heartbeats.beat("learner")
@@ -94,11 +130,18 @@ class Probing:
         if self.probes is None:
             return
         self.establish()
+        if self.guard is None:  # stopping before the base was measured
+            return
         self.heartbeats.busy.add("learner")
         try:
             started = time.perf_counter()
-            measures = self.probes.measure(fast=False)
-            recall = self.probes.measure_recall()
+            try:
+                with _stoppable(self.probes.model.model, self.stop):
+                    measures = self.probes.measure(fast=False)
+                    recall = self.probes.measure_recall()
+            except _Stopping:
+                log.info("probes_abandoned", reason="stopping", seconds=round(time.perf_counter() - started, 1))
+                return
             if recall is not None:
                 measures["recall"] = recall
                 by_kind = {

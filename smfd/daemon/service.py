@@ -72,7 +72,7 @@ class Daemon:
         self.api: ApiServer | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.learner: Learner | None = None
-        self.probing = Probing(self.cfg, self.metrics, self.heartbeats)
+        self.probing = Probing(self.cfg, self.metrics, self.heartbeats, stop=self.stop_event.is_set)
         self.gate = ModelGate(yield_to_requests=self.cfg.serve.during_update == "pause_learner")
         self.sources: Sources | None = None
         self.startup = StartupProgress(self.paths.startup)
