@@ -184,7 +184,7 @@ def docs(args: argparse.Namespace) -> dict:
     daemon = RunningDaemon(
         args.config, args.state_dir, {"SMFD_SCHEDULE__PROBE_INTERVAL_SECONDS": str(args.probe_interval)}
     )
-    daemon.wait_ready(args.ready_timeout)
+    ready_s = daemon.wait_ready(args.ready_timeout)
     inbox = Path(args.inbox)
     started = time.monotonic()
     for n, document in enumerate(documents):
@@ -207,6 +207,7 @@ def docs(args: argparse.Namespace) -> dict:
     while time.monotonic() < deadline and _scrape(port).get("smfd_probe_duration_seconds_count", 0.0) <= probe_runs + 1:
         time.sleep(5.0)  # the guard's fast run counts too: wait for one more, the scheduled full run
     metrics = _scrape(port)
+    memory = _memory_kib(daemon.process.pid)  # VmHWM: the peak of the daemon's whole life, first start included
     code = daemon.stop()
     panels = {
         key: value
@@ -229,7 +230,10 @@ def docs(args: argparse.Namespace) -> dict:
     last.close()
     return {
         "documents": len(documents),
+        "ready_seconds": round(ready_s, 1),
         "learned_seconds": done_s and round(done_s, 1),
+        "peak_rss_mib": round(memory.get("VmHWM", 0) / 1024, 1),
+        "state_mib": round(_state_bytes(args.state_dir) / 2**20, 1),
         "counts": _journal_counts(args.state_dir),
         "dashboard": panels,
         "exit_code": code,
@@ -237,6 +241,12 @@ def docs(args: argparse.Namespace) -> dict:
         if update is None
         else {"accepted": update.accepted, "seconds": round(update.seconds, 1), "measures": update.measures},
     }
+
+
+def _state_bytes(state_dir: Path) -> int:
+    """Bytes of a state folder, its model cache left out (the converted base weights, shared by any state)."""
+    cache = StatePaths(state_dir).model_cache
+    return sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file() and cache not in f.parents)
 
 
 def flood(args: argparse.Namespace) -> dict:
