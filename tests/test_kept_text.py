@@ -67,6 +67,7 @@ def test_kept_text_is_per_model_and_per_recipe(tiny_memory_model, tmp_path):
         (lambda t, m: (t | {"lengths": t["lengths"] + 1}, m), "do not split"),
         (lambda t, m: (t, m | {"key": "0" * 24}), "another model or recipe"),
         (lambda t, m: ({"ids": t["ids"]}, m), "one-dimensional"),
+        (lambda t, m: (t | {"lengths": t["lengths"][1:].contiguous()}, m), "holds 2 sequences, the recipe 3"),
     ],
 )
 def test_a_damaged_kept_file_is_named_and_the_text_sampled_again(tiny_memory_model, tmp_path, damage, reason):

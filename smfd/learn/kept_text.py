@@ -79,7 +79,7 @@ class SampleStore:
         for folder in [f for f in (self.folder, self.shipped) if f is not None]:
             path = self.path(recipe, folder)
             if path.is_file():
-                kept = _read(path, recipe.key(self.model_digest), vocab_size)
+                kept = _read(path, recipe.key(self.model_digest), recipe.n_sequences, vocab_size)
                 if kept is not None:
                     log.info("sampled_text_kept", file=str(path), sequences=len(kept))
                     return kept
@@ -162,7 +162,7 @@ def _ids_digest(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.numpy().tobytes()).hexdigest()
 
 
-def _read(path: Path, key: str, vocab_size: int) -> list[list[int]] | None:
+def _read(path: Path, key: str, n_sequences: int, vocab_size: int) -> list[list[int]] | None:
     """The sequences in a kept file, or None (with a warning naming it) when the file fails a check."""
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -172,7 +172,7 @@ def _read(path: Path, key: str, vocab_size: int) -> list[list[int]] | None:
         log.warning("sampled_text_rejected", file=str(path), reason=f"unreadable: {exc}")
         return None
     ids, lengths = tensors.get("ids"), tensors.get("lengths")
-    problem = _problem(metadata, key, ids, lengths, vocab_size)
+    problem = _problem(metadata, key, ids, lengths, n_sequences, vocab_size)
     if problem is not None:
         log.warning("sampled_text_rejected", file=str(path), reason=problem)
         return None
@@ -180,13 +180,20 @@ def _read(path: Path, key: str, vocab_size: int) -> list[list[int]] | None:
 
 
 def _problem(
-    metadata: dict, key: str, ids: torch.Tensor | None, lengths: torch.Tensor | None, vocab_size: int
+    metadata: dict,
+    key: str,
+    ids: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    n_sequences: int,
+    vocab_size: int,
 ) -> str | None:
     if metadata.get("format") != FORMAT or metadata.get("key") != key:
         return f"written for another model or recipe (format {metadata.get('format')!r}, key {metadata.get('key')!r})"
     if ids is None or lengths is None or ids.dim() != 1 or lengths.dim() != 1:
         return "needs one-dimensional 'ids' and 'lengths' tensors"
-    if lengths.numel() == 0 or int(lengths.min()) <= 0 or int(lengths.sum()) != ids.numel():
+    if lengths.numel() != n_sequences:
+        return f"holds {lengths.numel()} sequences, the recipe {n_sequences}"
+    if int(lengths.min()) <= 0 or int(lengths.sum()) != ids.numel():
         return f"lengths (sum {int(lengths.sum())}) do not split the {ids.numel()} ids into non-empty sequences"
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         return f"token ids outside the vocabulary of {vocab_size}"
