@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from smfd.durable import atomic_write
 from smfd.learn.heal import memory_inputs
 from smfd.learn.sampling import SAMPLE_BATCH, SAMPLE_SEED, SAMPLE_TEMPERATURE, SAMPLE_TOP_P, SampledText, sample_text
+from smfd.model.batch import packed, unpacked
 from smfd.model.memory_model import MemoryModel
 from smfd.model.retrofit import memory_bypassed
 from smfd.paths import builtin_file
@@ -89,18 +90,17 @@ class SampleStore:
         """Write `sequences` for `recipe` to the store's folder (nothing when it has none)."""
         if self.folder is None or not sequences:
             return
-        ids = torch.tensor([t for seq in sequences for t in seq], dtype=torch.int32)
-        lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.int32)
+        tensors = packed(sequences, torch.int32)
         metadata = {
             "format": FORMAT,
             "key": recipe.key(self.model_digest),
             "model": self.model_digest,
             "recipe": json.dumps(asdict(recipe)),
-            "ids_sha256": _ids_digest(ids),
+            "ids_sha256": _ids_digest(tensors["ids"]),
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path(recipe, self.folder)
-        atomic_write(path, lambda tmp: save_file({"ids": ids, "lengths": lengths}, str(tmp), metadata=metadata))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def store_for(model: MemoryModel, folder: Path | None) -> SampleStore | None:
@@ -108,9 +108,13 @@ def store_for(model: MemoryModel, folder: Path | None) -> SampleStore | None:
     return SampleStore(model.source.digest, folder) if model.source is not None else None
 
 
+def _kept(model: MemoryModel, recipe: SampleRecipe, store: SampleStore | None) -> list[list[int]] | None:
+    return store.sequences(recipe, len(model.tokenizer)) if store is not None else None
+
+
 def model_sequences(model: MemoryModel, recipe: SampleRecipe, store: SampleStore | None) -> list[list[int]]:
     """The token ids `recipe` samples from the frozen model: kept ones if the store has them, else sampled and kept."""
-    kept = store.sequences(recipe, len(model.tokenizer)) if store is not None else None
+    kept = _kept(model, recipe, store)
     if kept is not None:
         return kept
     return _sample(model, recipe, store).sequences
@@ -118,7 +122,7 @@ def model_sequences(model: MemoryModel, recipe: SampleRecipe, store: SampleStore
 
 def model_text(model: MemoryModel, recipe: SampleRecipe, store: SampleStore | None) -> SampledText:
     """`model_sequences` with the memories' inputs on every token: from sampling, or one pass over kept ids."""
-    kept = store.sequences(recipe, len(model.tokenizer)) if store is not None else None
+    kept = _kept(model, recipe, store)
     if kept is None:
         return _sample(model, recipe, store)
     with memory_bypassed(model.memories):
@@ -176,7 +180,7 @@ def _read(path: Path, key: str, n_sequences: int, vocab_size: int) -> list[list[
     if problem is not None:
         log.warning("sampled_text_rejected", file=str(path), reason=problem)
         return None
-    return [chunk.tolist() for chunk in torch.split(ids, lengths.tolist())]
+    return unpacked(ids, lengths)
 
 
 def _problem(

@@ -55,6 +55,19 @@ class TeacherTarget:
     trained: torch.Tensor  # (n,) bool, tokens whose prediction the document moves enough to train (never row 0)
 
 
+def packed(sequences: list[list[int]], dtype: torch.dtype = torch.int64) -> dict[str, torch.Tensor]:
+    """Token sequences as the two flat tensors smfd stores them in: `ids` end to end and their `lengths`."""
+    return {
+        "ids": torch.tensor([t for seq in sequences for t in seq], dtype=dtype),
+        "lengths": torch.tensor([len(seq) for seq in sequences], dtype=dtype),
+    }
+
+
+def unpacked(ids: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    """The sequences `packed` stored (the caller checks that `lengths` add up to the ids)."""
+    return [chunk.tolist() for chunk in torch.split(ids, lengths.tolist())]
+
+
 def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], seq_len: int) -> list[list[int]]:
     """Token ids per text, cut into pieces of at most `seq_len` tokens (no special tokens: probes have none)."""
     pieces = []

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from smfd.durable import atomic_write, atomic_write_json
 from smfd.errors import SmfdError
+from smfd.model.batch import packed, unpacked
 from smfd.model.memory_model import MemoryModel
 from smfd.model.slot_stats import BACKGROUND_PREFIX, BackgroundStats, background_from_tensors, background_to_tensors
 from smfd.model.sparse_rows import merged_rows
@@ -173,12 +174,9 @@ class CheckpointStore:
 
     def save_text(self, name: str, sequences: list[list[int]]) -> None:
         """Keep token sequences the state was built from (`general_text`, `fact_text`): a restart needs no resampling."""
-        ids = torch.tensor([t for seq in sequences for t in seq], dtype=torch.int64)
-        lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.int64)
+        tensors = packed(sequences)
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(
-            self.folder / f"{name}.safetensors", lambda tmp: save_file({"ids": ids, "lengths": lengths}, str(tmp))
-        )
+        atomic_write(self.folder / f"{name}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
 
     def load_text(self, name: str) -> list[list[int]] | None:
         """The saved sequences, or None for a checkpoint written before they were kept."""
@@ -190,7 +188,7 @@ class CheckpointStore:
             log.warning("state_file_damaged", file=str(path), action="not used; the retain penalty goes without it")
             return None
         tensors = load_file(str(path))
-        return [chunk.tolist() for chunk in torch.split(tensors["ids"], tensors["lengths"].tolist())]
+        return unpacked(tensors["ids"], tensors["lengths"])
 
     def _write_base(self, state: dict[str, torch.Tensor], background: dict[int, BackgroundStats]) -> None:
         tensors = {**state, **background_to_tensors(background)}
