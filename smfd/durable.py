@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -10,6 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
+_HASH_BLOCK = 1 << 20  # bytes read at a time while hashing a file
+
+
+def hash_file(digest: hashlib._Hash, path: Path) -> None:
+    """Feed a file's bytes into `digest`, a block at a time (weights and states can be hundreds of MB)."""
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
 
 
 def fsync_directory(directory: Path) -> None:

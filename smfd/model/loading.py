@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from smfd.durable import hash_file
 from smfd.errors import SmfdError
 from smfd.model.convert import convert_in_child, load_gguf
 
@@ -47,9 +48,7 @@ class ModelSource:
         digest = hashlib.sha256()
         for file in files:
             digest.update(f"{file.name if folder else ''}\0{file.stat().st_size}\0".encode())
-            with file.open("rb") as handle:
-                while block := handle.read(1 << 20):
-                    digest.update(block)
+            hash_file(digest, file)
         return digest.hexdigest()
 
 

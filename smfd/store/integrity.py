@@ -11,17 +11,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from smfd.durable import hash_file
 from smfd.errors import SmfdError
-
-_BLOCK = 1 << 20
 
 
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes, hex."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_BLOCK):
-            digest.update(block)
+    hash_file(digest, path)
     return digest.hexdigest()
 
 
