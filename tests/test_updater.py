@@ -390,3 +390,35 @@ def test_query_noise_is_seeded_per_update_so_a_replayed_update_trains_the_same_v
 
     for first, replay in zip(first_mm.memories, replay_mm.memories):
         assert torch.equal(first.values.dense(), replay.values.dense()), f"layer {first.layer_index} differs"
+
+
+def test_avoid_retain_rows_never_trains_a_row_the_retain_tokens_read(
+    make_memory_model, background_sequences, text_batches
+):
+    mm = make_memory_model()
+    background = compute_background(mm.model, mm.memories, background_sequences[:3])
+    retain = RetainSet.collect(mm.model, mm.memories, background_sequences[3:], 256)
+    config = train_section(lr=0.5, top_t=256, retain_weight=1.0, avoid_retain_rows=True)
+    updater = SparseUpdater(mm.model, mm.memories, background, config, retain)
+    batches = text_batches(FACTS, 2) * 2
+    updater.plan_update(batches)
+    for batch in batches:
+        updater.step(batch)
+    patches = updater.finish_update()
+
+    assert any(p.n_rows for p in patches), "the update trains some rows"
+    for memory in mm.memories:
+        read = set(retain.read_slots(memory.layer_index).tolist())
+        trained = set(memory.values.trained_slots().tolist())
+        assert read and trained, f"layer {memory.layer_index}"
+        assert not read & trained, f"layer {memory.layer_index}: rows the retain tokens read were trained"
+
+
+def test_avoid_retain_rows_without_the_retain_penalty_is_an_error(tiny_memory_model, background):
+    with pytest.raises(SmfdError, match="avoid_retain_rows needs the retain set"):
+        SparseUpdater(
+            tiny_memory_model.model,
+            tiny_memory_model.memories,
+            background,
+            train_section(top_t=8, retain_weight=0.0, avoid_retain_rows=True),
+        )

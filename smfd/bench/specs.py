@@ -40,6 +40,7 @@ SMF_OPTIONS: dict[str, tuple[str, str]] = {
             "scope",
             "retain_weight",
             "retain_tokens",
+            "avoid_retain_rows",
             "prefix_cache_mb",
             "query_noise",
             "query_noise_draws",

@@ -154,6 +154,10 @@ class TrainSection(BaseModel):
     # retain tokens, relative to the MLP's output; 0 = off.
     retain_weight: float = Field(5.0, ge=0)
     retain_tokens: int = Field(16384, ge=1)  # tokens of the retain text the penalty watches (statements first)
+    # Never train a row that a retain token reads above the read cut (the penalty then guards only the
+    # weaker reads of the rows an update does train). Off: on 20 dev documents it kept more known facts
+    # but memorised less (docs/experiments/2026-12-07-stream-variants.md).
+    avoid_retain_rows: bool = False
     # MiB for each sequence's hidden state entering the lowest memory layer, kept for the rest of the
     # update (smfd.model.prefix): same results, later passes skip the blocks below; 0 = off.
     prefix_cache_mb: int = Field(256, ge=0)

@@ -107,6 +107,13 @@ class RetainSet:
                 for chunk in tokens.split(RETAIN_CHUNK):
                     layer.reference[chunk] = self._output(memory, layer, chunk)
 
+    def read_slots(self, layer_index: int) -> torch.Tensor:
+        """Slot ids the retain tokens read above the read cut in one memory layer (ascending, unique)."""
+        layer = self.layers.get(layer_index)
+        if layer is None:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.unique(layer.indices[layer.weights > 0])
+
     def penalty(self, memory: ProductKeyMemory) -> torch.Tensor | None:
         """Squared change of this layer's memory output on the retain tokens, per token, in MLP-output units.
 

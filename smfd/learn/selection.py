@@ -76,12 +76,20 @@ def select_slots(
 
 
 def top_slots(
-    rule: str, reads: torch.Tensor, read_weights: torch.Tensor, background: BackgroundStats, top_t: int
+    rule: str,
+    reads: torch.Tensor,
+    read_weights: torch.Tensor,
+    background: BackgroundStats,
+    top_t: int,
+    excluded: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The top-t positively scored slots for a set of reads (one step's, or a whole update's)."""
+    """The top-t positively scored slots for a set of reads (one step's, or a whole update's); slot ids in
+    `excluded` never qualify."""
     scores = slot_scores(
         rule, reads.to(background.counts.device), read_weights.to(background.counts.device), background
     )
+    if excluded is not None and excluded.numel():
+        scores[excluded.to(scores.device)] = float("-inf")
     eligible = int(torch.isfinite(scores).sum())
     top = scores.topk(min(top_t, eligible)).indices
     return top[scores[top] > 0]

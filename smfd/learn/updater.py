@@ -111,6 +111,8 @@ class SparseUpdater:
     ) -> None:
         if config.retain_weight > 0 and retain is None:
             raise SmfdError("retain_weight > 0 needs a retain set of general-text tokens")
+        if config.avoid_retain_rows and (retain is None or config.retain_weight <= 0):
+            raise SmfdError("avoid_retain_rows needs the retain set: set retain_weight > 0")
         missing = [m.layer_index for m in memories if m.layer_index not in background]
         if missing:
             raise SmfdError(
@@ -192,9 +194,16 @@ class SparseUpdater:
                 torch.cat([w for _, w in pairs]),
                 self.background[layer],
                 self.config.top_t,
+                excluded=self._excluded(layer),
             )
             for layer, pairs in reads.items()
         }
+
+    def _excluded(self, layer: int) -> torch.Tensor | None:
+        """Slots this update may not train in one memory layer: with `avoid_retain_rows`, those the retain tokens read."""
+        if self.config.avoid_retain_rows and self.retain is not None:
+            return self.retain.read_slots(layer)
+        return None
 
     def _selector(
         self, mask: torch.Tensor, surprise: torch.Tensor | None
