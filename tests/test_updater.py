@@ -51,8 +51,8 @@ class SelectionSpy:
         self.chosen: list[tuple[int, torch.Tensor]] = []
         self.real = updater_module.select_slots
 
-    def __call__(self, rule, lookup, mask, surprise, stats, top_t):
-        ids = self.real(rule, lookup, mask, surprise, stats, top_t)
+    def __call__(self, rule, lookup, mask, surprise, stats, top_t, excluded=None):
+        ids = self.real(rule, lookup, mask, surprise, stats, top_t, excluded)
         read_by_trained_positions = set(lookup.indices[mask > 0].flatten().tolist())
         assert set(ids.tolist()) <= read_by_trained_positions, "padding or untrained positions chose a slot"
         self.chosen.append((self.layer_of[id(stats)], ids.clone()))
@@ -392,13 +392,14 @@ def test_query_noise_is_seeded_per_update_so_a_replayed_update_trains_the_same_v
         assert torch.equal(first.values.dense(), replay.values.dense()), f"layer {first.layer_index} differs"
 
 
+@pytest.mark.parametrize("scope", ["step", "update"])
 def test_avoid_retain_rows_never_trains_a_row_the_retain_tokens_read(
-    make_memory_model, background_sequences, text_batches
+    scope, make_memory_model, background_sequences, text_batches
 ):
     mm = make_memory_model()
     background = compute_background(mm.model, mm.memories, background_sequences[:3])
     retain = RetainSet.collect(mm.model, mm.memories, background_sequences[3:], 256)
-    config = train_section(lr=0.5, top_t=256, retain_weight=1.0, avoid_retain_rows=True)
+    config = train_section(selection="kl", lr=0.5, top_t=256, retain_weight=1.0, avoid_retain_rows=True, scope=scope)
     updater = SparseUpdater(mm.model, mm.memories, background, config, retain)
     batches = text_batches(FACTS, 2) * 2
     updater.plan_update(batches)
@@ -414,11 +415,6 @@ def test_avoid_retain_rows_never_trains_a_row_the_retain_tokens_read(
         assert not read & trained, f"layer {memory.layer_index}: rows the retain tokens read were trained"
 
 
-def test_avoid_retain_rows_without_the_retain_penalty_is_an_error(tiny_memory_model, background):
-    with pytest.raises(SmfdError, match="avoid_retain_rows needs the retain set"):
-        SparseUpdater(
-            tiny_memory_model.model,
-            tiny_memory_model.memories,
-            background,
-            train_section(top_t=8, retain_weight=0.0, avoid_retain_rows=True),
-        )
+def test_avoid_retain_rows_without_the_retain_penalty_is_refused_by_the_schema():
+    with pytest.raises(ValidationError, match="avoid_retain_rows needs the retain penalty"):
+        train_section(retain_weight=0.0, avoid_retain_rows=True)

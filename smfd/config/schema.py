@@ -155,8 +155,9 @@ class TrainSection(BaseModel):
     retain_weight: float = Field(5.0, ge=0)
     retain_tokens: int = Field(16384, ge=1)  # tokens of the retain text the penalty watches (statements first)
     # Never train a row that a retain token reads above the read cut (the penalty then guards only the
-    # weaker reads of the rows an update does train). Off: on 20 dev documents it kept more known facts
-    # but memorised less (docs/experiments/2026-12-07-stream-variants.md).
+    # weaker reads of the rows an update does train). Off: on 20 dev documents it halved ordinary
+    # text's reads on trained rows but kept the same known facts and memorised less
+    # (docs/experiments/2026-12-07-stream-variants.md).
     avoid_retain_rows: bool = False
     # MiB for each sequence's hidden state entering the lowest memory layer, kept for the rest of the
     # update (smfd.model.prefix): same results, later passes skip the blocks below; 0 = off.
@@ -174,6 +175,13 @@ class TrainSection(BaseModel):
     query_noise_draws: int = Field(4, ge=1)  # noisy reads of each sequence when an update ranks its rows
     max_documents: int = Field(1, ge=1)  # documents claimed per update
     distill: DistillSection = Field(default_factory=DistillSection)
+
+    @model_validator(mode="after")
+    def _avoided_rows_are_known(self) -> TrainSection:
+        """The rows `avoid_retain_rows` leaves alone are those of the retain set, which exists only with the penalty."""
+        if self.avoid_retain_rows and self.retain_weight <= 0:
+            raise ValueError("avoid_retain_rows needs the retain penalty: set retain_weight > 0")
+        return self
 
 
 class ChunkingSection(BaseModel):

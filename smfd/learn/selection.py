@@ -60,11 +60,12 @@ def select_slots(
     surprise: torch.Tensor | None,
     background: BackgroundStats,
     top_t: int,
+    excluded: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The top-t slot ids for one memory layer and one optimizer step (whole batch, real tokens only).
 
     Only slots with a positive score qualify: a slot general text reads at least as often as this
-    batch does is never trained, however few slots that leaves.
+    batch does is never trained, however few slots that leaves; nor does any slot in `excluded`.
     """
     weights = token_mask.to(torch.float64)
     if rule == "surprise-kl":
@@ -72,7 +73,7 @@ def select_slots(
             raise SmfdError("selection rule 'surprise-kl' needs per-token surprise for the batch")
         weights = weights * surprise.to(torch.float64).clamp_min(0)
     reads, read_weights = batch_reads(lookup, weights)
-    return top_slots(rule, reads, read_weights, background, top_t)
+    return top_slots(rule, reads, read_weights, background, top_t, excluded)
 
 
 def top_slots(

@@ -111,8 +111,6 @@ class SparseUpdater:
     ) -> None:
         if config.retain_weight > 0 and retain is None:
             raise SmfdError("retain_weight > 0 needs a retain set of general-text tokens")
-        if config.avoid_retain_rows and (retain is None or config.retain_weight <= 0):
-            raise SmfdError("avoid_retain_rows needs the retain set: set retain_weight > 0")
         missing = [m.layer_index for m in memories if m.layer_index not in background]
         if missing:
             raise SmfdError(
@@ -212,7 +210,15 @@ class SparseUpdater:
             if self.planned is not None:
                 return self.planned[memory.layer_index]
             stats = self.background[memory.layer_index]
-            return select_slots(self.config.selection, lookup, mask, surprise, stats, self.config.top_t)
+            return select_slots(
+                self.config.selection,
+                lookup,
+                mask,
+                surprise,
+                stats,
+                self.config.top_t,
+                self._excluded(memory.layer_index),
+            )
 
         return choose
 
