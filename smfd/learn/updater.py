@@ -126,6 +126,12 @@ class SparseUpdater:
         self.background = background
         self.config = config
         self.retain = retain if config.retain_weight > 0 else None
+        # The retain tokens' reads are fixed when the set is collected, so the rows they forbid are too.
+        self.avoided: dict[int, torch.Tensor] = (
+            {m.layer_index: self.retain.read_slots(m.layer_index) for m in memories}
+            if config.avoid_retain_rows and self.retain is not None
+            else {}
+        )
         self.recorder = PatchRecorder()
         self.planned: dict[int, torch.Tensor] | None = None
         self.grad_scale: dict[int, torch.Tensor] = {}  # normalize_once: 1 / RMS of the update's first gradient
@@ -192,16 +198,10 @@ class SparseUpdater:
                 torch.cat([w for _, w in pairs]),
                 self.background[layer],
                 self.config.top_t,
-                excluded=self._excluded(layer),
+                excluded=self.avoided.get(layer),
             )
             for layer, pairs in reads.items()
         }
-
-    def _excluded(self, layer: int) -> torch.Tensor | None:
-        """Slots this update may not train in one memory layer: with `avoid_retain_rows`, those the retain tokens read."""
-        if self.config.avoid_retain_rows and self.retain is not None:
-            return self.retain.read_slots(layer)
-        return None
 
     def _selector(
         self, mask: torch.Tensor, surprise: torch.Tensor | None
@@ -217,7 +217,7 @@ class SparseUpdater:
                 surprise,
                 stats,
                 self.config.top_t,
-                self._excluded(memory.layer_index),
+                self.avoided.get(memory.layer_index),
             )
 
         return choose
