@@ -216,6 +216,8 @@ def test_bench_runs_every_method_on_the_same_data(model_dir: Path, data: dict[st
         for key in ("mem_read_on_trained", "gen_read_on_trained", "gen_reaches_trained", "gen_read_on_mem_rows"):
             _check_fraction(entry["reach"][key], key)
     assert "reach" not in results["methods"]["lora"] and "### Reach" in (out / "results.md").read_text()
+    assert all(entry["forgetting"]["lost"] == len(entry["retain"]["known_facts_lost"]) for entry in smf)
+    assert "forgetting" not in results["methods"]["lora"] and "### Forgetting paths" in (out / "results.md").read_text()
     # Same memory shape and background text: the statistics are computed once and reused.
     assert [entry["cost"]["background_cached"] for entry in smf] == [False, True, True]
     assert smf[2]["settings"]["update"]["lr"] == 0.5 and smf[0]["settings"]["update"]["lr"] == LearnSettings().train.lr
@@ -270,6 +272,10 @@ def test_curve_every_evaluates_along_the_stream_without_changing_what_is_learned
     assert 0 < smf_memory[0]["rows_trained"] <= smf_memory[1]["rows_trained"]
     assert smf_memory[1]["rows_trained_more_than_once"] <= smf_memory[1]["row_retrainings"]
     assert results["methods"]["lora"]["curve"][0]["memory"] == {}
+    # Where known facts were lost: asked for a memory at every point, never for a dense method.
+    for point in results["methods"]["smf"]["curve"]:
+        assert point["forgetting"]["lost"] == len(point["retain"]["known_facts_lost"])
+    assert results["methods"]["lora"]["curve"][0]["forgetting"] == {}
     assert "### Stream curve: `smf`" in (curved / "results.md").read_text()
     assert (curved / "stream_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (plain / "stream_curve.png").exists()

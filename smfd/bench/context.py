@@ -72,7 +72,8 @@ def evaluate_retention(
     label: str,
     hellaswag: bool = True,
 ) -> dict[str, Any]:
-    """Known facts kept, held-out NLL, drift and (unless `hellaswag` is False) HellaSwag on the whole set."""
+    """Known facts kept (and which base-correct ones were lost: indices into the known facts), held-out NLL,
+    drift and (unless `hellaswag` is False) HellaSwag on the whole set."""
     facts = [ctx.inputs.known_facts[i] for i in known_correct]
     still = known_facts_correct(model, ctx.tokenizer, facts, label) if facts else []
     base_lp = load_file(str(logprobs_path(ctx.cfg)))
@@ -85,6 +86,7 @@ def evaluate_retention(
         **retain,
         "known_facts_acc": sum(still) / len(still) if still else None,
         "known_facts_items": len(facts),
+        "known_facts_lost": [i for i, ok in zip(known_correct, still) if not ok],
         "heldout_nll": evaluate_heldout(model, ctx.split.heldout_windows, label),
         "drift_kl": drift_kl(base_windows, logprobs(model, ctx.split.drift_windows)),
     }

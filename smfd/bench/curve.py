@@ -86,11 +86,27 @@ def hellaswag_subset_acc(
     return sum(correct) / len(correct)
 
 
+def known_facts_forgetting(
+    ctx: WorkerContext, learning: Learning, known_correct: list[int], lost: list[int]
+) -> dict[str, Any]:
+    """Where the method lost the base-correct known facts it lost (smfd.bench.forgetting; empty for dense methods)."""
+    facts = ctx.inputs.known_facts
+    gone = set(lost)
+    return learning.forgetting([facts[i] for i in lost], [facts[i] for i in known_correct if i not in gone])
+
+
 def final_point(
-    documents: int, learn: dict[str, Any], retain: dict[str, Any], memory: dict[str, Any]
+    documents: int, learn: dict[str, Any], retain: dict[str, Any], memory: dict[str, Any], forgetting: dict[str, Any]
 ) -> dict[str, Any]:
     """The run's full evaluation as the curve's last point (its `relative` is the method's, added by the runner)."""
-    return {"documents": documents, "learn": learn, "retain": retain, "memory": memory, "final": True}
+    return {
+        "documents": documents,
+        "learn": learn,
+        "retain": retain,
+        "memory": memory,
+        "forgetting": forgetting,
+        "final": True,
+    }
 
 
 def curve_point(
@@ -109,6 +125,7 @@ def curve_point(
         "hellaswag_rows": len(reference.hellaswag_items),
         **evaluate_retention(ctx, model, known_correct, where, hellaswag=False),
     }
+    forgetting = known_facts_forgetting(ctx, learning, known_correct, retain["known_facts_lost"])
     model.train(training)
     point = {
         "documents": n,
@@ -116,6 +133,7 @@ def curve_point(
         "retain": retain,
         "relative": relative_point(reference, retain, hellaswag),
         "memory": learning.memory(),
+        "forgetting": forgetting,
         "eval_seconds": time.perf_counter() - started,
     }
     tqdm.write(

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from smfd.bench.data import Document
+from smfd.bench.data import Document, KnownFact
+from smfd.bench.forgetting import forgetting_paths
 from smfd.bench.reach import probe_reach
 from smfd.bench.specs import MethodSpec, smf_configs
 from smfd.config import HealSection, MemorySection
@@ -128,6 +129,8 @@ class Learning(Protocol):
 
     def reach(self, documents: list[Document]) -> dict[str, Any]: ...
 
+    def forgetting(self, lost: list[KnownFact], kept: list[KnownFact]) -> dict[str, Any]: ...
+
     def describe(self) -> dict[str, Any]: ...
 
 
@@ -205,6 +208,10 @@ class SmfLearning:
         """How much of each probe's memory read lands on trained rows (smfd.bench.reach)."""
         return probe_reach(self.memory_model, documents)
 
+    def forgetting(self, lost: list[KnownFact], kept: list[KnownFact]) -> dict[str, Any]:
+        """Where the memory lost the known facts it lost (smfd.bench.forgetting)."""
+        return forgetting_paths(self.memory_model, lost, kept)
+
     def rows_changed(self) -> int:
         """Value rows that differ from their zero initialisation now: the memory this run actually used."""
         return memory_fill(self.memory_model.values(), self.background).rows_trained
@@ -268,6 +275,9 @@ class AdamWLearning:
 
     def reach(self, documents: list[Document]) -> dict[str, Any]:
         return {}  # no memory rows to reach
+
+    def forgetting(self, lost: list[KnownFact], kept: list[KnownFact]) -> dict[str, Any]:
+        return {}  # no memory to silence
 
     def describe(self) -> dict[str, Any]:
         return {**self.trainer.describe(), "optimizer": "AdamW"}

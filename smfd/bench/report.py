@@ -153,7 +153,7 @@ def markdown(results: dict[str, Any]) -> str:
             "- `in-context`: no training; each probe's prompt is preceded by its own document and a blank line "
             "(the ceiling); its retention columns are the base model's."
         )
-    return "\n".join(lines + _reach_table(results) + _curve_tables(results)) + "\n"
+    return "\n".join(lines + _reach_table(results) + _forgetting_table(results) + _curve_tables(results)) + "\n"
 
 
 def _reach_table(results: dict[str, Any]) -> list[str]:
@@ -182,6 +182,37 @@ def _reach_table(results: dict[str, Any]) -> list[str]:
         "",
         "Share of the read weight (after the read cut) at the token that predicts the target, on rows some update "
         "trained: a probe is answered from memory only through these rows, so this bounds recall of reworded prompts.",
+    ]
+    return lines
+
+
+def _forgetting_table(results: dict[str, Any]) -> list[str]:
+    """Where each memory method lost the known facts it lost (smfd.bench.forgetting)."""
+    lost = {label: entry["forgetting"] for label, entry in results["methods"].items() if entry.get("forgetting")}
+    if not lost:
+        return []
+    lines = [
+        "",
+        "### Forgetting paths: the known facts lost, asked again with the memory silenced in one place",
+        "",
+        "| method | lost | lost when asked alone | back without the answer read | back without the context reads | "
+        "answer read on trained rows (lost / kept) | context reads on trained rows (lost / kept) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, f in lost.items():
+        cells = [
+            str(f["lost"]),
+            str(f["lost_unbatched"]),
+            str(f["back_without_answer_read"]),
+            str(f["back_without_context_reads"]),
+            f"{_pct(f['lost_answer_read_on_trained'])} / {_pct(f['kept_answer_read_on_trained'])}",
+            f"{_pct(f['lost_context_read_on_trained'])} / {_pct(f['kept_context_read_on_trained'])}",
+        ]
+        lines.append(f"| {label.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The answer read is the memory's output at the prompt's last token and at each generated token; the context "
+        "reads are its output at the earlier prompt tokens, which reach the answer through attention.",
     ]
     return lines
 

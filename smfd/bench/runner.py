@@ -38,6 +38,7 @@ from smfd.bench.curve import (
     curve_point,
     final_point,
     intermediate_points,
+    known_facts_forgetting,
 )
 from smfd.bench.data import texts_digest
 from smfd.bench.measure import (
@@ -210,6 +211,7 @@ def run_method(
     learn = summarise_learning(scores)
     reach = learning.reach(ctx.inputs.documents)
     retain = evaluate_retention(ctx, model, known_correct, spec.label)
+    forgetting = known_facts_forgetting(ctx, learning, known_correct, retain["known_facts_lost"])
     cost = {
         **train_cost,
         "setup_seconds": setup_seconds,
@@ -237,9 +239,11 @@ def run_method(
     }
     if reach:
         result["reach"] = reach
+    if forgetting:
+        result["forgetting"] = forgetting
     if point is not None:
         first = summarise_learning(scores[: ctx.cfg.curve_every], "first_")
-        result["curve"] = [*curve, final_point(len(scores), {**learn, **first}, retain, learning.memory())]
+        result["curve"] = [*curve, final_point(len(scores), {**learn, **first}, retain, learning.memory(), forgetting)]
     return result
 
 
