@@ -156,65 +156,69 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines + _reach_table(results) + _forgetting_table(results) + _curve_tables(results)) + "\n"
 
 
+def _method_table(
+    results: dict[str, Any], key: str, title: str, columns: list[str], cells: Any, note: str
+) -> list[str]:
+    """A table of one results section (`key`) with a row per method that has it, and a note under it."""
+    sections = {label: entry[key] for label, entry in results["methods"].items() if entry.get(key)}
+    if not sections:
+        return []
+    lines = ["", f"### {title}", "", "| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for label, section in sections.items():
+        lines.append(f"| {label.replace('|', chr(92) + '|')} | " + " | ".join(cells(section)) + " |")
+    return [*lines, "", note]
+
+
 def _reach_table(results: dict[str, Any]) -> list[str]:
     """Where each memory method's probe reads land after learning (smfd.bench.reach)."""
-    reached = {label: entry["reach"] for label, entry in results["methods"].items() if "reach" in entry}
-    if not reached:
-        return []
-    lines = [
-        "",
-        "### Reach: the probes' last-token memory reads after learning",
-        "",
-        "| method | mem read on trained rows | gen read on trained rows | gen probes reaching any | "
-        "hard read on trained rows | gen read on its mem probe's rows |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for label, r in reached.items():
-        cells = [
+    return _method_table(
+        results,
+        "reach",
+        "Reach: the probes' last-token memory reads after learning",
+        [
+            "mem read on trained rows",
+            "gen read on trained rows",
+            "gen probes reaching any",
+            "hard read on trained rows",
+            "gen read on its mem probe's rows",
+        ],
+        lambda r: [
             _pct(r["mem_read_on_trained"]),
             _pct(r["gen_read_on_trained"]),
             _pct(r["gen_reaches_trained"]),
             _pct(r["hard_read_on_trained"]),
             _pct(r["gen_read_on_mem_rows"]),
-        ]
-        lines.append(f"| {label.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
+        ],
         "Share of the read weight (after the read cut) at the token that predicts the target, on rows some update "
         "trained: a probe is answered from memory only through these rows, so this bounds recall of reworded prompts.",
-    ]
-    return lines
+    )
 
 
 def _forgetting_table(results: dict[str, Any]) -> list[str]:
     """Where each memory method lost the known facts it lost (smfd.bench.forgetting)."""
-    lost = {label: entry["forgetting"] for label, entry in results["methods"].items() if entry.get("forgetting")}
-    if not lost:
-        return []
-    lines = [
-        "",
-        "### Forgetting paths: the known facts lost, asked again with the memory silenced in one place",
-        "",
-        "| method | lost | lost when asked alone | back without the answer read | back without the context reads | "
-        "answer read on trained rows (lost / kept) | context reads on trained rows (lost / kept) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for label, f in lost.items():
-        cells = [
+    return _method_table(
+        results,
+        "forgetting",
+        "Forgetting paths: the known facts lost, asked again with the memory silenced in one place",
+        [
+            "lost",
+            "lost when asked alone",
+            "back without the answer read",
+            "back without the context reads",
+            "answer read on trained rows (lost / kept)",
+            "context reads on trained rows (lost / kept)",
+        ],
+        lambda f: [
             str(f["lost"]),
             str(f["lost_unbatched"]),
             str(f["back_without_answer_read"]),
             str(f["back_without_context_reads"]),
             f"{_pct(f['lost_answer_read_on_trained'])} / {_pct(f['kept_answer_read_on_trained'])}",
             f"{_pct(f['lost_context_read_on_trained'])} / {_pct(f['kept_context_read_on_trained'])}",
-        ]
-        lines.append(f"| {label.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
+        ],
         "The answer read is the memory's output at the prompt's last token and at each generated token; the context "
         "reads are its output at the earlier prompt tokens, which reach the answer through attention.",
-    ]
-    return lines
+    )
 
 
 CURVE_COLUMNS = (
