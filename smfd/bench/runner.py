@@ -7,16 +7,20 @@ each document. Evaluation happens after the last document and, with --curve-ever
 N documents as well (smfd.bench.curve).
 
 The base model and every method run in their own process (multiprocessing "spawn"), one after
-the other, so peak memory is per method and no state leaks between methods. Workers receive and
+the other, so peak memory is per method and no state leaks between methods (a worker is stopped
+when the benchmark process dies, however it dies). Workers receive and
 return JSON; the base worker hands its next-token log-probabilities to the method workers as a
 safetensors file in the output folder (deleted at the end unless --keep-logprobs).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
+import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -278,12 +282,31 @@ def worker_main(request_json: str) -> str:
     return json.dumps(result)
 
 
+PR_SET_PDEATHSIG = 1  # from linux/prctl.h
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Worker initializer: on Linux the worker gets SIGTERM when the benchmark process dies, so stopping
+    the benchmark by its pid never leaves a worker training on for the hours a curve can take."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the benchmark died before the signal was asked for
+        os._exit(1)
+
+
+def worker_pool() -> ProcessPoolExecutor:
+    """A pool of one freshly spawned worker process that does not outlive this process."""
+    return ProcessPoolExecutor(
+        max_workers=1, mp_context=get_context("spawn"), initializer=_stop_with_parent, initargs=(os.getpid(),)
+    )
+
+
 def call_worker(cfg: BenchConfig, request: dict[str, Any], label: str) -> dict[str, Any]:
     """Run one worker in a fresh spawned process (or in this one with --in-process) and decode its JSON."""
     payload = json.dumps({"config": asdict(cfg), **request})
     if cfg.in_process:
         return json.loads(worker_main(payload))
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+    with worker_pool() as pool:
         try:
             return json.loads(pool.submit(worker_main, payload).result())
         except BrokenProcessPool as exc:
