@@ -91,8 +91,9 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _read_shares(mm: MemoryModel, facts: list[KnownFact], prefix: str) -> dict[str, Any]:
-    trained = {layer: table.trained_slots() for layer, table in mm.values().items()}
+def _read_shares(
+    mm: MemoryModel, facts: list[KnownFact], trained: dict[int, torch.Tensor], prefix: str
+) -> dict[str, Any]:
     shares = [_trained_share(mm, f.prompt, trained) for f in facts]
     return {
         f"{prefix}_answer_read_on_trained": _mean([a for a, _ in shares]),
@@ -108,6 +109,7 @@ def forgetting_paths(mm: MemoryModel, lost: list[KnownFact], kept: list[KnownFac
     training = model.training
     model.eval()
     try:
+        trained = {layer: table.trained_slots() for layer, table in mm.values().items()}
         still_lost = [f for f, ok in zip(lost, _answered(mm, lost)) if not ok]
         back: dict[str, int] = {}
         for where in ("answer", "context"):
@@ -118,8 +120,8 @@ def forgetting_paths(mm: MemoryModel, lost: list[KnownFact], kept: list[KnownFac
             "lost_unbatched": len(still_lost),  # lost again when asked alone (padding can round differently)
             "back_without_answer_read": back["answer"],
             "back_without_context_reads": back["context"],
-            **_read_shares(mm, lost, "lost"),
-            **_read_shares(mm, kept, "kept"),
+            **_read_shares(mm, lost, trained, "lost"),
+            **_read_shares(mm, kept, trained, "kept"),
         }
     finally:
         model.train(training)
