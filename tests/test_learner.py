@@ -15,7 +15,6 @@ from smfd.config import ChunkingSection, SurpriseSection
 from smfd.guard.verdict import RollbackReason, Verdict
 from smfd.ingest.journal import Journal
 from smfd.learn.learner import Learner, LearnSettings
-from smfd.learn.updater import SparseUpdater
 
 DOCUMENTS = {
     "harbour.txt": (
@@ -207,29 +206,6 @@ def test_surprise_weighted_selection_learns_through_the_learner(
     assert outcome.accepted and outcome.rows_updated > 0
     assert not bit_identical(snapshot_values(tiny_memory_model), before)
     assert {journal.get_document(d).state for d in doc_ids} == {"done"}
-
-
-def test_the_learner_holds_the_documents_sentences_with_their_names_swapped_when_the_contrast_is_on(
-    tmp_path, tiny_memory_model, background, store, journal, monkeypatch
-):
-    submit_all(journal, tmp_path)
-    planned = []
-    plan_update = SparseUpdater.plan_update
-
-    def recording(self, batches, contrast=None):
-        planned.append(list(contrast or []))
-        return plan_update(self, batches, contrast)
-
-    monkeypatch.setattr(SparseUpdater, "plan_update", recording)
-    settings = SETTINGS.with_train(contrast_weight=1.0)
-    learner = Learner(tiny_memory_model, background, store, journal, settings, known_names=["Mars", "Paris"])
-
-    outcome = learner.update()
-
-    assert outcome.accepted and len(planned) == 1
-    held = [tiny_memory_model.tokenizer.decode(w.ids) for w in planned[0]]
-    assert any("Mars" in text or "Paris" in text for text in held)
-    assert not any(name in text for text in held for name in ("Zelda Quint", "Figaro"))
 
 
 def test_surprise_weighted_update_scores_each_sequence_under_the_frozen_base_once(

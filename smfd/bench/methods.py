@@ -23,9 +23,9 @@ from smfd.bench.specs import MethodSpec, smf_configs
 from smfd.config import HealSection, MemorySection
 from smfd.durable import atomic_write
 from smfd.learn.heal import prepare_memory
-from smfd.learn.interference import RetainSet, WatchedSequence, fact_recipe, retain_text
+from smfd.learn.interference import RetainSet, fact_recipe, retain_text
 from smfd.learn.kept_text import model_sequences, store_for
-from smfd.learn.lesson import LearnSettings, build_lesson, lesson_batches, statement_names
+from smfd.learn.lesson import LearnSettings, build_lesson, lesson_batches
 from smfd.learn.surprise import sequence_surprise
 from smfd.learn.updater import SparseUpdater, StepResult
 from smfd.model.batch import TokenBatch, encode, epoch_batches
@@ -145,11 +145,8 @@ class SmfLearning:
         settings: LearnSettings,
         retain: RetainSet | None,
         heal: HealSection,
-        known_names: list[str] | None = None,
     ) -> None:
         self.memory_model = memory_model
-        self.known_names = known_names  # the contrast penalty's replacement names (the model's statements)
-        self.contrast: list[WatchedSequence] = []  # the next update's contrast sentences
         self.settings = settings
         self.heal = heal
         self.batch_size = settings.train.batch_size
@@ -167,11 +164,8 @@ class SmfLearning:
     ) -> list[TokenBatch]:
         """The daemon's lesson for this document (distilled when the settings say so)."""
         settings = self.settings.with_train(passes=passes, restate=restate)
-        lesson = build_lesson(
-            self.memory_model, settings, document, chunks, self.batch_size, seed=seed, known_names=self.known_names
-        )
+        lesson = build_lesson(self.memory_model, settings, document, chunks, self.batch_size, seed=seed)
         self.sequences_trained += len(lesson.sequences)
-        self.contrast = lesson.contrast
         mm = self.memory_model
         return lesson_batches(lesson, self.batch_size, passes, mm.tokenizer.pad_token_id, seed, mm.device)
 
@@ -180,7 +174,7 @@ class SmfLearning:
 
     def begin_document(self, batches: list[TokenBatch]) -> None:
         """Selection scope "update" ranks slots once over the whole document (as the daemon does)."""
-        self.updater.plan_update(batches, self.contrast)
+        self.updater.plan_update(batches)
 
     def end_document(self) -> int:
         """Close the document's update (as the daemon does per update); returns the rows it changed."""
@@ -334,8 +328,7 @@ def build_learning(
                 update.retain_tokens,
             )
         setup = {"background_cached": cached, "fact_sequences": len(facts)}
-        names = statement_names(memory_model.tokenizer, facts)  # cheap; the contrast sentences' names
-        return SmfLearning(memory_model, stats, settings, retain, heal, names), setup
+        return SmfLearning(memory_model, stats, settings, retain, heal), setup
     from smfd.bench.baselines import FullFinetuneTrainer, LoraTrainer
 
     adamw = {key: o[key] for key in ("lr", "weight_decay") if key in o}

@@ -41,8 +41,6 @@ SMF_OPTIONS: dict[str, tuple[str, str]] = {
             "retain_weight",
             "retain_tokens",
             "avoid_retain_rows",
-            "contrast_weight",
-            "contrast_rows",
             "prefix_cache_mb",
             "query_noise",
             "query_noise_draws",

@@ -159,13 +159,6 @@ class TrainSection(BaseModel):
     # text's reads on trained rows but kept the same known facts and memorised less
     # (docs/experiments/2026-12-07-stream-variants.md).
     avoid_retain_rows: bool = False
-    # Contrast penalty (smfd.text.contrast): the same squared change of the memory's output, on the
-    # update's own sentences with the document's names swapped for names the model knows (from the
-    # first swap on), so what an update writes is tied to its document's names; 0 = off.
-    contrast_weight: float = Field(0.0, ge=0)
-    # Never train a row that the contrast sentences read as large a share of their reads as the document's own
-    # tokens do: such a row answers to the phrasing, not to the document's names.
-    contrast_rows: bool = False
     # MiB for each sequence's hidden state entering the lowest memory layer, kept for the rest of the
     # update (smfd.model.prefix): same results, later passes skip the blocks below; 0 = off.
     prefix_cache_mb: int = Field(256, ge=0)

@@ -18,7 +18,7 @@ from smfd.learn.heal import memory_inputs, prepare_memory
 from smfd.learn.interference import RetainSet, fact_recipe, retain_text
 from smfd.learn.kept_text import SampleRecipe, SampleStore, model_text, store_for
 from smfd.learn.learner import Learner
-from smfd.learn.lesson import LearnSettings, statement_names
+from smfd.learn.lesson import LearnSettings
 from smfd.learn.sampling import GENERAL_TOKENS, SampledText
 from smfd.model.batch import encode
 from smfd.model.memory_model import MemoryModel
@@ -112,8 +112,7 @@ class Runtime:
         settings = LearnSettings.from_config(cfg)
         budget = MemoryBudget(self.model.device, cfg.budget.ram_mb, cfg.budget.vram_mb)
         retain = self.retain_set(settings, cfg)
-        names = statement_names(self.model.tokenizer, self.fact_text or [])  # cheap; kept for a reload that turns it on
-        return Learner(self.model, self.background, self.store, journal, settings, budget, retain, gate, names)
+        return Learner(self.model, self.background, self.store, journal, settings, budget, retain, gate)
 
 
 def open_runtime(cfg: SmfdConfig, create: bool = True, progress: StartupProgress | None = None) -> Runtime:

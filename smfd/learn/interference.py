@@ -48,14 +48,6 @@ class RetainLayer:
     scale: float  # mean squared norm of the MLP output on these tokens: the penalty's unit
 
 
-@dataclass(frozen=True)
-class WatchedSequence:
-    """Token ids of which only those from `start` on are watched (the contrast penalty's sentences)."""
-
-    ids: list[int]
-    start: int
-
-
 class RetainSet:
     """General-text tokens whose memory output an update should leave where it was."""
 
@@ -80,20 +72,6 @@ class RetainSet:
                 break
             taken.append(sequence[:room])
         return cls.from_inputs(model, memories, memory_inputs(model, memories, taken), max_tokens)
-
-    @classmethod
-    @torch.no_grad()
-    def watching(
-        cls, model: PreTrainedModel, memories: list[ProductKeyMemory], sequences: list[WatchedSequence]
-    ) -> RetainSet | None:
-        """The watched tokens of `sequences` as a retain set, referenced at the memory's present output
-        (None when no token is watched)."""
-        watched = [s for s in sequences if s.start < len(s.ids)]
-        if not watched:
-            return None
-        inputs = memory_inputs(model, memories, [s.ids for s in watched])
-        kept = {layer: [part[s.start :] for part, s in zip(parts, watched)] for layer, parts in inputs.items()}
-        return cls.from_inputs(model, memories, kept, sum(len(s.ids) - s.start for s in watched))
 
     @classmethod
     @torch.no_grad()
@@ -135,13 +113,6 @@ class RetainSet:
         if layer is None:
             return torch.zeros(0, dtype=torch.long)
         return torch.unique(layer.indices[layer.weights > 0])
-
-    def read_slots_all(self, layer_index: int) -> torch.Tensor:
-        """Every read above the read cut in one memory layer, one slot id per read (repeats kept)."""
-        layer = self.layers.get(layer_index)
-        if layer is None:
-            return torch.zeros(0, dtype=torch.long)
-        return layer.indices[layer.weights > 0]
 
     def penalty(self, memory: ProductKeyMemory) -> torch.Tensor | None:
         """Squared change of this layer's memory output on the retain tokens, per token, in MLP-output units.

@@ -28,7 +28,7 @@ from smfd.ingest.journal import ChunkRow, ChunkState, DocState, Journal
 from smfd.ingest.sidecars import RecallItem, recall_items
 from smfd.learn.budget import MIB, MemoryBudget
 from smfd.learn.gate import ModelGate, accepted_view
-from smfd.learn.interference import RetainSet, WatchedSequence
+from smfd.learn.interference import RetainSet
 from smfd.learn.lesson import LearnSettings, TokenSurprise, build_lesson, lesson_batches
 from smfd.learn.surprise import sequence_surprise
 from smfd.learn.updater import SparseUpdater, split_batch
@@ -89,10 +89,8 @@ class Learner:
         budget: MemoryBudget | None = None,
         retain: RetainSet | None = None,
         gate: ModelGate | None = None,
-        known_names: list[str] | None = None,
     ) -> None:
         self.model = model
-        self.known_names = known_names  # the contrast penalty's replacement names (the model's statements)
         self.gate = gate or ModelGate()
         self._undecided: list[LayerPatch] = []  # an update's patches between its last step and the verdict
         self.retain = retain
@@ -259,10 +257,10 @@ class Learner:
         self, chunks: list[ChunkRow], scored: TokenSurprise, outcome: UpdateOutcome, should_stop: Callable[[], bool]
     ) -> list[LayerPatch]:
         """Run the optimizer steps; returns the update's patches (already reverted if stopped)."""
-        batches, contrast = self._lesson_batches(chunks, scored)
+        batches = self._lesson_batches(chunks, scored)
         self.gate.pause_point(self._accepted_view)
         try:
-            self.updater.plan_update(batches, contrast)
+            self.updater.plan_update(batches)
             for batch in batches:
                 self.gate.pause_point(self._accepted_view)
                 if should_stop():
@@ -285,28 +283,22 @@ class Learner:
         outcome.chunks_learned = len(chunks)
         return patches
 
-    def _lesson_batches(
-        self, chunks: list[ChunkRow], scored: TokenSurprise
-    ) -> tuple[list[TokenBatch], list[WatchedSequence]]:
-        """Each document's lesson (smfd.learn.lesson, the benchmark's path too), its passes one after the other;
-        beside them, all the documents' contrast sentences."""
+    def _lesson_batches(self, chunks: list[ChunkRow], scored: TokenSurprise) -> list[TokenBatch]:
+        """Each document's lesson (smfd.learn.lesson, the benchmark's path too), its passes one after the other."""
         s = self.settings
         by_document: dict[int, list[ChunkRow]] = {}
         for chunk in chunks:
             by_document.setdefault(chunk.doc_id, []).append(chunk)
         batches: list[TokenBatch] = []
-        contrast: list[WatchedSequence] = []
         for doc_id, rows in by_document.items():
             texts = [c.text for c in rows]
-            document = self._document_text(doc_id, texts)
             lesson = build_lesson(
-                self.model, s, document, texts, self.batch_size, scored=scored, known_names=self.known_names
+                self.model, s, self._document_text(doc_id, texts), texts, self.batch_size, scored=scored
             )
             batches += lesson_batches(
                 lesson, self.batch_size, s.train.passes, self.model.tokenizer.pad_token_id, 0, self.model.device
             )
-            contrast += lesson.contrast
-        return batches, contrast
+        return batches
 
     def _document_text(self, doc_id: int, chunk_texts: list[str]) -> str:
         """The document as spooled (the distillation teacher's context); its chunks joined if unreadable."""

@@ -14,17 +14,13 @@ from typing import Any
 
 import structlog
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from smfd.config import ChunkingSection, SmfdConfig, SurpriseSection, TrainSection
 from smfd.learn.distill import CONTEXT_SEPARATOR, build_queries, teacher_targets
-from smfd.learn.interference import WatchedSequence
 from smfd.learn.surprise import sequence_surprise
 from smfd.model.batch import TeacherTarget, TokenBatch, encode, epoch_batches
 from smfd.model.memory_model import MemoryModel
-from smfd.text.contrast import contrast_texts, known_names
 from smfd.text.restate import training_texts
-from smfd.text.sentences import split_sentences
 
 log = structlog.get_logger("smfd.learn.lesson")
 
@@ -59,8 +55,6 @@ class Lesson:
     sequences: list[list[int]]
     surprise: list[torch.Tensor] | None
     teacher: list[TeacherTarget] | None
-    # The contrast penalty's sentences (smfd.text.contrast), empty when it is off.
-    contrast: list[WatchedSequence] = field(default_factory=list)
 
     @property
     def distilled(self) -> bool:
@@ -86,7 +80,6 @@ def build_lesson(
     batch_size: int,
     seed: int = 0,
     scored: TokenSurprise | None = None,
-    known_names: list[str] | None = None,
 ) -> Lesson:
     """The training sequences of `chunks` (parts of `document`), with surprise and teacher targets.
 
@@ -94,47 +87,7 @@ def build_lesson(
     from them) gets the teacher's targets under the document, and slots are ranked by how much
     the document moves each prediction. A document that yields no query is learned by
     next-token training (logged). `scored` holds surprise already computed for some sequences.
-    With the contrast penalty on, `known_names` (names from the model's own statements) are what
-    the document's names are swapped for.
     """
-    lesson = _lesson(memory_model, settings, document, chunks, batch_size, seed, scored)
-    if (settings.train.contrast_weight > 0 or settings.train.contrast_rows) and known_names:
-        lesson.contrast = contrast_sequences(memory_model, chunks, known_names, settings.train.seq_len, seed)
-    return lesson
-
-
-def statement_names(tokenizer: PreTrainedTokenizerBase, statements: list[list[int]]) -> list[str]:
-    """The names in the model's own statements of fact (token ids): what contrast sentences swap in."""
-    return known_names([tokenizer.decode(ids, skip_special_tokens=True) for ids in statements])
-
-
-def contrast_sequences(
-    memory_model: MemoryModel, chunks: list[str], known_names: list[str], seq_len: int, seed: int
-) -> list[WatchedSequence]:
-    """The chunks' sentences with the document's names swapped (smfd.text.contrast), as token ids watched
-    from the first token the swap changes (the tokens before it are the document's own text)."""
-    tokenizer = memory_model.tokenizer
-    sentences = [s.strip() for chunk in chunks for s in split_sentences(chunk)]
-    watched = []
-    for contrast in contrast_texts(sentences, known_names, random.Random(seed)):
-        ids = tokenizer(contrast.text, add_special_tokens=False).input_ids[:seq_len]
-        before = contrast.text[: contrast.start].rstrip()
-        prefix = tokenizer(before, add_special_tokens=False).input_ids if before else []
-        start = next((i for i, (a, b) in enumerate(zip(ids, prefix)) if a != b), min(len(ids), len(prefix)))
-        if start < len(ids):
-            watched.append(WatchedSequence(ids, start))
-    return watched
-
-
-def _lesson(
-    memory_model: MemoryModel,
-    settings: LearnSettings,
-    document: str,
-    chunks: list[str],
-    batch_size: int,
-    seed: int,
-    scored: TokenSurprise | None,
-) -> Lesson:
     wants_surprise = settings.train.selection == "surprise-kl"
     if settings.train.distill.enabled:
         rng = random.Random(seed)

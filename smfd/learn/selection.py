@@ -94,16 +94,3 @@ def top_slots(
     eligible = int(torch.isfinite(scores).sum())
     top = scores.topk(min(top_t, eligible)).indices
     return top[scores[top] > 0]
-
-
-def phrasing_slots(
-    reads: torch.Tensor, read_weights: torch.Tensor, contrast_reads: torch.Tensor, n_slots: int
-) -> torch.Tensor:
-    """Slots the contrast sentences read with at least the share of their reads that the document's tokens give
-    them (each contrast read counts once): rows that answer to a sentence's phrasing, whoever it names."""
-    if contrast_reads.numel() == 0 or reads.numel() == 0:
-        return torch.zeros(0, dtype=torch.long)
-    document = torch.bincount(reads.cpu(), weights=read_weights.cpu().double(), minlength=n_slots)
-    contrast = torch.bincount(contrast_reads.cpu(), minlength=n_slots).double()
-    document, contrast = document / document.sum(), contrast / contrast.sum()
-    return torch.nonzero((document > 0) & (contrast >= document)).flatten()

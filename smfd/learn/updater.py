@@ -20,8 +20,8 @@ from transformers import PreTrainedModel
 
 from smfd.config import TrainSection
 from smfd.errors import SmfdError
-from smfd.learn.interference import RetainSet, WatchedSequence
-from smfd.learn.selection import batch_reads, phrasing_slots, select_slots, top_slots
+from smfd.learn.interference import RetainSet
+from smfd.learn.selection import batch_reads, select_slots, top_slots
 from smfd.model.batch import TokenBatch
 from smfd.model.head_loss import head_nll
 from smfd.model.memory import Lookup, ProductKeyMemory, recording_lookups
@@ -138,7 +138,6 @@ class SparseUpdater:
         first_memory = min(m.layer_index for m in memories)
         self.prefix = PrefixCache(decoder_layers(model), first_memory, config.prefix_cache_mb * 1024 * 1024)
         self.noise_generator: torch.Generator | None = None  # seeded per update when query_noise > 0
-        self.contrast: RetainSet | None = None  # the current update's contrast sentences (contrast_weight > 0)
 
     @contextlib.contextmanager
     def _noisy_reads(self) -> Iterator[None]:
@@ -155,22 +154,14 @@ class SparseUpdater:
                 memory.query_noise = None
 
     @torch.no_grad()
-    def plan_update(self, batches: list[TokenBatch], contrast: list[WatchedSequence] | None = None) -> None:
+    def plan_update(self, batches: list[TokenBatch]) -> None:
         """Start an update: rebase the retain set; with scope "update", rank slots once over all its batches.
 
         The selection forward also fills the prefix cache, so every step of the update starts at
         the lowest memory layer. With query noise, each sequence's reads are ranked once clean and
         `query_noise_draws` times noisy (those forwards start at the memory layer, from the cache).
-        With `contrast_weight` > 0, the `contrast` sentences' watched tokens are held at the memory's
-        present output for this update.
         """
         self.grad_scale = {}
-        self.contrast = None
-        watched = None
-        if contrast and (self.config.contrast_weight > 0 or self.config.contrast_rows):
-            watched = RetainSet.watching(self.model, self.memories, contrast)
-        if self.config.contrast_weight > 0:
-            self.contrast = watched
         self.prefix.clear()
         self.noise_generator = None
         if self.config.query_noise > 0:
@@ -200,18 +191,17 @@ class SparseUpdater:
                         self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                     for memory in self.memories:
                         reads[memory.layer_index].append(batch_reads(memory.last_lookup, weights / draws))
-        self.planned = {}
-        for layer, pairs in reads.items():
-            slot_ids, weights = torch.cat([r for r, _ in pairs]), torch.cat([w for _, w in pairs])
-            excluded = self.avoided.get(layer)
-            if self.config.contrast_rows and watched is not None:
-                phrasing = phrasing_slots(
-                    slot_ids, weights, watched.read_slots_all(layer), self.background[layer].counts.numel()
-                )
-                excluded = phrasing if excluded is None else torch.cat([excluded.cpu(), phrasing])
-            self.planned[layer] = top_slots(
-                self.config.selection, slot_ids, weights, self.background[layer], self.config.top_t, excluded=excluded
+        self.planned = {
+            layer: top_slots(
+                self.config.selection,
+                torch.cat([r for r, _ in pairs]),
+                torch.cat([w for _, w in pairs]),
+                self.background[layer],
+                self.config.top_t,
+                excluded=self.avoided.get(layer),
             )
+            for layer, pairs in reads.items()
+        }
 
     def _selector(
         self, mask: torch.Tensor, surprise: torch.Tensor | None
@@ -233,17 +223,15 @@ class SparseUpdater:
         return choose
 
     def _interference(self, loss: torch.Tensor) -> torch.Tensor:
-        """The retain and contrast penalties over all memory layers (zero when off or when no watched token reads
-        a selected row)."""
+        """The retain penalty over all memory layers (zero when off or when no retain token reads a selected row)."""
         total = loss.new_zeros(())
-        for retain, weight in ((self.retain, self.config.retain_weight), (self.contrast, self.config.contrast_weight)):
-            if retain is None:
-                continue
-            for memory in self.memories:
-                penalty = retain.penalty(memory)
-                if penalty is not None:
-                    total = total + weight * penalty
-        return total
+        if self.retain is None:
+            return total
+        for memory in self.memories:
+            penalty = self.retain.penalty(memory)
+            if penalty is not None:
+                total = total + penalty
+        return self.config.retain_weight * total
 
     def _step_direction(self, layer: int, grad: torch.Tensor) -> torch.Tensor:
         """The SGD direction, optionally divided by a gradient RMS over this layer's selected rows.
@@ -299,7 +287,6 @@ class SparseUpdater:
         self.planned = None
         self.grad_scale = {}
         self.noise_generator = None
-        self.contrast = None
         self.prefix.clear()
         return self.recorder.finish(self.memories)
 
