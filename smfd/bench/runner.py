@@ -288,8 +288,9 @@ PR_SET_PDEATHSIG = 1  # from linux/prctl.h
 def _stop_with_parent(parent: int) -> None:
     """Worker initializer: on Linux the worker gets SIGTERM when the benchmark process dies, so stopping
     the benchmark by its pid never leaves a worker training on for the hours a curve can take."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if sys.platform == "linux" and ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG) failed for a benchmark worker: {os.strerror(errno)}")
     if os.getppid() != parent:  # the benchmark died before the signal was asked for
         os._exit(1)
 
