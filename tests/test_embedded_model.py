@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from engine_settings import train_section
 
-from smfd.config import MemorySection
-from smfd.daemon.runtime import shipped_prompts
+from smfd.config import MemorySection, load_config
+from smfd.daemon.runtime import general_sequences, preparation_key, shipped_prompts
 from smfd.learn.heal import compute_background
 from smfd.learn.interference import fact_recipe
-from smfd.learn.kept_text import SampleRecipe, shipped_samples, store_for
+from smfd.learn.kept_text import SampleRecipe, kept_sequences, shipped_samples, store_for
+from smfd.learn.prepared import PreparedStore, shipped_prepared
 from smfd.learn.sampling import GENERAL_TOKENS
 from smfd.learn.updater import SparseUpdater
 from smfd.model.batch import encode, epoch_batches
@@ -79,3 +82,18 @@ def test_the_embedded_models_default_text_is_shipped(embedded):
         assert kept is not None and len(kept) == recipe.n_sequences
         first = embedded.tokenizer.decode(kept[0])
         assert first.startswith(recipe.prompts[0]), "each sequence continues its prompt"
+
+
+def test_the_embedded_models_default_preparation_is_shipped(embedded):
+    """A fresh state of the embedded model with config/edge.yaml loads its prepared memory instead of computing
+    it (calibration, healing and background counts: most of what is left of a first start)."""
+    cfg = load_config(Path(__file__).parents[1] / "config" / "edge.yaml")
+    assert cfg.memory.shape() == embedded.memory_config.shape(), "the fixture's memory must be edge.yaml's"
+    samples = store_for(embedded, None)
+    general, source = general_sequences(cfg, embedded, samples)
+    facts = kept_sequences(embedded, fact_recipe(cfg.memory.fact_sequences), samples)
+    key = preparation_key(cfg, embedded, source, general, facts)
+    shipped = PreparedStore(None)
+    assert shipped.path(key, shipped_prepared()).is_file(), f"no shipped preparation {key} (see smfd/data/README.md)"
+    prepared = shipped.load(key, embedded.memories)
+    assert prepared is not None and prepared.heal["steps"] == cfg.heal.steps

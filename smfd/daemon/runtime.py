@@ -16,9 +16,10 @@ from smfd.learn.budget import MemoryBudget
 from smfd.learn.gate import ModelGate
 from smfd.learn.heal import memory_inputs, prepare_memory
 from smfd.learn.interference import RetainSet, fact_recipe, retain_text
-from smfd.learn.kept_text import SampleRecipe, SampleStore, model_text, store_for
+from smfd.learn.kept_text import SampleRecipe, SampleStore, kept_sequences, model_text, store_for
 from smfd.learn.learner import Learner
 from smfd.learn.lesson import LearnSettings
+from smfd.learn.prepared import PreparedMemory, PreparedStore, prepared_key
 from smfd.learn.sampling import GENERAL_TOKENS, SampledText
 from smfd.model.batch import encode
 from smfd.model.memory_model import MemoryModel
@@ -35,26 +36,38 @@ def shipped_prompts() -> list[str]:
     return read_prompts(builtin_file("drift_prompts.txt"))
 
 
-def general_text(cfg: SmfdConfig, model: MemoryModel, samples: SampleStore | None) -> tuple[SampledText, str]:
-    """General text for background statistics, with the memories' inputs on it: the configured corpus, or text
-    sampled from the frozen model (kept per model in `samples`)."""
-    n = cfg.memory.background_sequences
+def general_sequences(
+    cfg: SmfdConfig, model: MemoryModel, samples: SampleStore | None
+) -> tuple[list[list[int]] | None, str]:
+    """The general text's token ids (None when they must be sampled from the model first) and where they come from:
+    the configured corpus, or text sampled from the frozen model (kept per model in `samples`)."""
     path = cfg.memory.background_text
-    if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise SmfdError(f"memory.background_text: cannot read {path}: {exc}") from exc
-        sequences = encode(model.tokenizer, [text], 128)[:n]
-        if len(sequences) < 8:
-            raise SmfdError(
-                f"memory.background_text {path} is too short: {len(sequences)} sequences of 128 tokens, need >= 8"
-            )
-        with model.base():
-            inputs = memory_inputs(model.model, model.memories, sequences)
-        return SampledText(sequences, inputs), f"file:{Path(path).name}"
-    recipe = SampleRecipe(tuple(shipped_prompts()), n, GENERAL_TOKENS)
-    return model_text(model, recipe, samples), "sampled-from-base"
+    if path is None:
+        return kept_sequences(model, general_recipe(cfg), samples), "sampled-from-base"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SmfdError(f"memory.background_text: cannot read {path}: {exc}") from exc
+    sequences = encode(model.tokenizer, [text], 128)[: cfg.memory.background_sequences]
+    if len(sequences) < 8:
+        raise SmfdError(
+            f"memory.background_text {path} is too short: {len(sequences)} sequences of 128 tokens, need >= 8"
+        )
+    return sequences, f"file:{Path(path).name}"
+
+
+def general_recipe(cfg: SmfdConfig) -> SampleRecipe:
+    return SampleRecipe(tuple(shipped_prompts()), cfg.memory.background_sequences, GENERAL_TOKENS)
+
+
+def general_text(cfg: SmfdConfig, model: MemoryModel, samples: SampleStore | None) -> tuple[SampledText, str]:
+    """`general_sequences` with the memories' inputs on every token (sampled on the way, or one pass)."""
+    sequences, source = general_sequences(cfg, model, samples)
+    if cfg.memory.background_text is None:
+        return model_text(model, general_recipe(cfg), samples), source
+    with model.base():
+        inputs = memory_inputs(model.model, model.memories, sequences)
+    return SampledText(sequences, inputs), source
 
 
 def state_settings(cfg: SmfdConfig, model: MemoryModel) -> dict[str, dict]:
@@ -129,30 +142,73 @@ def open_runtime(cfg: SmfdConfig, create: bool = True, progress: StartupProgress
         return Runtime(model, store, background, version, store.load_text("general_text"), store.load_text("fact_text"))
     if not create:
         raise SmfdError(f"no checkpoint in {store.folder}: start the daemon once (or run `smfd --once`) to create it")
+    return new_runtime(cfg, model, store, progress)
+
+
+def new_runtime(cfg: SmfdConfig, model: MemoryModel, store: CheckpointStore, progress: StartupProgress) -> Runtime:
+    """Create version 0 of a new state: the memory prepared on general text and the model's statements of fact.
+
+    The preparation is kept per model (`smfd.learn.prepared`): when the model cache or the
+    shipped files hold it for this model, settings and text, it is loaded instead of computed.
+    """
     samples = store_for(model, cfg.model.cache_dir)
-    progress.stage("collecting general text (memory.background_text, or text of the model's own: kept or sampled)")
-    general, source = general_text(cfg, model, samples)
-    progress.stage("collecting the model's statements of fact (kept or sampled)")
-    facts = model_text(model, fact_recipe(cfg.memory.fact_sequences), samples)
-    log.info(
-        "background_statistics", sequences=len(general.sequences), source=source, fact_sequences=len(facts.sequences)
-    )
+    kept = PreparedStore(cfg.model.cache_dir) if model.source is not None else None
+    general_ids, source = general_sequences(cfg, model, samples)
+    fact_ids = kept_sequences(model, fact_recipe(cfg.memory.fact_sequences), samples)
+    prepared, retain_inputs = None, None
+    if kept is not None and general_ids is not None and fact_ids is not None:
+        prepared = kept.load(preparation_key(cfg, model, source, general_ids, fact_ids), model.memories)
+    how = "kept"
+    if prepared is not None:
+        prepared.apply(model.memories)
+    else:
+        how = "computed"
+        prepared, general_ids, fact_ids, retain_inputs = _prepare(cfg, model, samples, progress)
+        if kept is not None:
+            kept.keep(preparation_key(cfg, model, source, general_ids, fact_ids), prepared)
+    log.info("background_statistics", sequences=len(general_ids), source=source, fact_sequences=len(fact_ids))
     meta = {
         "background": source,
-        "background_sequences": len(general.sequences),
-        "fact_sequences": len(facts.sequences),
+        "background_sequences": len(general_ids),
+        "fact_sequences": len(fact_ids),
+        "prepared": how,
     }
+    if prepared.heal is not None:
+        log.info("memory_healed", **prepared.heal)
+        meta["heal"] = prepared.heal
+    store.save_text("general_text", general_ids)  # before the manifest: a state that exists has its texts
+    store.save_text("fact_text", fact_ids)
+    store.initialise(model, prepared.background, meta, state_settings(cfg, model))
+    return Runtime(model, store, prepared.background, 0, general_ids, fact_ids, retain_inputs)
+
+
+def preparation_key(
+    cfg: SmfdConfig, model: MemoryModel, source: str, general_ids: list[list[int]], fact_ids: list[list[int]]
+) -> str:
+    """The key a new state's prepared memory is kept under: the model, what shapes the preparation and its text."""
+    assert model.source is not None, "a model built in memory has no digest to key its preparation by"
+    settings = {"memory": model.memory_config.shape(), "heal": cfg.heal.model_dump(mode="json"), "text": source}
+    return prepared_key(model.source.digest, settings, {"general": general_ids, "facts": fact_ids})
+
+
+def _prepare(
+    cfg: SmfdConfig, model: MemoryModel, samples: SampleStore | None, progress: StartupProgress
+) -> tuple[PreparedMemory, list[list[int]], list[list[int]], dict[int, list[torch.Tensor]]]:
+    """Calibrate, heal and count background reads from one pass over the text (sampling it first if need be).
+
+    Returns the prepared memory, the general and fact ids, and the retain text's memory inputs
+    (statements first, the order of `retain_text`), so the first retain set needs no second pass.
+    """
+    progress.stage("collecting general text (memory.background_text, or text of the model's own: kept or sampled)")
+    general, _ = general_text(cfg, model, samples)
+    progress.stage("collecting the model's statements of fact (kept or sampled)")
+    facts = model_text(model, fact_recipe(cfg.memory.fact_sequences), samples)
     progress.stage("healing the memory and counting background reads")
     both = general + facts
     healed, background = prepare_memory(model.model, model.memories, both.sequences, cfg.heal, inputs=both.inputs)
-    if healed is not None:
-        log.info("memory_healed", **asdict(healed))
-        meta["heal"] = asdict(healed)
-    store.save_text("general_text", general.sequences)  # before the manifest: a state that exists has its texts
-    store.save_text("fact_text", facts.sequences)
-    store.initialise(model, background, meta, state_settings(cfg, model))
-    retain_inputs = (facts + general).inputs  # the order of `retain_text`
-    runtime = Runtime(model, store, background, 0, general.sequences, facts.sequences, retain_inputs)
+    prepared = PreparedMemory.of(model.memories, background, asdict(healed) if healed is not None else None)
+    retain_inputs = (facts + general).inputs
+    general_ids, fact_ids = general.sequences, facts.sequences
     del general, facts, both  # the runtime keeps the retain inputs only
     trim()
-    return runtime
+    return prepared, general_ids, fact_ids, retain_inputs

@@ -108,13 +108,14 @@ def store_for(model: MemoryModel, folder: Path | None) -> SampleStore | None:
     return SampleStore(model.source.digest, folder) if model.source is not None else None
 
 
-def _kept(model: MemoryModel, recipe: SampleRecipe, store: SampleStore | None) -> list[list[int]] | None:
+def kept_sequences(model: MemoryModel, recipe: SampleRecipe, store: SampleStore | None) -> list[list[int]] | None:
+    """The token ids kept for `recipe`, or None when they must be sampled."""
     return store.sequences(recipe, len(model.tokenizer)) if store is not None else None
 
 
 def model_sequences(model: MemoryModel, recipe: SampleRecipe, store: SampleStore | None) -> list[list[int]]:
     """The token ids `recipe` samples from the frozen model: kept ones if the store has them, else sampled and kept."""
-    kept = _kept(model, recipe, store)
+    kept = kept_sequences(model, recipe, store)
     if kept is not None:
         return kept
     return _sample(model, recipe, store).sequences
@@ -122,7 +123,7 @@ def model_sequences(model: MemoryModel, recipe: SampleRecipe, store: SampleStore
 
 def model_text(model: MemoryModel, recipe: SampleRecipe, store: SampleStore | None) -> SampledText:
     """`model_sequences` with the memories' inputs on every token: from sampling, or one pass over kept ids."""
-    kept = _kept(model, recipe, store)
+    kept = kept_sequences(model, recipe, store)
     if kept is None:
         return _sample(model, recipe, store)
     with memory_bypassed(model.memories):
