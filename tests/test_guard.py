@@ -12,6 +12,9 @@ from smfd.guard.retention import RetentionProbes
 from smfd.guard.verdict import Guard, RollbackReason, judge
 from smfd.learn.budget import MemoryBudget
 from smfd.learn.learner import Learner
+from smfd.model.scoring import drift_kl, next_token_logprobs
+
+GEN = torch.Generator().manual_seed(7)
 
 
 def guard_for(probes: RetentionProbes, section: GuardSection):
@@ -206,3 +209,21 @@ def test_damaged_probe_files_are_rebuilt_or_skipped_not_raised(tmp_path, tiny_me
         recall.write('{"prompt": "cut sh\n')
     measured = probes.measure_recall()
     assert measured is not None and measured["items"] == 1
+
+
+def test_drift_is_the_kl_from_the_base_on_the_drift_prompts(tmp_path, tiny_memory_model):
+    """Zero while the memory is empty; after a row is written, the mean per-position KL(base || now) over every
+    drift prompt (the base's distributions are computed beside the current ones, not kept)."""
+    probes = RetentionProbes(tiny_memory_model, ProbesSection(fast_subset=8), tmp_path / "state")
+    probes.establish_baseline()
+    assert probes.measure(fast=False)["drift"]["kl"] == pytest.approx(0.0, abs=1e-9)
+
+    memory = tiny_memory_model.memories[0]
+    everywhere = torch.arange(memory.config.n_slots)
+    memory.values.write(everywhere, torch.randn(memory.config.n_slots, memory.values.width, generator=GEN) * 5)
+    model, windows = tiny_memory_model.model, probes.drift_windows
+    with tiny_memory_model.base():
+        base = next_token_logprobs(model, windows)
+    expected = drift_kl(base, next_token_logprobs(model, windows))
+    assert expected > 1e-4
+    assert probes.measure(fast=False)["drift"]["kl"] == pytest.approx(expected, rel=1e-6)

@@ -224,19 +224,62 @@ def test_update_scope_touches_at_most_top_t_rows_per_layer_over_a_whole_update(
     assert updater.planned is None  # the plan ends with the update
 
 
+def retain_outputs(mm, retain: RetainSet, layer_index: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """One memory layer's present output on the retain tokens (all, or a mask), selected rows from their copy."""
+    memory = next(m for m in mm.memories if m.layer_index == layer_index)
+    layer = retain.layers[layer_index]
+    indices, weights, gate = layer.indices, layer.weights, layer.gate
+    if tokens is not None:
+        indices, weights, gate = indices[tokens], weights[tokens], gate[tokens]
+    shape = (1, indices.shape[0], memory.config.heads, -1)
+    return memory.out(gate * memory.read(Lookup(indices.view(shape), weights.view(shape)))[0])
+
+
 def memory_output_change(mm, retain: RetainSet) -> float:
-    """Squared change of each memory layer's output on the retain tokens since the set was collected."""
-    total = 0.0
-    for memory in mm.memories:
+    """Squared change of each memory layer's output on the retain tokens since the set was collected (value rows
+    were all zero then, so the output was zero)."""
+    with torch.no_grad():
+        return sum(float(retain_outputs(mm, retain, m.layer_index).pow(2).sum()) for m in mm.memories)
+
+
+@pytest.mark.parametrize("scope", ["step", "update"])
+def test_retain_penalty_is_the_output_change_since_the_update_began(
+    make_memory_model, background_sequences, text_batches, scope
+):
+    """The penalty is computed from the rows the update moved; it must equal the change of the full output."""
+    mm = make_memory_model(TWO_LAYER_MEMORY)
+    background = compute_background(mm.model, mm.memories, background_sequences[:3])
+    retain = RetainSet.collect(mm.model, mm.memories, background_sequences[3:], 256)
+    config = train_section(selection="kl", top_t=12, lr=0.5, retain_weight=1.0, scope=scope)
+    updater = SparseUpdater(mm.model, mm.memories, background, config, retain)
+    first, second = text_batches(FACTS[:1], 1), text_batches(FACTS[1:], 1)
+    updater.plan_update(first)  # an earlier update: the second starts from rows that hold something
+    for batch in first:
+        updater.step(batch)
+    updater.finish_update()
+    with torch.no_grad():
+        start = {m.layer_index: retain_outputs(mm, retain, m.layer_index) for m in mm.memories}
+
+    compared = []
+    penalty = retain.penalty
+
+    def checked(memory, before=None):
+        got = penalty(memory, before)
         layer = retain.layers[memory.layer_index]
-        n, reads = layer.indices.shape
-        lookup = Lookup(
-            layer.indices.view(1, n, memory.config.heads, -1), layer.weights.view(1, n, memory.config.heads, -1)
-        )
-        with torch.no_grad():
-            output = memory.out(layer.gate * memory.read(lookup)[0])
-        total += float((output - layer.reference).pow(2).sum())
-    return total
+        touched = ((memory.selection.position[layer.indices] >= 0) & (layer.weights > 0)).any(dim=1)
+        change = retain_outputs(mm, retain, memory.layer_index, touched) - start[memory.layer_index][touched]
+        want = change.pow(2).sum() / (layer.indices.shape[0] * layer.scale)
+        compared.append((0.0 if got is None else float(got.detach()), float(want.detach())))
+        return got
+
+    retain.penalty = checked
+    updater.plan_update(second)
+    for batch in second * 2:
+        updater.step(batch)
+    updater.finish_update()
+    assert len(compared) >= 4 and any(want > 0 for _, want in compared[2:])
+    for got, want in compared:
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-9)
 
 
 def test_retain_penalty_keeps_general_text_outputs_closer_to_where_they_were(

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from smfd.config import TrainSection
 from smfd.errors import SmfdError
-from smfd.learn.interference import RetainSet
+from smfd.learn.interference import RetainSet, RowValues
 from smfd.learn.selection import batch_reads, select_slots, top_slots
 from smfd.model.batch import TokenBatch
 from smfd.model.head_loss import head_nll
@@ -155,7 +155,7 @@ class SparseUpdater:
 
     @torch.no_grad()
     def plan_update(self, batches: list[TokenBatch]) -> None:
-        """Start an update: rebase the retain set; with scope "update", rank slots once over all its batches.
+        """Start an update: with scope "update", rank slots once over all its batches.
 
         The selection forward also fills the prefix cache, so every step of the update starts at
         the lowest memory layer. With query noise, each sequence's reads are ranked once clean and
@@ -167,8 +167,6 @@ class SparseUpdater:
         if self.config.query_noise > 0:
             device = self.memories[0].keys.device
             self.noise_generator = torch.Generator(device=device).manual_seed(NOISE_SEED)
-        if self.retain is not None:
-            self.retain.rebase(self.memories)
         if self.config.scope != "update" or not batches:
             return
         reads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {m.layer_index: [] for m in self.memories}
@@ -228,7 +226,8 @@ class SparseUpdater:
         if self.retain is None:
             return total
         for memory in self.memories:
-            penalty = self.retain.penalty(memory)
+            changed = self.recorder.before(memory.layer_index)
+            penalty = self.retain.penalty(memory, None if changed is None else RowValues(*changed))
             if penalty is not None:
                 total = total + penalty
         return self.config.retain_weight * total

@@ -49,6 +49,14 @@ class PatchRecorder:
             rows = memory.values.gather(torch.tensor(fresh)).cpu()
             seen.update(zip(fresh, rows))
 
+    def before(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(slot ids ascending, their values before this update) of one layer's rows changed so far; None if none."""
+        seen = self._before.get(layer_index)
+        if not seen:
+            return None
+        ids = torch.tensor(sorted(seen), dtype=torch.long)
+        return ids, torch.stack([seen[int(i)] for i in ids])
+
     def finish(self, memories: list[ProductKeyMemory]) -> list[LayerPatch]:
         """One patch per touched layer: union of rows, first-seen `before`, current `after`; the recorder empties."""
         patches = self.pending(memories)
@@ -59,11 +67,10 @@ class PatchRecorder:
         """The patches of the update so far, without closing it (the recorder keeps its rows)."""
         patches = []
         for memory in memories:
-            seen = self._before.get(memory.layer_index)
-            if not seen:
+            changed = self.before(memory.layer_index)
+            if changed is None:
                 continue
-            ids = torch.tensor(sorted(seen), dtype=torch.long)
-            before = torch.stack([seen[int(i)] for i in ids])
+            ids, before = changed
             after = memory.values.gather(ids).cpu()
             patches.append(LayerPatch(memory.layer_index, ids, before, after))
         return patches
