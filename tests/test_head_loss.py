@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smfd.model import head_loss
-from smfd.model.head_loss import head_nll, head_token_nll
+from smfd.model.head_loss import head_nll, head_token_nll, head_token_scores
 
 
 @pytest.mark.parametrize("positions", [1, 7, 256, 600])
@@ -43,3 +43,17 @@ def test_per_token_nll_in_chunks_matches_the_plain_cross_entropy(monkeypatch):
     hidden, targets = torch.randn(50, 12, generator=generator), torch.randint(0, 90, (50,), generator=generator)
     expected = F.cross_entropy(head(hidden), targets, reduction="none")
     assert torch.allclose(head_token_nll(head, hidden, targets), expected, atol=1e-6)
+
+
+def test_per_token_scores_are_the_plain_log_softmax_and_argmax_to_the_bit(monkeypatch):
+    """Normalising in place, a few rows at a time, changes no value: scores before and after the change compare."""
+    monkeypatch.setattr(head_loss, "CHUNK_POSITIONS", 16)
+    monkeypatch.setattr(head_loss, "LOG_SOFTMAX_ROWS", 5)  # blocks that do not divide a chunk
+    generator = torch.Generator().manual_seed(4)
+    head = nn.Linear(12, 90, bias=False).requires_grad_(False)
+    hidden, targets = torch.randn(50, 12, generator=generator), torch.randint(0, 90, (50,), generator=generator)
+    logits = torch.cat([head(hidden[start : start + 16]) for start in range(0, 50, 16)])  # the same matmuls
+    targets[::3] = logits.argmax(-1)[::3]  # some targets are the argmax
+    nll, top = head_token_scores(head, hidden, targets)
+    assert torch.equal(nll, F.cross_entropy(logits, targets, reduction="none"))
+    assert torch.equal(top, logits.argmax(-1) == targets) and bool(top.any()) and not bool(top.all())

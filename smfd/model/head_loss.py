@@ -18,6 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 
 CHUNK_POSITIONS = 256  # 50 MB of float32 logits per chunk at SmolLM2's vocabulary
+LOG_SOFTMAX_ROWS = 32  # rows normalised at once: a 6 MB temporary instead of a second copy of the chunk's logits
+
+
+def log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the last dimension of a 2-D tensor, in place, a few rows at a time.
+
+    `Tensor.log_softmax` returns a new tensor as large as its input, so a chunk's logits and
+    their log-softmax would be alive together (100 MB per chunk of 256 positions); rows are
+    normalised independently, so block by block gives the same values.
+    """
+    for start in range(0, logits.shape[0], LOG_SOFTMAX_ROWS):
+        block = logits[start : start + LOG_SOFTMAX_ROWS]
+        block.copy_(block.log_softmax(-1))
+    return logits
 
 
 class _HeadNll(torch.autograd.Function):
@@ -30,7 +44,7 @@ class _HeadNll(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            logprobs = F.linear(hidden[rows], weight).float().log_softmax(-1)
+            logprobs = log_softmax_(F.linear(hidden[rows], weight).float())
             picked = targets[rows].unsqueeze(1)
             total -= logprobs.gather(1, picked).sum()
             if grad_hidden is not None:
@@ -58,12 +72,19 @@ def head_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> to
 @torch.no_grad()
 def head_token_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """NLL of each of `targets` (n,) given `hidden` (n, d), the logits a chunk of positions at a time."""
-    parts = [
-        F.cross_entropy(
-            head(hidden[start : start + CHUNK_POSITIONS]).float(),
-            targets[start : start + CHUNK_POSITIONS],
-            reduction="none",
-        )
-        for start in range(0, hidden.shape[0], CHUNK_POSITIONS)
-    ]
-    return torch.cat(parts) if parts else hidden.new_zeros(0)
+    return head_token_scores(head, hidden, targets)[0]
+
+
+@torch.no_grad()
+def head_token_scores(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL of each target, whether it is the argmax) for `targets` (n,) given `hidden` (n, d), the logits a chunk
+    of positions at a time and normalised in place."""
+    nll, top = [hidden.new_zeros(0)], [torch.zeros(0, dtype=torch.bool, device=hidden.device)]
+    for start in range(0, hidden.shape[0], CHUNK_POSITIONS):
+        picked = targets[start : start + CHUNK_POSITIONS]
+        logits = head(hidden[start : start + CHUNK_POSITIONS]).float()
+        top.append(logits.argmax(-1) == picked)
+        nll.append(-log_softmax_(logits).gather(1, picked.unsqueeze(1)).squeeze(1))
+    return torch.cat(nll), torch.cat(top)

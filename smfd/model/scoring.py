@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from smfd.model.head_loss import head_token_nll
+from smfd.model.head_loss import head_token_nll, head_token_scores
 
 
 @dataclass
@@ -85,12 +85,9 @@ def continuation_scores(
         # The vocabulary projection is most of the cost: apply it only where a continuation token is predicted.
         rows = torch.cat([torch.full((hi - lo,), r, dtype=torch.long) for r, (lo, hi) in enumerate(spans)]).to(device)
         cols = torch.cat([torch.arange(lo - 1, hi - 1) for lo, hi in spans]).to(device)
-        logits = model.get_output_embeddings()(hidden[rows, cols]).float()
-        token_lp = -F.cross_entropy(logits, ids[rows, cols + 1], reduction="none")
-        totals = torch.zeros(len(spans), device=device).index_add_(0, rows, token_lp)
-        misses = torch.zeros(len(spans), device=device).index_add_(
-            0, rows, (logits.argmax(-1) != ids[rows, cols + 1]).float()
-        )
+        nll, top = head_token_scores(model.get_output_embeddings(), hidden[rows, cols], ids[rows, cols + 1])
+        totals = torch.zeros(len(spans), device=device).index_add_(0, rows, -nll)
+        misses = torch.zeros(len(spans), device=device).index_add_(0, rows, (~top).float())
         results.extend((float(-totals[r]), hi - lo, bool(misses[r] == 0)) for r, (lo, hi) in enumerate(spans))
     return results
 
