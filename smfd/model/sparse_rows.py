@@ -7,7 +7,8 @@ compact tensor of written rows whose row 0 is always zero: every unwritten slot 
 row, and a read stays one vectorised `embedding_bag` over the compact tensor. The size in RAM
 and on disk then follows what was learned, not `n_keys`.
 
-The compact tensor grows by doubling, so writing new rows costs amortised O(rows written), and
+The compact tensor grows by doubling, so writing new rows costs amortised O(rows written) (its
+unused tail is never written, so it is not resident memory either), and
 the row order in it is internal: `to_tensors` gives the canonical form (non-zero rows by slot id)
 that checkpoints store.
 """
@@ -86,7 +87,9 @@ class SparseRows(nn.Module):
         if n_rows <= capacity:
             return
         new_capacity = max(n_rows, 2 * capacity)
-        rows = self.rows.new_zeros(1 + new_capacity, self.width)
+        # Uninitialised beyond the rows in use: nothing reads a row before it is written, and pages never
+        # written take no resident memory (zeros would touch every page of the doubled tensor at once).
+        rows = self.rows.new_empty(1 + new_capacity, self.width)
         rows[: self.rows.shape[0]] = self.rows
         row_slot = self.row_slot.new_full((1 + new_capacity,), -1)
         row_slot[: self.row_slot.shape[0]] = self.row_slot
