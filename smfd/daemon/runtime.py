@@ -158,12 +158,13 @@ def new_runtime(cfg: SmfdConfig, model: MemoryModel, store: CheckpointStore, pro
     prepared, retain_inputs = None, None
     if kept is not None and general_ids is not None and fact_ids is not None:
         prepared = kept.load(preparation_key(cfg, model, source, general_ids, fact_ids), model.memories)
-    how = "kept"
+    loaded = prepared is not None
     if prepared is not None:
         prepared.apply(model.memories)
     else:
-        how = "computed"
         prepared, general_ids, fact_ids, retain_inputs = _prepare(cfg, model, samples, progress)
+        if prepared.heal is not None:
+            log.info("memory_healed", **prepared.heal)
         if kept is not None:
             kept.keep(preparation_key(cfg, model, source, general_ids, fact_ids), prepared)
     log.info("background_statistics", sequences=len(general_ids), source=source, fact_sequences=len(fact_ids))
@@ -171,11 +172,10 @@ def new_runtime(cfg: SmfdConfig, model: MemoryModel, store: CheckpointStore, pro
         "background": source,
         "background_sequences": len(general_ids),
         "fact_sequences": len(fact_ids),
-        "prepared": how,
+        "prepared": "kept" if loaded else "computed",
     }
     if prepared.heal is not None:
-        log.info("memory_healed", **prepared.heal)
-        meta["heal"] = prepared.heal
+        meta["heal"] = prepared.heal  # the report of the healing that made it, kept or now
     store.save_text("general_text", general_ids)  # before the manifest: a state that exists has its texts
     store.save_text("fact_text", fact_ids)
     store.initialise(model, prepared.background, meta, state_settings(cfg, model))

@@ -151,11 +151,13 @@ def _row_changes(memory: ProductKeyMemory, before: RowValues | None) -> _RowChan
     earlier steps wrote (table values)."""
     selection = memory.selection
     assert selection is not None
-    ids = selection.slot_ids if before is None else torch.unique(torch.cat([selection.slot_ids, before.slot_ids]))
-    position = torch.full((memory.values.n_slots,), -1, dtype=torch.long, device=ids.device)
-    position[ids] = torch.arange(ids.numel(), device=ids.device)
+    device = selection.slot_ids.device
+    moved_before = None if before is None else before.slot_ids.to(device)  # the recorder keeps its rows on the CPU
+    ids = selection.slot_ids if moved_before is None else torch.unique(torch.cat([selection.slot_ids, moved_before]))
+    position = torch.full((memory.values.n_slots,), -1, dtype=torch.long, device=device)
+    position[ids] = torch.arange(ids.numel(), device=device)
     table = memory.values.gather(ids)
-    start = table if before is None else table.index_copy(0, position[before.slot_ids], before.rows.to(table))
+    start = table if before is None else table.index_copy(0, position[moved_before], before.rows.to(table))
     now = table.index_copy(0, position[selection.slot_ids], selection.rows)
     return _RowChanges(position, now - start)
 
