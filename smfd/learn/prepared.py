@@ -49,7 +49,9 @@ class PreparedMemory:
     heal: dict | None  # smfd.learn.heal.HealReport as a dict; None when healing is off
 
     @classmethod
-    def of(cls, memories: list[ProductKeyMemory], background: dict[int, BackgroundStats], heal: dict | None):
+    def of(
+        cls, memories: list[ProductKeyMemory], background: dict[int, BackgroundStats], heal: dict | None
+    ) -> PreparedMemory:
         """The prepared state of `memories` as they are now (calibrated and healed, no value row trained)."""
         addressing = {}
         for memory in memories:
