@@ -60,14 +60,19 @@ def general_recipe(cfg: SmfdConfig) -> SampleRecipe:
     return SampleRecipe(tuple(shipped_prompts()), cfg.memory.background_sequences, GENERAL_TOKENS)
 
 
-def general_text(cfg: SmfdConfig, model: MemoryModel, samples: SampleStore | None) -> tuple[SampledText, str]:
-    """`general_sequences` with the memories' inputs on every token (sampled on the way, or one pass)."""
-    sequences, source = general_sequences(cfg, model, samples)
+def general_text(
+    cfg: SmfdConfig, model: MemoryModel, samples: SampleStore | None, sequences: list[list[int]] | None
+) -> SampledText:
+    """The general text with the memories' inputs on every token (sampled on the way, or one pass).
+
+    `sequences`: what `general_sequences` gave (None when the text must be sampled first).
+    """
     if cfg.memory.background_text is None:
-        return model_text(model, general_recipe(cfg), samples), source
+        return model_text(model, general_recipe(cfg), samples, sequences)
+    assert sequences is not None, "a configured background text is always read, never sampled"
     with model.base():
         inputs = memory_inputs(model.model, model.memories, sequences)
-    return SampledText(sequences, inputs), source
+    return SampledText(sequences, inputs)
 
 
 def state_settings(cfg: SmfdConfig, model: MemoryModel) -> dict[str, dict]:
@@ -162,7 +167,7 @@ def new_runtime(cfg: SmfdConfig, model: MemoryModel, store: CheckpointStore, pro
     if prepared is not None:
         prepared.apply(model.memories)
     else:
-        prepared, general_ids, fact_ids, retain_inputs = _prepare(cfg, model, samples, progress)
+        prepared, general_ids, fact_ids, retain_inputs = _prepare(cfg, model, samples, progress, general_ids, fact_ids)
         if prepared.heal is not None:
             log.info("memory_healed", **prepared.heal)
         if kept is not None:
@@ -192,17 +197,23 @@ def preparation_key(
 
 
 def _prepare(
-    cfg: SmfdConfig, model: MemoryModel, samples: SampleStore | None, progress: StartupProgress
+    cfg: SmfdConfig,
+    model: MemoryModel,
+    samples: SampleStore | None,
+    progress: StartupProgress,
+    general_ids: list[list[int]] | None,
+    fact_ids: list[list[int]] | None,
 ) -> tuple[PreparedMemory, list[list[int]], list[list[int]], dict[int, list[torch.Tensor]]]:
     """Calibrate, heal and count background reads from one pass over the text (sampling it first if need be).
 
+    `general_ids`, `fact_ids`: the text's ids as already read (None for text still to be sampled).
     Returns the prepared memory, the general and fact ids, and the retain text's memory inputs
     (statements first, the order of `retain_text`), so the first retain set needs no second pass.
     """
     progress.stage("collecting general text (memory.background_text, or text of the model's own: kept or sampled)")
-    general, _ = general_text(cfg, model, samples)
+    general = general_text(cfg, model, samples, general_ids)
     progress.stage("collecting the model's statements of fact (kept or sampled)")
-    facts = model_text(model, fact_recipe(cfg.memory.fact_sequences), samples)
+    facts = model_text(model, fact_recipe(cfg.memory.fact_sequences), samples, fact_ids)
     progress.stage("healing the memory and counting background reads")
     both = general + facts
     healed, background = prepare_memory(model.model, model.memories, both.sequences, cfg.heal, inputs=both.inputs)

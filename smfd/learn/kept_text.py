@@ -121,9 +121,14 @@ def model_sequences(model: MemoryModel, recipe: SampleRecipe, store: SampleStore
     return _sample(model, recipe, store).sequences
 
 
-def model_text(model: MemoryModel, recipe: SampleRecipe, store: SampleStore | None) -> SampledText:
-    """`model_sequences` with the memories' inputs on every token: from sampling, or one pass over kept ids."""
-    kept = kept_sequences(model, recipe, store)
+def model_text(
+    model: MemoryModel, recipe: SampleRecipe, store: SampleStore | None, kept: list[list[int]] | None = None
+) -> SampledText:
+    """`model_sequences` with the memories' inputs on every token: from sampling, or one pass over kept ids.
+
+    `kept`: the ids `kept_sequences` already gave for `recipe` (read from the store when None).
+    """
+    kept = kept if kept is not None else kept_sequences(model, recipe, store)
     if kept is None:
         return _sample(model, recipe, store)
     with memory_bypassed(model.memories):
