@@ -26,7 +26,7 @@ from smfd.ingest.sidecars import SIDECAR_KIND, RecallItem
 from smfd.model.memory_model import MemoryModel
 from smfd.model.scoring import (
     continuation_scores,
-    drift_kl,
+    drift_kl_sum,
     heldout_nll,
     next_token_logprobs,
     score_choice,
@@ -172,9 +172,8 @@ class RetentionProbes:
             batch = windows[start : start + DRIFT_BATCH]
             with self.model.base():
                 base = next_token_logprobs(self.model.model, batch, DRIFT_BATCH)
-            now = next_token_logprobs(self.model.model, batch, DRIFT_BATCH)
-            count = sum(len(window) for window in batch)
-            total += drift_kl(base, now) * count
+            batch_total, count = drift_kl_sum(base, next_token_logprobs(self.model.model, batch, DRIFT_BATCH))
+            total += batch_total
             positions += count
         return total / max(positions, 1)
 

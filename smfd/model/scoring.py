@@ -201,8 +201,14 @@ def next_token_logprobs(model: PreTrainedModel, windows: list[list[int]], batch_
 
 def drift_kl(base_logprobs: list[torch.Tensor], current_logprobs: list[torch.Tensor]) -> float:
     """Mean per-position KL(base || current) in nats."""
+    total, count = drift_kl_sum(base_logprobs, current_logprobs)
+    return total / max(count, 1)
+
+
+def drift_kl_sum(base_logprobs: list[torch.Tensor], current_logprobs: list[torch.Tensor]) -> tuple[float, int]:
+    """(KL(base || current) summed over positions, in nats; the number of positions), for a mean over batches."""
     total, count = 0.0, 0
     for base, now in zip(base_logprobs, current_logprobs):
         total += float((base.exp() * (base - now)).sum())
         count += base.shape[0]
-    return total / max(count, 1)
+    return total, count
