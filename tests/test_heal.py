@@ -15,6 +15,7 @@ from smfd.learn.heal import (
     memory_inputs,
     prepare_memory,
     read_entropy,
+    token_pool,
     usage_imbalance,
 )
 
@@ -121,3 +122,20 @@ def test_memory_inputs_match_one_sequence_at_a_time_and_skip_the_blocks_above(ti
         alone = memory_inputs(model.model, model.memories, [seq])[model.memories[0].layer_index][0]
         assert got.shape == (len(seq), alone.shape[1])
         torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_healing_samples_the_memory_inputs_in_place(tiny_memory_model, background_sequences):
+    """Healing draws tokens from every sequence's inputs at once: for `memory_inputs` that is the pool they
+    view, not a second copy; any other list of tensors (sampling's views into padded blocks) is concatenated."""
+    model = tiny_memory_model
+    parts = memory_inputs(model.model, model.memories, background_sequences)[model.memories[0].layer_index]
+    pooled = token_pool(parts)
+    assert pooled.untyped_storage().data_ptr() == parts[0].untyped_storage().data_ptr()
+    assert torch.equal(pooled, torch.cat(parts))
+    padded = torch.randn(3, 10, parts[0].shape[1])
+    scattered = [padded[0, :4], padded[1, :7], padded[2, :2]]  # rows of a padded block: not consecutive
+    copied = token_pool(scattered)
+    assert copied.untyped_storage().data_ptr() != padded.untyped_storage().data_ptr()
+    assert torch.equal(copied, torch.cat(scattered))
+    reordered = [parts[1], parts[0], *parts[2:]]
+    assert torch.equal(token_pool(reordered), torch.cat(reordered))

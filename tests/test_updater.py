@@ -461,3 +461,51 @@ def test_avoid_retain_rows_never_trains_a_row_the_retain_tokens_read(
 def test_avoid_retain_rows_without_the_retain_penalty_is_refused_by_the_schema():
     with pytest.raises(ValidationError, match="avoid_retain_rows needs the retain penalty"):
         train_section(retain_weight=0.0, avoid_retain_rows=True)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    micro=st.integers(min_value=1, max_value=3),
+    steps=st.lists(st.lists(st.integers(min_value=6, max_value=12), min_size=2, max_size=5), min_size=1, max_size=3),
+    seed=st.integers(min_value=0, max_value=2**16),
+    retain_weight=st.sampled_from([0.0, 5.0]),
+)
+def test_micro_batches_make_the_whole_batchs_steps(
+    make_memory_model, background_sequences, micro, steps, seed, retain_weight
+):
+    """A step summed over micro-batches trains the same rows to the same values (to float rounding) and
+    reports the same loss as the whole batch at once; nothing else changes and no gradient is left."""
+    runs = {}
+    for size in (None, micro):
+        mm = make_memory_model(TWO_LAYER_MEMORY)
+        background = compute_background(mm.model, mm.memories, background_sequences[:3])
+        retain = RetainSet.collect(mm.model, mm.memories, background_sequences[3:], 64) if retain_weight else None
+        untouched = everything_but_values(mm.model)
+        config = train_section(selection="kl", top_t=24, lr=0.5, retain_weight=retain_weight, micro_batch_size=size)
+        updater = SparseUpdater(mm.model, mm.memories, background, config, retain)
+        generator = torch.Generator().manual_seed(seed)
+        batches = [random_batch(generator, lengths, with_surprise=False) for lengths in steps]
+        updater.plan_update(batches)
+        parts = [len(updater.micro_batches(batch)) for batch in batches]
+        losses = [updater.step(batch).loss for batch in batches]
+        updater.finish_update()
+        after = everything_but_values(mm.model)
+        assert all(torch.equal(after[name], untouched[name]) for name in untouched)
+        assert all(p.grad is None for p in mm.model.parameters())
+        runs[size] = (losses, {m.layer_index: m.values.dense() for m in mm.memories}, parts)
+    whole, parted = runs[None], runs[micro]
+    assert whole[2] == [1] * len(steps)
+    assert parted[2] == [-(-len(lengths) // micro) for lengths in steps], "every part has trained tokens"
+    assert parted[0] == pytest.approx(whole[0], rel=1e-5)
+    assert any(values.abs().sum() > 0 for values in whole[1].values()), "the steps trained something"
+    for layer, values in whole[1].items():
+        torch.testing.assert_close(parted[1][layer], values, rtol=1e-4, atol=1e-5)  # rows move by ~lr=0.5
+
+
+def test_scope_step_runs_the_batch_whole(tiny_memory_model, background, text_batches):
+    """Rows ranked per step come from the whole batch's reads, which one forward pass gives."""
+    batch = text_batches(FACTS, batch_size=2)[0]
+    config = train_section(selection="kl", top_t=16, lr=0.05, scope="step", micro_batch_size=1)
+    updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, config)
+    updater.plan_update([batch])
+    assert updater.micro_batches(batch) == [(batch, 1.0)]

@@ -22,7 +22,8 @@ from smfd.model.memory import Lookup, ProductKeyMemory
 from smfd.model.scoring import right_padded
 from smfd.model.slot_stats import BackgroundStats
 
-INPUT_BATCH_TOKENS = 4096  # padded tokens per forward while collecting memory inputs
+INPUT_BATCH_TOKENS = 1024  # padded tokens per forward while collecting memory inputs: a forward's activations
+# are this pass's peak (4096 tokens: 116 MiB above the pool); 1024 runs as fast on a CPU
 
 
 class _AboveTheMemories(Exception):
@@ -40,12 +41,18 @@ def memory_inputs(
     healing step and the background read counts. Consecutive sequences run together, right-padded
     (a causal model's real tokens never see the padding after them), and each forward stops at the
     top memory layer: the blocks above it and the output head would be computed for nothing.
+
+    Each layer's rows are written into one pool (no padding kept) and the per-sequence tensors are
+    consecutive views of it, so healing samples the pool as it is (`token_pool`) instead of
+    concatenating a second copy: on 67,000 tokens that copy was the benchmark's peak (130 MiB).
     """
     if not sequences:
         raise SmfdError("query calibration, healing and background statistics need general text: the corpus is empty")
     device = next(model.parameters()).device
     top = max(m.layer_index for m in memories)
-    captured: dict[int, list[torch.Tensor]] = {m.layer_index: [] for m in memories}
+    total = sum(len(seq) for seq in sequences)
+    pools: dict[int, torch.Tensor] = {}
+    start = 0
     for group in _padded_groups(sequences, INPUT_BATCH_TOKENS):
         blocks: dict[int, torch.Tensor] = {}
         handles = [m.register_forward_hook(_keep_block(blocks, m.layer_index, m.layer_index == top)) for m in memories]
@@ -58,9 +65,28 @@ def memory_inputs(
             for handle in handles:
                 handle.remove()
         for layer, block in blocks.items():
-            # Each sequence's rows are a view into the group's block (released as a whole, see smfd.heap).
-            captured[layer].extend(block[row, : len(seq)] for row, seq in enumerate(group))
-    return captured
+            pool = pools.setdefault(layer, block.new_empty(total, block.shape[-1]))
+            at = start
+            for row, seq in enumerate(group):
+                pool[at : at + len(seq)] = block[row, : len(seq)]
+                at += len(seq)
+        start += sum(len(seq) for seq in group)
+        del blocks
+    return {layer: list(pool.split([len(seq) for seq in sequences])) for layer, pool in pools.items()}
+
+
+def token_pool(parts: list[torch.Tensor]) -> torch.Tensor:
+    """All rows of `parts` as one (tokens, hidden) tensor: the pool they are consecutive views of
+    (`memory_inputs`), without a copy; a concatenated copy for any other list (e.g. sampling's)."""
+    first = parts[0]
+    storage = first.untyped_storage().data_ptr()
+    expected = first.data_ptr()
+    for part in parts:
+        if not part.is_contiguous() or part.untyped_storage().data_ptr() != storage or part.data_ptr() != expected:
+            return torch.cat(parts)
+        expected += part.numel() * part.element_size()
+    rows = sum(part.shape[0] for part in parts)
+    return first.as_strided((rows, first.shape[1]), first.stride(), first.storage_offset())
 
 
 def _padded_groups(sequences: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
@@ -148,7 +174,7 @@ def heal_addressing(
         return None
     if any(m.values.any_trained() for m in memories):
         raise SmfdError("healing must run before any update: a memory already has trained value rows")
-    pools = {layer: torch.cat(parts) for layer, parts in inputs.items()}
+    pools = {layer: token_pool(parts) for layer, parts in inputs.items()}
     params = [p for m in memories for p in (m.query.weight, m.keys)]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)

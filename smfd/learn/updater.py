@@ -250,18 +250,26 @@ class SparseUpdater:
         return grad * self.grad_scale[layer]
 
     def step(self, batch: TokenBatch) -> StepResult:
-        """One forward/backward/SGD step on `batch`; returns the loss before the step."""
+        """One forward/backward/SGD step on `batch`; returns the loss before the step.
+
+        The gradient is summed over micro-batches (`micro_batches`) on one selection of rows: each
+        part's mean loss is weighted by its share of the batch's trained tokens, so the step is the
+        whole batch's (to float rounding) while only one part's activations are alive at a time.
+        """
         started = time.perf_counter()
         mask, surprise = read_weights(batch)
         selector = self._selector(mask, surprise)
-        for memory in self.memories:
-            memory.select_rows = selector
+        loss = torch.zeros(())
         try:
-            with self.prefix.forward_for(batch), self._noisy_reads():
-                loss = lesson_loss(self.model, batch, self.config.distill.ce_weight)
-            total = loss + self._interference(loss)
-            if total.requires_grad:  # else no slot qualified (e.g. every sequence is one trained token long)
-                total.backward()
+            for index, (part, share) in enumerate(self.micro_batches(batch)):
+                for memory in self.memories:  # later parts train the rows the first part selected
+                    memory.select_rows = selector if index == 0 else None
+                with self.prefix.forward_for(part), self._noisy_reads():
+                    part_loss = share * lesson_loss(self.model, part, self.config.distill.ce_weight)
+                total = part_loss + self._interference(part_loss) if index == 0 else part_loss
+                if total.requires_grad:  # else no slot qualified (e.g. every sequence is one trained token long)
+                    total.backward()
+                loss = loss + part_loss.detach().cpu()
         except BaseException:
             for memory in self.memories:
                 memory.selection = None
@@ -279,7 +287,27 @@ class SparseUpdater:
                 selection.rows.sub_(self._step_direction(memory.layer_index, selection.rows.grad), alpha=self.config.lr)
                 self.recorder.record(memory, selection.slot_ids)
                 rows_selected[memory.layer_index] = memory.commit_selection()
-        return StepResult(float(loss.detach()), rows_selected, batch.n_tokens, time.perf_counter() - started)
+        return StepResult(float(loss), rows_selected, batch.n_tokens, time.perf_counter() - started)
+
+    def micro_batches(self, batch: TokenBatch) -> list[tuple[TokenBatch, float]]:
+        """The parts of `batch` run one at a time, each with its share of the batch's trained tokens.
+
+        The whole batch when `micro_batch_size` is unset or not smaller, and under scope "step",
+        whose rows are ranked from the whole batch's reads in its one forward pass.
+        """
+        size = self.config.micro_batch_size
+        rows = batch.input_ids.shape[0]
+        if size is None or size >= rows or self.planned is None:
+            return [(batch, 1.0)]
+        trained = batch.loss_mask[:, 1:].sum(dim=1).double()
+        total = float(trained.sum())
+        parts = []
+        for first in range(0, rows, size):
+            pick = slice(first, first + size)
+            share = float(trained[pick].sum()) / total if total else 0.0
+            if share > 0:  # a part with nothing to train adds nothing (and its mean loss is undefined)
+                parts.append((TokenBatch(*(None if t is None else t[pick] for t in batch.tensors())), share))
+        return parts or [(batch, 1.0)]
 
     def finish_update(self) -> list[LayerPatch]:
         """Close the current update: the patches that revert or replay everything since the last call."""
