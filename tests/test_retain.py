@@ -106,3 +106,24 @@ def _same_reads(ours, theirs) -> bool:
     """Rounding may swap two slots of near-equal score: the read weights must still agree where slots agree."""
     agree = ours.indices == theirs.indices
     return bool(agree.float().mean() > 0.99) and torch.allclose(ours.weights[agree], theirs.weights[agree], atol=1e-4)
+
+
+def test_retain_set_read_chunk_by_chunk_is_the_whole_texts_view(tiny_memory_model, background_sequences, monkeypatch):
+    """The retain set's reads and gate, filled a few tokens at a time from the inputs' pool, are what the
+    memory computes on all the tokens at once (to the rounding of other matrix shapes)."""
+    import smfd.learn.interference as interference
+
+    mm = tiny_memory_model
+    monkeypatch.setattr(interference, "RETAIN_CHUNK", 7)  # chunks that end inside sequences
+    n = sum(len(s) for s in background_sequences) - 5
+    retain = RetainSet.collect(mm.model, mm.memories, background_sequences, n)
+    memory = mm.memories[0]
+    hidden = torch.cat(memory_inputs(mm.model, mm.memories, background_sequences)[memory.layer_index])[:n]
+    with torch.no_grad():
+        found = memory.lookup(hidden[None])
+        gate = torch.nn.functional.silu(memory.gate(hidden))
+    layer = retain.layers[memory.layer_index]
+    assert retain.n_tokens == n
+    assert torch.equal(layer.indices, found.indices.reshape(n, -1))
+    torch.testing.assert_close(layer.weights, found.weights.reshape(n, -1), rtol=1e-5, atol=1e-6)  # chunk rounding
+    torch.testing.assert_close(layer.gate, gate, rtol=1e-5, atol=1e-6)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from smfd.errors import SmfdError
-from smfd.learn.heal import memory_inputs
+from smfd.learn.heal import memory_inputs, token_pool
 from smfd.learn.kept_text import SampleRecipe
 from smfd.model.memory import ProductKeyMemory
 from smfd.paths import builtin_file, read_prompts
@@ -192,33 +192,36 @@ RETAIN_CHUNK = 1024  # tokens looked up at once: a lookup scores every key half,
 
 
 def _first_tokens(parts: list[torch.Tensor], max_tokens: int) -> torch.Tensor:
-    """The first `max_tokens` rows of the parts, in order, copied once (the rest is not touched)."""
+    """The first `max_tokens` rows of the parts, in order: a view of the pool `memory_inputs` wrote them into
+    when they are its consecutive views (no copy), else copied once (the rest is not touched)."""
     taken, count = [], 0
     for part in parts:
         if count >= max_tokens:
             break
         taken.append(part[: max_tokens - count])
         count += taken[-1].shape[0]
-    return torch.cat(taken)
+    return token_pool(taken)
 
 
 def _retain_layer(model: PreTrainedModel, memory: ProductKeyMemory, hidden: torch.Tensor) -> RetainLayer:
     """One memory layer's view of the retain tokens, `RETAIN_CHUNK` tokens at a time (lookups and the MLP
-    on all 16k tokens at once would add about 500 MB to the process's peak)."""
+    on all 16k tokens at once would add about 500 MB to the process's peak). The gate (n × hidden, 38 MB
+    on 16,384 tokens) is written into its tensor chunk by chunk, never held twice."""
     mlp = _mlp_of(model, memory)
-    indices, weights, gates, squares = [], [], [], 0.0
-    for chunk in hidden.split(RETAIN_CHUNK):
+    n, reads = hidden.shape[0], memory.config.heads * memory.config.k
+    indices = torch.empty(n, reads, dtype=torch.long, device=hidden.device)
+    weights = hidden.new_empty(n, reads)
+    gate = hidden.new_empty(n, memory.gate.out_features)
+    squares = 0.0
+    for start in range(0, n, RETAIN_CHUNK):
+        chunk = hidden[start : start + RETAIN_CHUNK]
+        rows = slice(start, start + chunk.shape[0])
         found = memory.lookup(chunk[None])
-        indices.append(found.indices.reshape(chunk.shape[0], -1))
-        weights.append(found.weights.reshape(chunk.shape[0], -1))
-        gates.append(F.silu(memory.gate(chunk)))
+        indices[rows] = found.indices.reshape(chunk.shape[0], -1)
+        weights[rows] = found.weights.reshape(chunk.shape[0], -1)
+        gate[rows] = F.silu(memory.gate(chunk))
         squares += float(mlp(chunk).double().pow(2).sum())
-    return RetainLayer(
-        indices=torch.cat(indices),
-        weights=torch.cat(weights),
-        gate=torch.cat(gates),
-        scale=max(squares / hidden.shape[0], 1e-12),
-    )
+    return RetainLayer(indices=indices, weights=weights, gate=gate, scale=max(squares / n, 1e-12))
 
 
 def _mlp_of(model: PreTrainedModel, memory: ProductKeyMemory) -> torch.nn.Module:
