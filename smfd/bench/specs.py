@@ -42,6 +42,7 @@ SMF_OPTIONS: dict[str, tuple[str, str]] = {
             "retain_tokens",
             "avoid_retain_rows",
             "prefix_cache_mb",
+            "micro_batch_size",
             "query_noise",
             "query_noise_draws",
         )
