@@ -139,3 +139,5 @@ def test_healing_samples_the_memory_inputs_in_place(tiny_memory_model, backgroun
     assert torch.equal(copied, torch.cat(scattered))
     reordered = [parts[1], parts[0], *parts[2:]]
     assert torch.equal(token_pool(reordered), torch.cat(reordered))
+    with pytest.raises(SmfdError, match="no memory inputs"):
+        token_pool([])

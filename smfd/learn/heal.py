@@ -78,6 +78,8 @@ def memory_inputs(
 def token_pool(parts: list[torch.Tensor]) -> torch.Tensor:
     """All rows of `parts` as one (tokens, hidden) tensor: the pool they are consecutive views of
     (`memory_inputs`), without a copy; a concatenated copy for any other list (e.g. sampling's)."""
+    if not parts:
+        raise SmfdError("token_pool: no memory inputs given (an empty text has no tokens to pool)")
     first = parts[0]
     storage = first.untyped_storage().data_ptr()
     expected = first.data_ptr()
