@@ -44,7 +44,7 @@ def memory_inputs(
 
     Each layer's rows are written into one pool (no padding kept) and the per-sequence tensors are
     consecutive views of it, so healing samples the pool as it is (`token_pool`) instead of
-    concatenating a second copy: on 67,000 tokens that copy was the benchmark's peak (130 MiB).
+    concatenating a second copy: on 67,000 tokens that copy (146 MiB) made the benchmark's peak.
     """
     if not sequences:
         raise SmfdError("query calibration, healing and background statistics need general text: the corpus is empty")
