@@ -71,7 +71,6 @@ def memory_inputs(
                 pool[at : at + len(seq)] = block[row, : len(seq)]
                 at += len(seq)
         start += sum(len(seq) for seq in group)
-        del blocks
     return {layer: list(pool.split([len(seq) for seq in sequences])) for layer, pool in pools.items()}
 
 

@@ -306,7 +306,7 @@ class SparseUpdater:
             pick = slice(first, first + size)
             share = float(trained[pick].sum()) / total if total else 0.0
             if share > 0:  # a part with nothing to train adds nothing (and its mean loss is undefined)
-                parts.append((TokenBatch(*(None if t is None else t[pick] for t in batch.tensors())), share))
+                parts.append((batch.rows(pick), share))
         return parts or [(batch, 1.0)]
 
     def finish_update(self) -> list[LayerPatch]:
@@ -324,8 +324,4 @@ def split_batch(batch: TokenBatch) -> tuple[TokenBatch, TokenBatch] | None:
     if rows < 2:
         return None
     half = rows // 2
-    pick = lambda t, sl: None if t is None else t[sl]  # noqa: E731
-    first, second = slice(0, half), slice(half, rows)
-    return TokenBatch(*(pick(t, first) for t in batch.tensors())), TokenBatch(
-        *(pick(t, second) for t in batch.tensors())
-    )
+    return batch.rows(slice(0, half)), batch.rows(slice(half, rows))

@@ -43,6 +43,10 @@ class TokenBatch:
     def to(self, device: torch.device) -> TokenBatch:
         return TokenBatch(*(None if t is None else t.to(device) for t in self.tensors()))
 
+    def rows(self, pick: slice) -> TokenBatch:
+        """These rows of the batch (views: every per-row tensor sliced alike)."""
+        return TokenBatch(*(None if t is None else t[pick] for t in self.tensors()))
+
 
 @dataclass
 class TeacherTarget:
