@@ -198,6 +198,7 @@ def test_a_daemon_that_rolls_back_most_updates_says_so(tmp_path, tiny_model_dir,
     config = write_config(tmp_path, tiny_model_dir, guard=strict, train={"lr": 3.0, "top_t": 64})
     for name, text in (("a.txt", NEW_TEXT), ("b.txt", NEW_TEXT.replace("Marta", "Greta"))):
         (tmp_path / "inbox" / name).write_text(text)
+        os.utime(tmp_path / "inbox" / name, (time.time() - 60,) * 2)  # settled: a one-shot run takes it
 
     code, _, err = run_cli(["--config", str(config), "--once"], capsys)
 
