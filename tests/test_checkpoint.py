@@ -12,6 +12,7 @@ from engine_settings import changed, train_section
 from safetensors import safe_open
 
 from smfd.errors import SmfdError
+from smfd.learn.heal import compute_background
 from smfd.learn.updater import SparseUpdater
 from smfd.store.checkpoint import FORMAT, CheckpointStore
 from smfd.store.patches import apply_patches, load_patches
@@ -284,3 +285,35 @@ def test_memory_layers_compare_as_the_blocks_they_name(tmp_path, tiny_memory_mod
         created.check_settings({"memory": {"layers": (-3,)}}, n_layers=30)
     with pytest.raises(SmfdError, match=r"memory\.layers: state has \[28\], config says \[-2\]"):
         created.check_settings({"memory": {"layers": (-2,)}})  # depth unknown: spelled differently is different
+
+
+def test_read_floors_come_back_through_patches_folding_rollback_and_loading(
+    tmp_path, make_memory_model, memory_config, background_sequences, text_batches, bit_identical
+):
+    """Read floors are part of a version: a fresh load, a base with folded patches and a rollback all
+    give back each version's floors exactly (rows trained for the first time had none before)."""
+    config = changed(memory_config, read_floor_margin=0.0)
+    model = make_memory_model(config)
+    background = compute_background(model.model, model.memories, background_sequences[:3])
+    updater = SparseUpdater(model.model, model.memories, background, train_section(selection="kl", top_t=12, lr=0.1))
+    store = CheckpointStore(tmp_path / "checkpoint", keep=2)
+    store.initialise(model, background)
+    saved = {0: model.memory_state()}
+    for texts in UPDATE_TEXTS[:4]:
+        batches = text_batches(texts, batch_size=1)
+        updater.plan_update(batches)
+        for batch in batches * 2:
+            updater.step(batch)
+        version = store.commit(updater.finish_update(), {"chunks": 1})
+        saved[version] = model.memory_state()
+    floors = saved[4]["1.values.floors"]
+    assert torch.isfinite(floors).all() and floors.numel() > 0
+
+    assert store.manifest()["base_version"] == 2  # versions 1 and 2 folded into the base
+    fresh = make_memory_model(config)
+    store.load_into(fresh)
+    assert bit_identical(fresh.memory_state(), saved[4])
+    store.rollback(model, 2)
+    assert bit_identical(model.memory_state(), saved[2])
+    store.load_into(fresh)
+    assert bit_identical(fresh.memory_state(), saved[2])

@@ -156,6 +156,7 @@ def test_memory_state_round_trips_and_refuses_a_state_from_other_layers(
         "1.keys",
         "1.values.slot_ids",
         "1.values.rows",
+        "1.values.floors",
         "1.gate.weight",
         "1.out.weight",
         "1.query_shift",
@@ -165,6 +166,11 @@ def test_memory_state_round_trips_and_refuses_a_state_from_other_layers(
     target = make_memory_model()
     target.load_memory_state(state)
     assert bit_identical(target.memory_state(), state)
+
+    older = {name: tensor for name, tensor in state.items() if name != "1.values.floors"}  # before read floors
+    target.load_memory_state(older)
+    assert torch.equal(target.memory_state()["1.values.rows"], state["1.values.rows"])
+    assert torch.isneginf(target.memory_state()["1.values.floors"]).all()
 
     other = make_memory_model(changed(memory_config, layers=(2,)))
     with pytest.raises(SmfdError, match="other memory.layers"):
@@ -267,3 +273,31 @@ def test_min_read_weight_must_be_a_fraction():
 def _memories(model: torch.nn.Module) -> list[ProductKeyMemory]:
     """The memory layers a model holds, in layer order."""
     return sorted((m for m in model.modules() if isinstance(m, ProductKeyMemory)), key=lambda m: m.layer_index)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.3])
+def test_a_read_scoring_below_its_rows_floor_counts_for_nothing(memory_config, margin):
+    """A trained row answers only reads that score at least its floor minus the margin; rows without a
+    floor, and every row when the margin is unset, answer as before."""
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 12, 32)
+    gated = ProductKeyMemory(32, changed(memory_config, read_floor_margin=margin), layer_index=1)
+    plain = ProductKeyMemory(32, memory_config, layer_index=1)
+    plain.load_state_dict(gated.state_dict())
+    before = gated.lookup(hidden)
+    assert torch.equal(before.weights, plain.lookup(hidden).weights), "no floors yet: nothing is cut"
+
+    read = torch.unique(before.indices[before.weights > 0])
+    floored, unfloored = read[::2], read[1::2]
+    floor = before.scores[before.weights > 0].median()
+    for memory in (gated, plain):
+        memory.values.write(read, torch.ones(read.numel(), 32))
+        memory.values.set_floors(floored, torch.full((floored.numel(),), float(floor)))
+
+    after = gated.lookup(hidden)
+    has_floor = torch.isin(before.indices, floored)
+    cut = has_floor & (before.scores < floor - margin)
+    assert cut.any() and (has_floor & ~cut & (before.weights > 0)).any()
+    assert torch.equal(after.weights, before.weights * ~cut)
+    assert torch.equal(plain.lookup(hidden).weights, before.weights), "margin unset: floors are ignored"
+    assert torch.isin(unfloored, before.indices[after.weights > 0]).all()

@@ -19,7 +19,7 @@ from smfd.learn.interference import RetainSet
 from smfd.learn.selection import RULES
 from smfd.learn.updater import SparseUpdater, causal_lm_loss
 from smfd.model.batch import TokenBatch, make_batch
-from smfd.model.memory import Lookup, MemorySection
+from smfd.model.memory import Lookup, MemorySection, recording_lookups
 
 TWO_LAYER_MEMORY = MemorySection(layers=(0, 2), n_keys=16, heads=2, k=4, key_dim=16)
 
@@ -509,3 +509,53 @@ def test_scope_step_runs_the_batch_whole(tiny_memory_model, background, text_bat
     updater = SparseUpdater(tiny_memory_model.model, tiny_memory_model.memories, background, config)
     updater.plan_update([batch])
     assert updater.micro_batches(batch) == [(batch, 1.0)]
+
+
+@pytest.mark.parametrize("scope", ["update", "step"])
+def test_read_floors_are_the_lowest_scores_the_updates_own_text_read_its_rows_at(
+    make_memory_model, memory_config, background_sequences, text_batches, scope
+):
+    """With `read_floor_margin`, each row an update trained gets the lowest key score at which the
+    update's own sequences read it: the gate never cuts the reads the row was trained through, and
+    a row trained again keeps the lower of its two floors."""
+    mm = make_memory_model(changed(memory_config, read_floor_margin=0.0))
+    memory = mm.memories[0]
+    background = compute_background(mm.model, mm.memories, background_sequences[:3])
+    config = train_section(selection="kl", top_t=24, lr=0.5, scope=scope)
+    updater = SparseUpdater(mm.model, mm.memories, background, config)
+
+    floors_by_update = []
+    for texts in (FACTS, FACTS[::-1] + ["The observatory's parrot is blue."]):
+        batches = text_batches(texts, batch_size=2)
+        with recording_lookups(mm.memories):
+            reads = []
+            for batch in batches:
+                with torch.no_grad():
+                    mm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                found = memory.last_lookup
+                keep = (batch.attention_mask[..., None, None] > 0) & (found.weights > 0)
+                reads.append((found.indices[keep], found.scores[keep]))
+        ids = torch.cat([i for i, _ in reads])
+        scores = torch.cat([s for _, s in reads])
+        lowest = torch.full((memory.config.n_slots,), float("inf")).scatter_reduce(0, ids, scores, reduce="amin")
+        old = memory.values.floors(torch.arange(memory.config.n_slots)).clone()
+
+        updater.plan_update(batches)
+        for batch in batches:
+            updater.step(batch)
+        patch = updater.finish_update()[0]
+
+        trained = patch.slot_ids
+        assert torch.isfinite(lowest[trained]).all(), "every trained row was read by the update's text"
+        earlier = old[trained]
+        expected = torch.where(torch.isfinite(earlier), torch.minimum(earlier, lowest[trained]), lowest[trained])
+        assert torch.equal(memory.values.floors(trained), expected)
+        assert torch.equal(patch.floor_after, expected) and torch.equal(patch.floor_before, old[trained])
+        untouched = torch.ones(memory.config.n_slots, dtype=torch.bool)
+        untouched[trained] = False
+        assert torch.equal(memory.values.floors(torch.arange(memory.config.n_slots))[untouched], old[untouched])
+        floors_by_update.append((trained, expected))
+    first, second = floors_by_update
+    again = first[0][torch.isin(first[0], second[0])]
+    assert again.numel() > 0, "the second update trains some of the first one's rows again"
+    assert (memory.values.floors(again) <= first[1][torch.isin(first[0], second[0])]).all()

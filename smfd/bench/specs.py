@@ -57,6 +57,7 @@ SMF_OPTIONS: dict[str, tuple[str, str]] = {
             "key_dim",
             "read_temperature",
             "min_read_weight",
+            "read_floor_margin",
             "fact_sequences",
         )
     },

@@ -32,8 +32,9 @@ class ModelSection(BaseModel):
 class MemorySection(BaseModel):
     """The sparse memory layers retrofitted into the model (smfd.model.memory).
 
-    Every field here is recorded in a state when it is created; a config that changes one is
-    refused by name, since the stored rows only mean something under the shape that wrote them.
+    Every field here but `read_floor_margin` is recorded in a state when it is created; a config that
+    changes one is refused by name, since the stored rows only mean something under the shape that
+    wrote them.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -57,6 +58,10 @@ class MemorySection(BaseModel):
     # Reads whose softmax weight (within the head) is at most this count for nothing, in the output
     # and in slot statistics: a trained row changes only the tokens that address it squarely.
     min_read_weight: float = Field(0.2, ge=0, lt=1)
+    # Each trained row keeps a read floor: the lowest key score at which its update's own text read
+    # it. A read scoring more than this margin below its row's floor counts for nothing, so ordinary
+    # text that merely has a trained row among its k slots is not changed by it. None = off.
+    read_floor_margin: float | None = Field(None, ge=0)
     # General text for background slot statistics; None samples text from the frozen model itself.
     background_text: Path | None = None
     background_sequences: int = Field(256, ge=8)
@@ -78,8 +83,13 @@ class MemorySection(BaseModel):
         return self.n_keys * self.n_keys
 
     def shape(self) -> dict[str, Any]:
-        """What defines the memory's rows: recorded in a state and compared on every start."""
-        return self.model_dump(mode="json", exclude={"background_text", "background_sequences", "fact_sequences"})
+        """What defines the memory's rows: recorded in a state and compared on every start.
+
+        `read_floor_margin` is left out: it changes no stored row, only which reads of floored rows
+        count, so it may change on an existing state (rows trained while it was unset have no floor).
+        """
+        excluded = {"background_text", "background_sequences", "fact_sequences", "read_floor_margin"}
+        return self.model_dump(mode="json", exclude=excluded)
 
     def layer_indices(self, n_layers: int) -> list[int]:
         """The chosen decoder layers as indices into a stack of `n_layers`, negative ones counted from the top."""

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from smfd.config import TrainSection
 from smfd.errors import SmfdError
 from smfd.learn.interference import RetainSet, RowValues
-from smfd.learn.selection import batch_reads, select_slots, top_slots
+from smfd.learn.selection import batch_reads, lowest_read_scores, select_slots, top_slots
 from smfd.model.batch import TokenBatch
 from smfd.model.head_loss import head_nll
 from smfd.model.memory import Lookup, ProductKeyMemory, recording_lookups
@@ -134,6 +134,8 @@ class SparseUpdater:
         )
         self.recorder = PatchRecorder()
         self.planned: dict[int, torch.Tensor] | None = None
+        # Per memory with `read_floor_margin`: the lowest score at which this update's text reads each slot.
+        self.read_scores: dict[int, torch.Tensor] = {}
         self.grad_scale: dict[int, torch.Tensor] = {}  # normalize_once: 1 / RMS of the update's first gradient
         first_memory = min(m.layer_index for m in memories)
         self.prefix = PrefixCache(decoder_layers(model), first_memory, config.prefix_cache_mb * 1024 * 1024)
@@ -160,6 +162,7 @@ class SparseUpdater:
         The selection forward also fills the prefix cache, so every step of the update starts at
         the lowest memory layer. With query noise, each sequence's reads are ranked once clean and
         `query_noise_draws` times noisy (those forwards start at the memory layer, from the cache).
+        The clean reads also give the rows' read floors (`finish_update`) where a memory uses them.
         """
         self.grad_scale = {}
         self.prefix.clear()
@@ -167,7 +170,12 @@ class SparseUpdater:
         if self.config.query_noise > 0:
             device = self.memories[0].keys.device
             self.noise_generator = torch.Generator(device=device).manual_seed(NOISE_SEED)
-        if self.config.scope != "update" or not batches:
+        self.read_scores = {
+            m.layer_index: torch.full((m.config.n_slots,), float("inf"), device=m.keys.device)
+            for m in self.memories
+            if m.config.read_floor_margin is not None
+        }
+        if not batches or (self.config.scope != "update" and not self.read_scores):
             return
         reads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {m.layer_index: [] for m in self.memories}
         seen: set[tuple[int, ...]] = set()
@@ -189,6 +197,12 @@ class SparseUpdater:
                         self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                     for memory in self.memories:
                         reads[memory.layer_index].append(batch_reads(memory.last_lookup, weights / draws))
+                        if draw == 0 and memory.layer_index in self.read_scores:
+                            lowest_read_scores(
+                                memory.last_lookup, batch.attention_mask, self.read_scores[memory.layer_index]
+                            )
+        if self.config.scope != "update":
+            return
         self.planned = {
             layer: top_slots(
                 self.config.selection,
@@ -311,11 +325,27 @@ class SparseUpdater:
 
     def finish_update(self) -> list[LayerPatch]:
         """Close the current update: the patches that revert or replay everything since the last call."""
+        self._set_read_floors()
         self.planned = None
         self.grad_scale = {}
         self.noise_generator = None
         self.prefix.clear()
         return self.recorder.finish(self.memories)
+
+    def _set_read_floors(self) -> None:
+        """Give each row this update trained the lowest score at which the update's text read it (the
+        lower of that and its earlier floor, for a row trained before); a row the clean reads never
+        reached keeps its floor."""
+        for memory in self.memories:
+            lowest = self.read_scores.get(memory.layer_index)
+            changed = self.recorder.before(memory.layer_index)
+            if lowest is None or changed is None:
+                continue
+            ids = changed[0].to(lowest.device)
+            new, old = lowest[ids], memory.values.floors(ids)
+            floors = torch.where(torch.isfinite(new), torch.minimum(old.where(torch.isfinite(old), new), new), old)
+            memory.values.set_floors(ids, floors)
+        self.read_scores = {}
 
 
 def split_batch(batch: TokenBatch) -> tuple[TokenBatch, TokenBatch] | None:

@@ -27,10 +27,12 @@ from smfd.model.sparse_rows import SparseRows
 
 @dataclass
 class Lookup:
-    """The slots one forward pass read: indices and softmax weights, shape (batch, seq, heads, k)."""
+    """The slots one forward pass read: indices and softmax weights, shape (batch, seq, heads, k), and
+    the reads' key scores (the sums the softmax is taken over; None where a lookup was built by hand)."""
 
     indices: torch.Tensor
     weights: torch.Tensor
+    scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -87,6 +89,9 @@ class ProductKeyMemory(nn.Module):
         """Address the memory: top-k slots per head for every token.
 
         Weights at or below `min_read_weight` are zero unless `dense` (healing balances the whole softmax).
+        With `read_floor_margin` set, so is the weight of a read that scores more than the margin below
+        its row's read floor: a trained row answers only tokens that address it about as squarely as
+        the text it was trained on did, not the ordinary tokens that merely have it among their k.
         """
         cfg = self.config
         batch, seq, _ = hidden.shape
@@ -106,7 +111,10 @@ class ProductKeyMemory(nn.Module):
         weights = (best / cfg.read_temperature).softmax(dim=-1)
         if cfg.min_read_weight > 0 and not dense:
             weights = weights * (weights > cfg.min_read_weight)
-        return Lookup(indices=idx_a * cfg.n_keys + idx_b, weights=weights)
+        indices = idx_a * cfg.n_keys + idx_b
+        if cfg.read_floor_margin is not None and not dense:
+            weights = weights * (best >= self.values.floors(indices) - cfg.read_floor_margin)
+        return Lookup(indices=indices, weights=weights, scores=best)
 
     def read(self, lookup: Lookup) -> torch.Tensor:
         """Weighted sum of value rows over k slots and all heads; selected rows come from the trainable copy."""

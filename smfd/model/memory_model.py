@@ -21,6 +21,7 @@ from smfd.model.retrofit import attach_memory, memory_bypassed
 from smfd.model.sparse_rows import SparseRows
 
 VALUE_KEYS = ("values.slot_ids", "values.rows")
+FLOORS_KEY = "values.floors"
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -72,7 +73,7 @@ class MemoryModel:
 
     def memory_state(self) -> dict[str, torch.Tensor]:
         """Every memory tensor, keyed `<layer>.<name>` (safetensors-ready, on CPU): the addressing
-        parameters and buffers, and the value table's written rows as `values.slot_ids` / `values.rows`."""
+        parameters and buffers, and the value table's written rows as `values.slot_ids` / `values.rows` / `values.floors`."""
         state = {}
         for m in self.memories:
             state.update(
@@ -84,7 +85,8 @@ class MemoryModel:
     def load_memory_state(self, state: dict[str, torch.Tensor], source: str = "memory state") -> None:
         """Strict load: every key present, no extra key, same shapes; `source` names the file in errors."""
         expected = {f"{m.layer_index}.{name}" for m in self.memories for name in (*m.state_dict(), *VALUE_KEYS)}
-        missing, extra = expected - set(state), set(state) - expected
+        optional = {f"{m.layer_index}.{FLOORS_KEY}" for m in self.memories}  # absent in states before read floors
+        missing, extra = expected - set(state), set(state) - expected - optional
         if missing or extra:
             raise SmfdError(
                 f"{source} does not match the configured memory (missing {sorted(missing)[:4]}, "
@@ -94,6 +96,8 @@ class MemoryModel:
             prefix = f"{memory.layer_index}."
             own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             values = {name: own.pop(f"values.{name}") for name in ("slot_ids", "rows")}
+            if FLOORS_KEY in own:
+                values["floors"] = own.pop(FLOORS_KEY)
             for name, tensor in memory.state_dict().items():
                 if own[name].shape != tensor.shape:
                     raise SmfdError(

@@ -54,8 +54,8 @@ FORMAT = 3
 DENSE_FORMAT = 2
 
 
-def _values_keys(layer: int) -> tuple[str, str]:
-    return f"{layer}.values.slot_ids", f"{layer}.values.rows"
+def _values_prefix(layer: int) -> str:
+    return f"{layer}.values."
 
 
 class CheckpointStore:
@@ -205,8 +205,10 @@ class CheckpointStore:
         for v in range(base_version + 1, new_base_version + 1):
             patches, _ = self._load_patch(v, manifest)
             for patch in patches:
-                ids_key, rows_key = _values_keys(patch.layer)
-                base[ids_key], base[rows_key] = merged_rows(base[ids_key], base[rows_key], patch.slot_ids, patch.after)
+                prefix = _values_prefix(patch.layer)
+                stored = {name: base[prefix + name] for name in ("slot_ids", "rows", "floors") if prefix + name in base}
+                merged = merged_rows(stored, patch.slot_ids, patch.after, patch.floor_after)
+                base.update({prefix + name: tensor for name, tensor in merged.items()})
         atomic_write(self.folder / BASE, lambda tmp: save_file(base, str(tmp)))
         manifest["base_version"] = new_base_version
         files = manifest.setdefault("files", {})

@@ -1,4 +1,5 @@
-"""Patches: every update recorded as (layer, slot ids, rows before, rows after).
+"""Patches: every update recorded as (layer, slot ids, rows before, rows after), with the rows' read
+floors before and after (smfd.model.sparse_rows).
 
 A patch reverts an update exactly (write `before` back) or replays it (write `after`), so any
 memory version is reproducible from a base snapshot plus patches. Stored with safetensors; rows
@@ -25,10 +26,17 @@ class LayerPatch:
     slot_ids: torch.Tensor
     before: torch.Tensor
     after: torch.Tensor
+    # Read floors of the rows before and after; None in patch files from before read floors (no floors then).
+    floor_before: torch.Tensor | None = None
+    floor_after: torch.Tensor | None = None
 
     @property
     def n_rows(self) -> int:
         return int(self.slot_ids.numel())
+
+    def has_floors(self) -> bool:
+        """Whether any row has a read floor before or after (with floors off, none has: files stay as they were)."""
+        return any(f is not None and bool(torch.isfinite(f).any()) for f in (self.floor_before, self.floor_after))
 
     def held_before(self) -> torch.Tensor:
         """Positions of the rows that held something before the update (value rows start at zero)."""
@@ -39,23 +47,30 @@ class PatchRecorder:
     """Remembers each touched row's value from before its first change during one update."""
 
     def __init__(self) -> None:
-        self._before: dict[int, dict[int, torch.Tensor]] = {}
+        self._before: dict[int, dict[int, tuple[torch.Tensor, float]]] = {}
 
     def record(self, memory: ProductKeyMemory, slot_ids: torch.Tensor) -> None:
         """Call before `slot_ids` of `memory` are overwritten."""
         seen = self._before.setdefault(memory.layer_index, {})
         fresh = [int(s) for s in slot_ids.tolist() if int(s) not in seen]
         if fresh:
-            rows = memory.values.gather(torch.tensor(fresh)).cpu()
-            seen.update(zip(fresh, rows))
+            ids = torch.tensor(fresh)
+            rows = memory.values.gather(ids).cpu()
+            floors = memory.values.floors(ids).cpu().tolist()
+            seen.update(zip(fresh, zip(rows, floors)))
 
     def before(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(slot ids ascending, their values before this update) of one layer's rows changed so far; None if none."""
+        changed = self._before_with_floors(layer_index)
+        return None if changed is None else changed[:2]
+
+    def _before_with_floors(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         seen = self._before.get(layer_index)
         if not seen:
             return None
         ids = torch.tensor(sorted(seen), dtype=torch.long)
-        return ids, torch.stack([seen[int(i)] for i in ids])
+        rows = torch.stack([seen[int(i)][0] for i in ids])
+        return ids, rows, torch.tensor([seen[int(i)][1] for i in ids])
 
     def finish(self, memories: list[ProductKeyMemory]) -> list[LayerPatch]:
         """One patch per touched layer: union of rows, first-seen `before`, current `after`; the recorder empties."""
@@ -67,12 +82,13 @@ class PatchRecorder:
         """The patches of the update so far, without closing it (the recorder keeps its rows)."""
         patches = []
         for memory in memories:
-            changed = self.before(memory.layer_index)
+            changed = self._before_with_floors(memory.layer_index)
             if changed is None:
                 continue
-            ids, before = changed
+            ids, before, floor_before = changed
             after = memory.values.gather(ids).cpu()
-            patches.append(LayerPatch(memory.layer_index, ids, before, after))
+            floor_after = memory.values.floors(ids).cpu()
+            patches.append(LayerPatch(memory.layer_index, ids, before, after, floor_before, floor_after))
         return patches
 
 
@@ -89,7 +105,8 @@ def apply_patches(memories: list[ProductKeyMemory], patches: list[LayerPatch], *
         memory = by_layer.get(patch.layer)
         if memory is None:
             raise SmfdError(f"patch for layer {patch.layer} but the model has memory at layers {sorted(by_layer)}")
-        memory.values.write(patch.slot_ids, patch.before if revert else patch.after)
+        floors = patch.floor_before if revert else patch.floor_after
+        memory.values.write(patch.slot_ids, patch.before if revert else patch.after, floors)
 
 
 def patch_problem(memories: list[ProductKeyMemory], patches: list[LayerPatch]) -> str:
@@ -100,10 +117,14 @@ def patch_problem(memories: list[ProductKeyMemory], patches: list[LayerPatch]) -
         memory = by_layer.get(patch.layer)
         if memory is None:
             return f"patch for layer {patch.layer} but the model has memory at layers {sorted(by_layer)}"
-        for name, rows in (("before", patch.before), ("after", patch.after)):
-            problem = table_problem(
-                {"slot_ids": patch.slot_ids, "rows": rows}, memory.values.n_slots, memory.values.width
-            )
+        for name, rows, floors in (
+            ("before", patch.before, patch.floor_before),
+            ("after", patch.after, patch.floor_after),
+        ):
+            stored = {"slot_ids": patch.slot_ids, "rows": rows}
+            if floors is not None:
+                stored["floors"] = floors
+            problem = table_problem(stored, memory.values.n_slots, memory.values.width)
             if problem:
                 return f"layer {patch.layer} rows {name}: {problem}"
     return ""
@@ -111,7 +132,8 @@ def patch_problem(memories: list[ProductKeyMemory], patches: list[LayerPatch]) -
 
 def save_patches(path: Path, patches: list[LayerPatch], metadata: dict[str, object]) -> None:
     """Each layer's slot ids and rows after; rows before only where they held something (`before_at`:
-    their positions), since a row trained for the first time was zero before."""
+    their positions), since a row trained for the first time was zero before; read floors before and
+    after where any row has one."""
     tensors = {}
     for p in patches:
         held = p.held_before()
@@ -119,6 +141,9 @@ def save_patches(path: Path, patches: list[LayerPatch], metadata: dict[str, obje
         tensors[f"{p.layer}.after"] = p.after.contiguous()
         tensors[f"{p.layer}.before_at"] = held.contiguous()
         tensors[f"{p.layer}.before"] = p.before[held].contiguous()
+        if p.has_floors():
+            tensors[f"{p.layer}.floor_before"] = p.floor_before.contiguous()
+            tensors[f"{p.layer}.floor_after"] = p.floor_after.contiguous()
     save_file(tensors, str(path), metadata={"smfd": json.dumps(metadata)})
 
 
@@ -135,5 +160,6 @@ def load_patches(path: Path) -> tuple[list[LayerPatch], dict[str, object]]:
         after, before, held = tensors[f"{layer}.after"], tensors[f"{layer}.before"], tensors.get(f"{layer}.before_at")
         if held is not None:  # rows before stored only where they held something (format 2 stored them all)
             before = torch.zeros_like(after).index_copy_(0, held, before)
-        patches.append(LayerPatch(layer, tensors[f"{layer}.slot_ids"], before, after))
+        floors = (tensors.get(f"{layer}.floor_before"), tensors.get(f"{layer}.floor_after"))
+        patches.append(LayerPatch(layer, tensors[f"{layer}.slot_ids"], before, after, *floors))
     return patches, metadata
