@@ -282,7 +282,7 @@ def test_a_read_scoring_below_its_rows_floor_counts_for_nothing(memory_config, m
     torch.manual_seed(0)
     hidden = torch.randn(1, 12, 32)
     gated = ProductKeyMemory(32, changed(memory_config, read_floor_margin=margin), layer_index=1)
-    plain = ProductKeyMemory(32, memory_config, layer_index=1)
+    plain = ProductKeyMemory(32, changed(memory_config, read_floor_margin=None), layer_index=1)
     plain.load_state_dict(gated.state_dict())
     before = gated.lookup(hidden)
     assert torch.equal(before.weights, plain.lookup(hidden).weights), "no floors yet: nothing is cut"

@@ -58,10 +58,10 @@ class MemorySection(BaseModel):
     # Reads whose softmax weight (within the head) is at most this count for nothing, in the output
     # and in slot statistics: a trained row changes only the tokens that address it squarely.
     min_read_weight: float = Field(0.2, ge=0, lt=1)
-    # Each trained row keeps a read floor: the lowest key score at which its update's own text read
-    # it. A read scoring more than this margin below its row's floor counts for nothing, so ordinary
-    # text that merely has a trained row among its k slots is not changed by it. None = off.
-    read_floor_margin: float | None = Field(None, ge=0)
+    # Each trained row keeps a read floor: the lowest key score its update's own text read it at. A
+    # read scoring more than this margin below its row's floor counts for nothing (ordinary text that
+    # merely has the row among its k). None = off; docs/experiments/2026-12-07-read-floors.md.
+    read_floor_margin: float | None = Field(0.3, ge=0)
     # General text for background slot statistics; None samples text from the frozen model itself.
     background_text: Path | None = None
     background_sequences: int = Field(256, ge=8)

@@ -35,7 +35,7 @@ def lowest_read_scores(lookup: Lookup, token_mask: torch.Tensor, lowest: torch.T
     """Lower `lowest` (one entry per slot) to the smallest key score at which a token of `token_mask`
     (batch, seq; 0 for padding) read each slot with a non-zero weight: the read floors of an update."""
     if lookup.scores is None:
-        raise ValueError("lowest_read_scores needs a lookup with its key scores (ProductKeyMemory.lookup)")
+        raise SmfdError("lowest_read_scores needs a lookup with its key scores (ProductKeyMemory.lookup)")
     keep = (token_mask[..., None, None] > 0) & (lookup.weights > 0)
     lowest.scatter_reduce_(0, lookup.indices[keep], lookup.scores[keep].to(lowest), reduce="amin")
 

@@ -343,7 +343,8 @@ class SparseUpdater:
                 continue
             ids = changed[0].to(lowest.device)
             new, old = lowest[ids], memory.values.floors(ids)
-            floors = torch.where(torch.isfinite(new), torch.minimum(old.where(torch.isfinite(old), new), new), old)
+            earlier = torch.where(torch.isfinite(old), old, new)  # a row without a floor takes the new one
+            floors = torch.where(torch.isfinite(new), torch.minimum(earlier, new), old)
             memory.values.set_floors(ids, floors)
         self.read_scores = {}
 
