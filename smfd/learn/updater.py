@@ -338,10 +338,10 @@ class SparseUpdater:
         reached keeps its floor."""
         for memory in self.memories:
             lowest = self.read_scores.get(memory.layer_index)
-            changed = self.recorder.before(memory.layer_index)
+            changed = self.recorder.changed_slots(memory.layer_index)
             if lowest is None or changed is None:
                 continue
-            ids = changed[0].to(lowest.device)
+            ids = changed.to(lowest.device)
             new, old = lowest[ids], memory.values.floors(ids)
             earlier = torch.where(torch.isfinite(old), old, new)  # a row without a floor takes the new one
             floors = torch.where(torch.isfinite(new), torch.minimum(earlier, new), old)

@@ -59,16 +59,21 @@ class PatchRecorder:
             floors = memory.values.floors(ids).cpu().tolist()
             seen.update(zip(fresh, zip(rows, floors)))
 
+    def changed_slots(self, layer_index: int) -> torch.Tensor | None:
+        """Slot ids (ascending) of one layer's rows changed so far, without their values; None if none."""
+        seen = self._before.get(layer_index)
+        return torch.tensor(sorted(seen), dtype=torch.long) if seen else None
+
     def before(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(slot ids ascending, their values before this update) of one layer's rows changed so far; None if none."""
         changed = self._before_with_floors(layer_index)
         return None if changed is None else changed[:2]
 
     def _before_with_floors(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        seen = self._before.get(layer_index)
-        if not seen:
+        ids = self.changed_slots(layer_index)
+        if ids is None:
             return None
-        ids = torch.tensor(sorted(seen), dtype=torch.long)
+        seen = self._before[layer_index]
         rows = torch.stack([seen[int(i)][0] for i in ids])
         return ids, rows, torch.tensor([seen[int(i)][1] for i in ids])
 
