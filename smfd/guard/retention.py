@@ -42,7 +42,8 @@ RECALL_KEPT = 500  # recall probes kept on disk (newest)
 RECALL_MEASURED = 64  # newest recall probes scored in a full run
 FAST_HELDOUT_WINDOWS = 4  # a single window is a noisy judge of held-out NLL for the guard
 FAST_DRIFT_PROMPTS = 16
-DRIFT_BATCH = 8  # drift prompts scored at once (base and now): two batches of logits over the vocabulary at a time
+DRIFT_BATCH = 4  # drift prompts scored at once (base and now): two batches of logits over the vocabulary at a time
+# (8 held about 40 MB above the daemon's base, as much as a training step)
 FULL_HELDOUT_WINDOWS = 8
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from smfd.model.batch import make_batch
+from smfd.model.batch import forward_groups, make_batch
 from smfd.model.head_loss import head_token_nll
 from smfd.model.memory import ProductKeyMemory
 from smfd.model.retrofit import memory_bypassed
@@ -60,10 +60,11 @@ def sequence_surprise(
     batch_size: int,
     device: torch.device | str,
 ) -> list[torch.Tensor]:
-    """Per-token surprise of each token sequence, scored `batch_size` at a time; one CPU tensor per sequence, its length."""
+    """Per-token surprise of each token sequence, at most `batch_size` a forward (and at most
+    `smfd.model.batch.FORWARD_TOKENS` padded tokens); one CPU tensor per sequence, its length."""
     out: list[torch.Tensor] = []
-    for start in range(0, len(sequences), batch_size):
-        group = sequences[start : start + batch_size]
+    for rows in forward_groups([len(seq) for seq in sequences], batch_size):
+        group = sequences[rows.start : rows.stop]
         batch = make_batch(group, pad_id).to(device)
         nll = score_surprise(model, memories, batch.input_ids, batch.attention_mask).cpu()
         out.extend(nll[row, : len(seq)] for row, seq in enumerate(group))

@@ -186,21 +186,8 @@ class SparseUpdater:
                 if rows <= seen:
                     continue  # later passes repeat the same sequences: one forward per sequence is enough
                 seen |= rows
-                mask, surprise = read_weights(batch)
-                weights = (
-                    mask.double()
-                    if surprise is None or self.config.selection != "surprise-kl"
-                    else mask.double() * surprise.double().clamp_min(0)
-                )
-                for draw in range(draws):
-                    with self.prefix.forward_for(batch), self._noisy_reads() if draw else contextlib.nullcontext():
-                        self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-                    for memory in self.memories:
-                        reads[memory.layer_index].append(batch_reads(memory.last_lookup, weights / draws))
-                        if draw == 0 and memory.layer_index in self.read_scores:
-                            lowest_read_scores(
-                                memory.last_lookup, batch.attention_mask, self.read_scores[memory.layer_index]
-                            )
+                for part in self._forward_parts(batch):
+                    self._record_reads(part, draws, reads)
         if self.config.scope != "update":
             return
         self.planned = {
@@ -214,6 +201,34 @@ class SparseUpdater:
             )
             for layer, pairs in reads.items()
         }
+
+    def _forward_parts(self, batch: TokenBatch) -> list[TokenBatch]:
+        """`batch` in parts of `micro_batch_size` rows, so a selection forward holds no more activations
+        than a training step's part does (the reads are the same, row by row)."""
+        size = self.config.micro_batch_size
+        rows = batch.input_ids.shape[0]
+        if size is None or size >= rows:
+            return [batch]
+        return [batch.rows(slice(first, first + size)) for first in range(0, rows, size)]
+
+    def _record_reads(
+        self, batch: TokenBatch, draws: int, reads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]
+    ) -> None:
+        """Run the selection forward(s) over `batch`: its reads, weighted for ranking, go to `reads`; the
+        clean draw's lowest score per row to the read floors."""
+        mask, surprise = read_weights(batch)
+        weights = (
+            mask.double()
+            if surprise is None or self.config.selection != "surprise-kl"
+            else mask.double() * surprise.double().clamp_min(0)
+        )
+        for draw in range(draws):
+            with self.prefix.forward_for(batch), self._noisy_reads() if draw else contextlib.nullcontext():
+                self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            for memory in self.memories:
+                reads[memory.layer_index].append(batch_reads(memory.last_lookup, weights / draws))
+                if draw == 0 and memory.layer_index in self.read_scores:
+                    lowest_read_scores(memory.last_lookup, batch.attention_mask, self.read_scores[memory.layer_index])
 
     def _selector(
         self, mask: torch.Tensor, surprise: torch.Tensor | None

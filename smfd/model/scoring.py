@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from smfd.model.head_loss import head_token_nll, head_token_scores
+from smfd.model.batch import forward_groups
+from smfd.model.head_loss import head_token_nll, head_token_scores, log_softmax_
 
 
 @dataclass
@@ -68,17 +68,18 @@ def continuation_scores(
     """(summed NLL, token count, every continuation token is the argmax) for each (context, continuation).
 
     The last is teacher-forced greedy: true exactly when greedy decoding would begin with the continuation.
+    Up to `batch_size` pairs a forward, fewer where they are long (`smfd.model.batch.forward_groups`).
     """
     device = next(model.parameters()).device
     results: list[tuple[float, int, bool]] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        sequences, spans = [], []
-        for context, continuation in chunk:
-            ctx_ids = tokenizer(context, add_special_tokens=False).input_ids
-            cont_ids = tokenizer(continuation, add_special_tokens=False).input_ids
-            sequences.append(ctx_ids + cont_ids)
-            spans.append((len(ctx_ids), len(ctx_ids) + len(cont_ids)))
+    all_sequences, all_spans = [], []
+    for context, continuation in pairs:
+        ctx_ids = tokenizer(context, add_special_tokens=False).input_ids
+        cont_ids = tokenizer(continuation, add_special_tokens=False).input_ids
+        all_sequences.append(ctx_ids + cont_ids)
+        all_spans.append((len(ctx_ids), len(ctx_ids) + len(cont_ids)))
+    for group in forward_groups([len(seq) for seq in all_sequences], batch_size):
+        sequences, spans = all_sequences[group.start : group.stop], all_spans[group.start : group.stop]
         ids, mask = right_padded(sequences, tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -190,11 +191,11 @@ def next_token_logprobs(model: PreTrainedModel, windows: list[list[int]], batch_
     """Log-probabilities at every real position of each window (for drift against a later state)."""
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start : start + batch_size]
+    for group in forward_groups([len(w) for w in windows], batch_size):
+        batch = windows[group.start : group.stop]
         ids, mask = right_padded(batch, 0)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = F.log_softmax(logits, dim=-1).cpu()
+        logprobs = log_softmax_(logits.flatten(0, 1)).view(logits.shape).cpu()  # in place: one vocabulary-wide copy
         out.extend(logprobs[row, : len(seq)] for row, seq in enumerate(batch))
     return out
 
