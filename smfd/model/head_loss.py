@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Positions whose logits exist at once: 25 MB of float32 at SmolLM2's vocabulary. Each chunk reads the
-# whole head weight (113 MB), so smaller chunks cost time: 64 made a training step 8% slower, 128 is
-# as fast as 256, which held about 100 MB at once through a step (logits and the softmax's gradient).
-CHUNK_POSITIONS = 128
+# Positions whose logits exist at once: 12.5 MB of float32 at SmolLM2's vocabulary. In the daemon a
+# training step's peak above its state was at most 42 MB with 64 against 86 MB with 128 and 74 MB with
+# 256 (the LM head's chunk stacks on the retain penalty's tensors). Each chunk reads the whole head
+# weight (113 MB), so smaller chunks cost time: a step took 8% longer with 64 than with 256.
+CHUNK_POSITIONS = 64
 LOG_SOFTMAX_ROWS = 32  # rows normalised at once: a 6 MB temporary instead of a second copy of the chunk's logits
 
 
@@ -28,7 +29,7 @@ def log_softmax_(logits: torch.Tensor) -> torch.Tensor:
     """Log-softmax over the last dimension of a 2-D tensor, in place, a few rows at a time.
 
     `Tensor.log_softmax` returns a new tensor as large as its input, so a chunk's logits and
-    their log-softmax would be alive together (50 MB per chunk of 128 positions); rows are
+    their log-softmax would be alive together (25 MB per chunk of 64 positions); rows are
     normalised independently, so block by block gives the same values.
     """
     for start in range(0, logits.shape[0], LOG_SOFTMAX_ROWS):
