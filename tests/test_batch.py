@@ -17,20 +17,20 @@ from smfd.model.scoring import continuation_scores, next_token_logprobs
 @given(
     lengths=st.lists(st.integers(1, 300), max_size=40),
     max_rows=st.integers(1, 16),
-    max_tokens=st.integers(16, 1024),
+    padded_tokens=st.integers(16, 1024),
 )
 def test_forward_groups_cover_every_item_once_within_both_limits_and_no_more_groups_than_needed(
-    lengths, max_rows, max_tokens
+    lengths, max_rows, padded_tokens
 ):
-    groups = forward_groups(lengths, max_rows, max_tokens)
+    groups = forward_groups(lengths, max_rows, padded_tokens)
     assert [i for group in groups for i in group] == list(range(len(lengths)))
     for group in groups:
         assert 1 <= len(group) <= max_rows
         widest = max(lengths[i] for i in group)
-        assert len(group) == 1 or len(group) * widest <= max_tokens
+        assert len(group) == 1 or len(group) * widest <= padded_tokens
     for group, following in zip(groups, groups[1:]):  # the next item did not fit: the group was closed for a reason
         joined = range(group.start, following.start + 1)
-        assert len(joined) > max_rows or len(joined) * max(lengths[i] for i in joined) > max_tokens
+        assert len(joined) > max_rows or len(joined) * max(lengths[i] for i in joined) > padded_tokens
 
 
 def test_forward_groups_refuse_groups_of_no_rows():

@@ -140,15 +140,15 @@ def epoch_batches(
     return batches
 
 
-def forward_groups(lengths: list[int], max_rows: int, max_tokens: int = FORWARD_TOKENS) -> list[range]:
+def forward_groups(lengths: list[int], max_rows: int, padded_tokens: int = FORWARD_TOKENS) -> list[range]:
     """Consecutive index ranges, one scoring forward each: at most `max_rows` items, and at most
-    `max_tokens` once padded to the group's longest (an item longer than that is a group alone)."""
+    `padded_tokens` once padded to the group's longest (an item longer than that is a group alone)."""
     if max_rows < 1:
         raise ValueError(f"forward_groups: max_rows must be at least 1, got {max_rows}")
     groups, start, longest = [], 0, 0
     for index, length in enumerate(lengths):
         wider = max(longest, length)
-        if index > start and (index - start == max_rows or (index - start + 1) * wider > max_tokens):
+        if index > start and (index - start == max_rows or (index - start + 1) * wider > padded_tokens):
             groups.append(range(start, index))
             start, wider = index, length
         longest = wider
