@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 # Padded tokens per scoring forward (no gradient). A forward's activations grow with the tokens it
 # holds, about 70 KB per token on the embedded model: 8 sequences of 128 tokens made the daemon's
-# largest passing peak (72 MB above its resident base). 512 keeps it near 35 MB at the same speed.
+# largest passing peak (72 MB above its resident base); 512 tokens hold about 35 MB.
 FORWARD_TOKENS = 512
 
 
