@@ -203,8 +203,9 @@ class SparseUpdater:
         }
 
     def _forward_parts(self, batch: TokenBatch) -> list[TokenBatch]:
-        """`batch` in parts of `micro_batch_size` rows, so a selection forward holds no more activations
-        than a training step's part does (the reads are the same, row by row)."""
+        """`batch` in parts of at most `micro_batch_size` rows, one forward each: a step's micro-batches and,
+        so that it holds no more activations than they do, the update's selection forward (the reads are
+        the same, row by row)."""
         size = self.config.micro_batch_size
         rows = batch.input_ids.shape[0]
         if size is None or size >= rows:
@@ -324,18 +325,17 @@ class SparseUpdater:
         The whole batch when `micro_batch_size` is unset or not smaller, and under scope "step",
         whose rows are ranked from the whole batch's reads in its one forward pass.
         """
-        size = self.config.micro_batch_size
-        rows = batch.input_ids.shape[0]
-        if size is None or size >= rows or self.planned is None:
+        if self.planned is None:
             return [(batch, 1.0)]
-        trained = batch.loss_mask[:, 1:].sum(dim=1).double()
-        total = float(trained.sum())
+        pieces = self._forward_parts(batch)
+        if len(pieces) == 1:
+            return [(batch, 1.0)]
+        total = float(batch.loss_mask[:, 1:].sum())
         parts = []
-        for first in range(0, rows, size):
-            pick = slice(first, first + size)
-            share = float(trained[pick].sum()) / total if total else 0.0
+        for part in pieces:
+            share = float(part.loss_mask[:, 1:].sum()) / total if total else 0.0
             if share > 0:  # a part with nothing to train adds nothing (and its mean loss is undefined)
-                parts.append((batch.rows(pick), share))
+                parts.append((part, share))
         return parts or [(batch, 1.0)]
 
     def finish_update(self) -> list[LayerPatch]:
