@@ -176,8 +176,8 @@ class TrainSection(BaseModel):
     batch_size: int = Field(8, ge=1)  # upper bound; the memory budget may plan a smaller one
     # Sequences per forward and backward pass: a step sums its batch's gradient over micro-batches of at
     # most this many, the same step to float rounding with a smaller peak (on the embedded model, 4 of 8
-    # sequences: about 56 MiB less); an update's selection forward runs in the same parts. Scope "step"
-    # ranks rows from the whole batch's reads, so its steps run the batch at once. null: the whole batch.
+    # sequences: about 56 MiB less). Scope "step" ranks rows from the whole batch's reads, so it runs
+    # the batch at once. null: the whole batch.
     micro_batch_size: int | None = Field(4, ge=1)
     seq_len: int = Field(128, ge=8)
     restate: bool = True  # also learn each sentence on its own (smfd.text.restate)

@@ -186,8 +186,7 @@ class SparseUpdater:
                 if rows <= seen:
                     continue  # later passes repeat the same sequences: one forward per sequence is enough
                 seen |= rows
-                for part in self._forward_parts(batch):
-                    self._record_reads(part, draws, reads)
+                self._record_reads(batch, draws, reads)
         if self.config.scope != "update":
             return
         self.planned = {
@@ -203,9 +202,7 @@ class SparseUpdater:
         }
 
     def _forward_parts(self, batch: TokenBatch) -> list[TokenBatch]:
-        """`batch` in parts of at most `micro_batch_size` rows, one forward each: a step's micro-batches and,
-        so that it holds no more activations than they do, the update's selection forward (the reads are
-        the same, row by row)."""
+        """`batch` in parts of at most `micro_batch_size` rows, one forward and backward each (a step's micro-batches)."""
         size = self.config.micro_batch_size
         rows = batch.input_ids.shape[0]
         if size is None or size >= rows:
