@@ -27,7 +27,9 @@ def measure(argv: list[str], rounds: int) -> dict[str, dict[str, list[float]]]:
     cfg = runner.config_from_args(runner.build_parser().parse_args(argv))
     ctx = runner.open_context(cfg)
     batch = runner.timing_batch(ctx.split, ctx.tokenizer)
-    background = BackgroundSource(ctx.split.background, Path(cfg.out) / "cache", ctx.source, False)
+    background = BackgroundSource(
+        ctx.split.background, ctx.split.background_text, Path(cfg.out) / "cache", ctx.source, False
+    )
     learnings = []
     for spec in parse_method_specs(cfg.methods):
         model, tokenizer, _ = load_base_model(cfg.model, Path(cfg.cache_dir))

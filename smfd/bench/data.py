@@ -67,6 +67,11 @@ class HeldoutSplit:
     timing_rows: list[list[int]]
     ranges: dict[str, Any]
 
+    @property
+    def background_text(self) -> str:
+        """Where the background sequences came from, as a prepared memory's key names it ("file:NAME")."""
+        return f"file:{self.ranges['background']['source']}"
+
 
 # ---------------------------------------------------------------- reading files
 

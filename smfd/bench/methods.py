@@ -6,26 +6,23 @@ finetuning train the same chunks and sentences by next-token prediction.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from smfd.bench.data import Document, KnownFact
 from smfd.bench.forgetting import forgetting_paths
 from smfd.bench.reach import probe_reach
 from smfd.bench.specs import MethodSpec, smf_configs
-from smfd.config import HealSection, MemorySection
-from smfd.durable import atomic_write
+from smfd.config import HealSection
 from smfd.learn.heal import prepare_memory
 from smfd.learn.interference import RetainSet, fact_recipe, retain_text
 from smfd.learn.kept_text import model_sequences, store_for
 from smfd.learn.lesson import LearnSettings, build_lesson, lesson_batches
+from smfd.learn.prepared import PreparedMemory, PreparedStore, prepared_key
 from smfd.learn.surprise import sequence_surprise
 from smfd.learn.updater import SparseUpdater, StepResult
 from smfd.model.batch import TokenBatch, encode, epoch_batches
@@ -38,7 +35,7 @@ from smfd.text.restate import training_texts
 if TYPE_CHECKING:  # peft is imported only by workers that train LoRA or full finetuning
     from smfd.bench.baselines import FullFinetuneTrainer, LoraTrainer
 
-# ---------------------------------------------------------------- background statistics (cached)
+# ---------------------------------------------------------------- the prepared memory (kept per model and text)
 
 
 def self_facts(memory_model: MemoryModel, n_sequences: int, background: BackgroundSource) -> list[list[int]]:
@@ -49,59 +46,29 @@ def self_facts(memory_model: MemoryModel, n_sequences: int, background: Backgrou
     return model_sequences(memory_model, fact_recipe(n_sequences), store_for(memory_model, background.cache_dir))
 
 
-ADDRESSING = ("query_shift", "query_scale", "query.weight", "keys")  # set from the same general text
-
-
-def _background_key(memory_config: MemorySection, heal: HealSection, model_id: str, sequences: list[list[int]]) -> str:
-    identity = {"memory": memory_config.shape(), "model": model_id, "heal": heal.model_dump(mode="json")}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
-    for seq in sequences:
-        digest.update(json.dumps(seq).encode())
-    return digest.hexdigest()[:20]
-
-
-def _save_background(path: Path, stats: dict[int, BackgroundStats], memory_model: MemoryModel) -> None:
-    """Background statistics with the addressing they were counted under (calibration and healed query and keys)."""
-    tensors = {key: t for key, t in memory_model.memory_state().items() if key.endswith(ADDRESSING)}
-    for layer, s in stats.items():
-        tensors[f"bg.{layer}.counts"] = s.counts.contiguous()
-        tensors[f"bg.{layer}.doc_freq"] = s.doc_freq.contiguous()
-        tensors[f"bg.{layer}.n_batches"] = torch.tensor([s.n_batches])
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
-
-
-def _load_background(path: Path, memory_model: MemoryModel) -> dict[int, BackgroundStats]:
-    tensors = load_file(str(path))
-    layers = [m.layer_index for m in memory_model.memories]
-    with torch.no_grad():
-        for memory in memory_model.memories:
-            own = memory.state_dict(keep_vars=True)
-            for name in ADDRESSING:
-                own[name].copy_(tensors[f"{memory.layer_index}.{name}"])
-    return {
-        layer: BackgroundStats(
-            tensors[f"bg.{layer}.counts"], tensors[f"bg.{layer}.doc_freq"], int(tensors[f"bg.{layer}.n_batches"].item())
-        )
-        for layer in layers
-    }
-
-
-def background_stats(
-    memory_model: MemoryModel,
-    sequences: list[list[int]],
-    cache_dir: Path,
-    model_id: str,
-    progress: bool,
-    heal: HealSection,
+def prepared_background(
+    memory_model: MemoryModel, facts: list[list[int]], background: BackgroundSource, heal: HealSection
 ) -> tuple[dict[int, BackgroundStats], bool]:
-    """Background read counts for this memory after calibration and healing, reused across specs that share
-    the memory shape and healing; (stats, from_cache)."""
-    key = _background_key(memory_model.memory_config, heal, model_id, sequences)
-    cache = cache_dir / f"background-{key}.safetensors"
-    if cache.is_file():
-        return _load_background(cache, memory_model), True
-    _, stats = prepare_memory(memory_model.model, memory_model.memories, sequences, heal, progress)
-    _save_background(cache, stats, memory_model)
+    """Calibrate and heal the memory's addressing and count background reads, or load all of it when it is kept.
+
+    Kept through the daemon's own store (`smfd.learn.prepared`: safetensors, checked on load), under
+    a key naming the model, the memory's shape, the healing and the text, so specs that share them
+    prepare once. Returns (background statistics, whether they were kept).
+    """
+    store = PreparedStore(background.cache_dir)
+    settings = {
+        "memory": memory_model.memory_config.shape(),
+        "heal": heal.model_dump(mode="json"),
+        "text": background.text,
+    }
+    key = prepared_key(background.model.digest, settings, {"general": background.sequences, "facts": facts})
+    prepared = store.load(key, memory_model.memories)
+    if prepared is not None:
+        prepared.apply(memory_model.memories)
+        return prepared.background, True
+    sequences = background.sequences + facts
+    healed, stats = prepare_memory(memory_model.model, memory_model.memories, sequences, heal, background.progress)
+    store.keep(key, PreparedMemory.of(memory_model.memories, stats, asdict(healed) if healed is not None else None))
     return stats, False
 
 
@@ -285,16 +252,14 @@ class AdamWLearning:
 
 @dataclass(frozen=True)
 class BackgroundSource:
-    """Where SMF methods get their background statistics: general-text sequences and a cache folder."""
+    """Where SMF methods get their background statistics: general text, where it came from, a folder to keep
+    prepared memories in."""
 
     sequences: list[list[int]]
+    text: str  # where the general text came from ("file:NAME"), part of the prepared memory's key
     cache_dir: Path
     model: ModelSource
     progress: bool = True
-
-    @property
-    def model_id(self) -> str:
-        return str(self.model.path)
 
 
 def build_learning(
@@ -311,14 +276,7 @@ def build_learning(
         update = settings.train
         memory_model = MemoryModel.attach(model, tokenizer, memory_config, background.model)
         facts = self_facts(memory_model, memory_config.fact_sequences, background)
-        stats, cached = background_stats(
-            memory_model,
-            background.sequences + facts,
-            background.cache_dir,
-            background.model_id,
-            background.progress,
-            heal,
-        )
+        stats, cached = prepared_background(memory_model, facts, background, heal)
         retain = None
         if update.retain_weight > 0:  # the daemon's rule: the model's statements of fact, then the general text
             retain = RetainSet.collect(

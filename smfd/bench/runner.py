@@ -191,7 +191,9 @@ def run_method(
     restate = spec.options.get("restate", ctx.cfg.restate)
     texts = ctx.texts(restate)
     setup_started = time.perf_counter()
-    background = BackgroundSource(ctx.split.background, Path(ctx.cfg.out) / "cache", ctx.source)
+    background = BackgroundSource(
+        ctx.split.background, ctx.split.background_text, Path(ctx.cfg.out) / "cache", ctx.source
+    )
     learning, setup = build_learning(spec, ctx.model, ctx.tokenizer, ctx.cfg.learn_settings(), background)
     setup_seconds = time.perf_counter() - setup_started
     point = None
