@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from smfd.learn.surprise import sequence_surprise
 from smfd.model.batch import forward_groups
-from smfd.model.scoring import continuation_scores, next_token_logprobs
+from smfd.model.scoring import continuation_scores, drift_kl, drift_kl_by_group, next_token_logprobs
 
 
 @settings(max_examples=200, deadline=None)
@@ -64,3 +64,24 @@ def test_continuation_and_drift_scores_do_not_depend_on_the_grouping(tiny_memory
     for one, many in zip(next_token_logprobs(mm.model, windows, 1), next_token_logprobs(mm.model, windows, 8)):
         torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(many.exp().sum(-1), torch.ones(len(many)))  # normalised in place, row by row
+
+
+def test_drift_by_group_equals_drift_over_all_windows_and_asks_the_base_one_group_at_a_time(tiny_memory_model):
+    mm = tiny_memory_model
+    memory = mm.memories[0]
+    everywhere = torch.arange(memory.config.n_slots)
+    memory.values.write(everywhere, torch.randn(memory.config.n_slots, memory.values.width) * 5)
+    windows = _sequences(torch.Generator().manual_seed(2), mm.model.config.vocab_size, [9, 30, 4, 17, 12, 6])
+    with mm.base():
+        base = next_token_logprobs(mm.model, windows)
+    asked: list[range] = []
+
+    def base_of(group: range) -> list[torch.Tensor]:
+        asked.append(group)
+        return [base[i] for i in group]
+
+    expected = drift_kl(base, next_token_logprobs(mm.model, windows))
+    assert expected > 1e-4
+    assert drift_kl_by_group(mm.model, windows, base_of, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    assert [i for group in asked for i in group] == list(range(len(windows)))  # every window once, in order
+    assert max(len(group) for group in asked) == 2

@@ -8,17 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from smfd.bench.data import HeldoutSplit, document_chunks, document_training_texts, split_heldout
-from smfd.bench.measure import evaluate_heldout, evaluate_hellaswag, known_facts_correct, logprobs
+from smfd.bench.measure import evaluate_heldout, evaluate_hellaswag, known_facts_correct
 from smfd.bench.options import BASE_LOGPROBS_FILE, BenchConfig, Inputs, load_inputs
 from smfd.learn.lesson import LearnSettings
 from smfd.model.loading import ModelSource, load_base_model
 from smfd.model.memory_model import pick_device
-from smfd.model.scoring import drift_kl
+from smfd.model.scoring import drift_kl_by_group
 
 
 @dataclass
@@ -76,8 +76,6 @@ def evaluate_retention(
     drift and (unless `hellaswag` is False) HellaSwag on the whole set."""
     facts = [ctx.inputs.known_facts[i] for i in known_correct]
     still = known_facts_correct(model, ctx.tokenizer, facts, label) if facts else []
-    base_lp = load_file(str(logprobs_path(ctx.cfg)))
-    base_windows = [base_lp[f"window_{i:04d}"] for i in range(len(base_lp))]
     retain: dict[str, Any] = {}
     if hellaswag:
         retain["hellaswag_acc"] = evaluate_hellaswag(model, ctx.tokenizer, ctx.inputs.hellaswag, label)
@@ -88,5 +86,16 @@ def evaluate_retention(
         "known_facts_items": len(facts),
         "known_facts_lost": [i for i, ok in zip(known_correct, still) if not ok],
         "heldout_nll": evaluate_heldout(model, ctx.split.heldout_windows, label),
-        "drift_kl": drift_kl(base_windows, logprobs(model, ctx.split.drift_windows)),
+        "drift_kl": drift_against_base(ctx, model),
     }
+
+
+def drift_against_base(ctx: WorkerContext, model: PreTrainedModel) -> float:
+    """Mean KL(base || model) on the drift windows, the base's log-probabilities read from the base run's file
+    a group of windows at a time (all of them are hundreds of MB: 16 windows of 128 positions x the vocabulary)."""
+    with safe_open(str(logprobs_path(ctx.cfg)), framework="pt") as base:
+
+        def base_logprobs(group: range) -> list[torch.Tensor]:
+            return [base.get_tensor(f"window_{i:04d}") for i in group]
+
+        return drift_kl_by_group(model, ctx.split.drift_windows, base_logprobs)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+import torch
 
 from smfd.config import ProbesSection, ProbeSuite
 from smfd.durable import atomic_write_json, atomic_write_text, read_rebuildable_json
@@ -26,7 +27,7 @@ from smfd.ingest.sidecars import SIDECAR_KIND, RecallItem
 from smfd.model.memory_model import MemoryModel
 from smfd.model.scoring import (
     continuation_scores,
-    drift_kl_sum,
+    drift_kl_by_group,
     heldout_nll,
     next_token_logprobs,
     score_choice,
@@ -166,17 +167,14 @@ class RetentionProbes:
 
     def _drift(self, windows: list[list[int]]) -> float:
         """Mean per-position KL(base || now) on the drift prompts, the base's distributions computed beside the
-        current ones a batch at a time rather than kept: a few forwards over short prompts, where keeping them
+        current ones a group at a time rather than kept: a few forwards over short prompts, where keeping them
         held 265 positions x the whole vocabulary (52 MB for the embedded model) for the daemon's life."""
-        total, positions = 0.0, 0
-        for start in range(0, len(windows), DRIFT_BATCH):
-            batch = windows[start : start + DRIFT_BATCH]
+
+        def base(group: range) -> list[torch.Tensor]:
             with self.model.base():
-                base = next_token_logprobs(self.model.model, batch, DRIFT_BATCH)
-            batch_total, count = drift_kl_sum(base, next_token_logprobs(self.model.model, batch, DRIFT_BATCH))
-            total += batch_total
-            positions += count
-        return total / max(positions, 1)
+                return next_token_logprobs(self.model.model, windows[group.start : group.stop], DRIFT_BATCH)
+
+        return drift_kl_by_group(self.model.model, windows, base, DRIFT_BATCH)
 
     def _known_answer_scores(self, kind: str, items: list[ProbeItem]) -> dict[str, float]:
         """Mean per-token NLL of the known answer (a cloze target, or a choice item's right ending).

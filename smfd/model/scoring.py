@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -204,6 +205,28 @@ def drift_kl(base_logprobs: list[torch.Tensor], current_logprobs: list[torch.Ten
     """Mean per-position KL(base || current) in nats."""
     total, count = drift_kl_sum(base_logprobs, current_logprobs)
     return total / max(count, 1)
+
+
+def drift_kl_by_group(
+    model: PreTrainedModel,
+    windows: list[list[int]],
+    base_logprobs: Callable[[range], list[torch.Tensor]],
+    batch_size: int = 8,
+) -> float:
+    """Mean per-position KL(base || model) over `windows`, one scoring forward group at a time.
+
+    `base_logprobs(group)`: the base's log-probabilities for `windows[group]` (read from a file, or
+    computed beside the model's). Each window's log-probabilities span the whole vocabulary (about
+    200 KB per position for the embedded model), so only one group's, the model's and the base's,
+    are alive at once rather than every window's.
+    """
+    total, positions = 0.0, 0
+    for group in forward_groups([len(w) for w in windows], batch_size):
+        now = next_token_logprobs(model, windows[group.start : group.stop], batch_size)
+        group_total, count = drift_kl_sum(base_logprobs(group), now)
+        total += group_total
+        positions += count
+    return total / max(positions, 1)
 
 
 def drift_kl_sum(base_logprobs: list[torch.Tensor], current_logprobs: list[torch.Tensor]) -> tuple[float, int]:
