@@ -347,6 +347,33 @@ def test_foreground_daemon_learns_a_dropped_file_serves_metrics_and_stops_on_sig
     assert CheckpointStore(tmp_path / "state" / "memory").version == 1
 
 
+def test_readyz_answers_200_only_once_the_api_listens(tmp_path, tiny_model_dir, monkeypatch):
+    """A client that waited for /readyz must find the API's port open: the daemon is ready after the API starts."""
+    from smfd.daemon.service import Daemon
+    from smfd.serve.server import ApiServer
+
+    config = write_config(tmp_path, tiny_model_dir, serve={"enabled": True})
+    port = yaml.safe_load(config.read_text())["metrics"]["port"]
+    daemon = Daemon(config)
+    ready_while_the_api_starts = []
+    real_start = ApiServer.start
+
+    def start(server: ApiServer) -> None:
+        ready_while_the_api_starts.append(_ready(port))  # what a client polling /readyz sees at this moment
+        real_start(server)
+        daemon.stop_event.set()  # one turn of the daemon's loop, then its shutdown
+        daemon.wake.set()
+
+    monkeypatch.setattr(ApiServer, "start", start)
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        assert daemon.run_forever() == 0
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert ready_while_the_api_starts == [False]
+
+
 def test_a_running_daemon_serves_the_openai_api_and_answers_from_each_accepted_update(tmp_path, tiny_model_dir, capsys):
     import openai
 

@@ -87,6 +87,7 @@ class Daemon:
         """Intake, then the model (`run_forever` polls the sources in between, so nothing waits for the model)."""
         self.open_intake()
         self.open_learner()
+        self.mark_ready()
 
     def open_intake(self) -> None:
         """Journal, recovery, metrics endpoint and sources: what takes files in, with no model needed."""
@@ -120,6 +121,10 @@ class Daemon:
             self.metrics.restore_last_update(last.timestamp)
         self.metrics.set_learner_up(True)
         self._report_memory()
+
+    def mark_ready(self) -> None:
+        """/readyz answers 200 from here on: after the model and, when serving, the API (a client that waited
+        for readiness must not find the API's port closed)."""
         self.ready = True
         self.startup.ready()
 
@@ -144,7 +149,7 @@ class Daemon:
         """(ready, why not) for /readyz: not before the model is loaded, not while the journal is damaged."""
         if self.journal is not None and self.journal.damage is not None:
             return False, f"journal damaged: {self.journal.damage}"
-        return self.ready, "model loading"
+        return self.ready, "starting: loading the model"
 
     def poll_sources(self, settle: bool = True) -> None:
         """Take what the sources have (default executor); enough pending work starts an update early.
@@ -270,6 +275,7 @@ class Daemon:
         if self.cfg.serve.enabled:  # not in --once: a batch run answers no one
             self.api = ApiServer(self.learner, self.cfg.serve, self.metrics.api)
             self.api.start()
+        self.mark_ready()
         self._install_signals()
         self._schedule_learning(self.scheduler)
         systemd_notify.ready()
