@@ -12,7 +12,7 @@ from smfd.guard.retention import RetentionProbes
 from smfd.guard.verdict import Guard, RollbackReason, judge
 from smfd.learn.budget import MemoryBudget
 from smfd.learn.learner import Learner
-from smfd.model.scoring import drift_kl, next_token_logprobs
+from smfd.model.scoring import drift_kl_sum, next_token_logprobs
 
 GEN = torch.Generator().manual_seed(7)
 
@@ -224,6 +224,7 @@ def test_drift_is_the_kl_from_the_base_on_the_drift_prompts(tmp_path, tiny_memor
     model, windows = tiny_memory_model.model, probes.drift_windows
     with tiny_memory_model.base():
         base = next_token_logprobs(model, windows)
-    expected = drift_kl(base, next_token_logprobs(model, windows))
+    total, positions = drift_kl_sum(base, next_token_logprobs(model, windows))
+    expected = total / positions
     assert expected > 1e-4
     assert probes.measure(fast=False)["drift"]["kl"] == pytest.approx(expected, rel=1e-6)

@@ -201,12 +201,6 @@ def next_token_logprobs(model: PreTrainedModel, windows: list[list[int]], batch_
     return out
 
 
-def drift_kl(base_logprobs: list[torch.Tensor], current_logprobs: list[torch.Tensor]) -> float:
-    """Mean per-position KL(base || current) in nats."""
-    total, count = drift_kl_sum(base_logprobs, current_logprobs)
-    return total / max(count, 1)
-
-
 def drift_kl_by_group(
     model: PreTrainedModel,
     windows: list[list[int]],
